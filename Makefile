@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ZOO ?= zoo
+PACKAGES := transerve models export server
+
+.PHONY: install zoo serve test lint typecheck clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+zoo: install
+	$(BIN)/transerve zoo build --out $(ZOO)
+
+# The gRPC server arrives with issue #5; until then `make serve` builds the zoo and says so.
+serve: zoo
+	@echo "zoo built in $(ZOO)/ (metrics: $(ZOO)/zoo_report.json). The gRPC server is not part of this version yet."
+
+lint: install
+	$(BIN)/ruff check $(PACKAGES) tests
+
+typecheck: install
+	$(BIN)/mypy $(PACKAGES)
+
+test: lint typecheck
+	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) $(ZOO) .mypy_cache .ruff_cache .pytest_cache

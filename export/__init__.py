@@ -1,0 +1,1 @@
+"""torch → ONNX export and graph passes (see DESIGN.md, "Export")."""

@@ -1,0 +1,172 @@
+"""Encoder–decoder Transformer for translation (seq2seq).
+
+The encoder reads the whole source at once (self-attention over every source
+token); the decoder writes the target one token at a time, attending causally
+to what it has written and, through cross-attention, to the encoder's memory.
+
+Decoding is split into stages so export can target each one:
+``encode`` (source → memory), ``memory_kv`` (memory → per-layer cross K/V,
+computed once per source) and ``decode`` (new tokens + self-attention cache →
+logits + grown cache). Full recomputation is ``decode`` with ``past=None``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+from transerve.models.attention import (
+    AttentionImpl,
+    CrossAttention,
+    KVCache,
+    SelfAttention,
+    causal_mask,
+    padding_mask,
+)
+from transerve.models.norms import make_norm
+from transerve.models.positional import SinusoidalPositions
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    d_model: int = 128
+    num_heads: int = 4
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    ffn_dim: int = 512
+    dropout: float = 0.1
+    pre_norm: bool = True  # pre-norm trains without warm-up tricks; post-norm is the 2017 original
+    norm: str = "layer"
+    tie_embeddings: bool = True  # one joint vocabulary: source, target and output share weights
+    max_len: int = 256  # longest source or target, in tokens, the position table covers
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    attn_impl: AttentionImpl = "sdpa"
+
+
+def _pre_post(norm: nn.Module, pre_norm: bool) -> tuple[nn.Module, nn.Module]:
+    """Place one norm before the sublayer (pre-norm) or after the residual (post-norm)."""
+    return (norm, nn.Identity()) if pre_norm else (nn.Identity(), norm)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: Linear → ReLU → Linear."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.attn = SelfAttention(cfg.d_model, cfg.num_heads, cfg.attn_impl, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout)
+        self.norm_in1, self.norm_out1 = _pre_post(make_norm(cfg.norm, cfg.d_model), cfg.pre_norm)
+        self.norm_in2, self.norm_out2 = _pre_post(make_norm(cfg.norm, cfg.d_model), cfg.pre_norm)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = self.norm_out1(x + self.attn(self.norm_in1(x), mask)[0])
+        return self.norm_out2(x + self.ffn(self.norm_in2(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(cfg.d_model, cfg.num_heads, cfg.attn_impl, cfg.dropout)
+        self.cross_attn = CrossAttention(cfg.d_model, cfg.num_heads, cfg.attn_impl, cfg.dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout)
+        self.norm_in1, self.norm_out1 = _pre_post(make_norm(cfg.norm, cfg.d_model), cfg.pre_norm)
+        self.norm_in2, self.norm_out2 = _pre_post(make_norm(cfg.norm, cfg.d_model), cfg.pre_norm)
+        self.norm_in3, self.norm_out3 = _pre_post(make_norm(cfg.norm, cfg.d_model), cfg.pre_norm)
+
+    def forward(
+        self, x: Tensor, self_mask: Tensor | None, memory_kv: KVCache, src_mask: Tensor, past: KVCache | None
+    ) -> tuple[Tensor, KVCache]:
+        attended, present = self.self_attn(self.norm_in1(x), self_mask, past)
+        x = self.norm_out1(x + attended)
+        x = self.norm_out2(x + self.cross_attn(self.norm_in2(x), memory_kv, src_mask))
+        return self.norm_out3(x + self.ffn(self.norm_in3(x))), present
+
+
+class Seq2SeqTransformer(nn.Module):
+    """The translator: token ids in, next-token logits out."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.src_embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.tgt_embed = self.src_embed if cfg.tie_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.positions = SinusoidalPositions(cfg.d_model, cfg.max_len)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
+        # Pre-norm leaves the residual stream unnormalised, so each stack ends with a norm.
+        self.encoder_norm = make_norm(cfg.norm, cfg.d_model) if cfg.pre_norm else nn.Identity()
+        self.decoder_norm = make_norm(cfg.norm, cfg.d_model) if cfg.pre_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.src_embed.weight
+        self.embed_scale = math.sqrt(cfg.d_model)
+        self._init_embeddings()
+
+    @torch.no_grad()
+    def _init_embeddings(self) -> None:
+        """N(0, 1/C), so that after the √C scale tokens and positions have the same magnitude.
+
+        PyTorch's N(0, 1) default would, once scaled, drown the ±1 positional code.
+        """
+        for embed in {self.src_embed, self.tgt_embed}:
+            nn.init.normal_(embed.weight, std=self.config.d_model**-0.5)
+            embed.weight[self.config.pad_id].zero_()
+
+    def encode(self, src: Tensor, src_keep: Tensor) -> Tensor:
+        """src: [B, S] ids, src_keep: [B, S] True for real tokens → memory [B, S, C]."""
+        x = self.embed_dropout(self.positions(self.src_embed(src) * self.embed_scale))
+        mask = padding_mask(src_keep)  # [B, 1, 1, S]
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.encoder_norm(x)
+
+    def memory_kv(self, memory: Tensor) -> list[KVCache]:
+        """Cross-attention K/V of every decoder layer, computed once per source."""
+        return [cast(DecoderLayer, layer).cross_attn.memory_kv(memory) for layer in self.decoder]
+
+    def decode(
+        self, tgt: Tensor, memory_kv: list[KVCache], src_keep: Tensor, past: list[KVCache] | None = None
+    ) -> tuple[Tensor, list[KVCache]]:
+        """tgt: [B, T] new ids → logits [B, T, V] and the grown self-attention cache.
+
+        With ``past`` the new tokens continue the cached positions; without it
+        they start at position 0.
+        """
+        offset = 0 if past is None else past[0][0].shape[2]
+        x = self.embed_dropout(self.positions(self.tgt_embed(tgt) * self.embed_scale, offset))
+        t = tgt.shape[1]
+        # One new token may see every cached position, so it needs no causal mask.
+        self_mask = None if t == 1 else causal_mask(t, offset + t, tgt.device)
+        src_mask = padding_mask(src_keep)
+        present: list[KVCache] = []
+        for i, layer in enumerate(self.decoder):
+            x, kv = layer(x, self_mask, memory_kv[i], src_mask, None if past is None else past[i])
+            present.append(kv)
+        return self.lm_head(self.decoder_norm(x)), present
+
+    def forward(self, src: Tensor, src_keep: Tensor, tgt: Tensor) -> Tensor:
+        """Teacher forcing: logits [B, T, V] for every target position."""
+        memory = self.encode(src, src_keep)
+        return self.decode(tgt, self.memory_kv(memory), src_keep)[0]
+
+    @torch.no_grad()
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

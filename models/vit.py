@@ -1,0 +1,116 @@
+"""Vision Transformer: an image cut into patches, read as a sequence of tokens.
+
+A conv with kernel = stride = patch size embeds each patch; a learned class
+token is prepended and learned positions are added; pre-norm encoder blocks
+mix the tokens; the class token's final state is classified.
+
+``norm="batch"`` swaps every LayerNorm for BatchNorm over features, puts a
+BatchNorm conv stem in front of the patch embedding and a BatchNorm inside
+each MLP — all directly after a Conv or Linear, so export can fold every one
+of them into weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transerve.models.attention import AttentionImpl, SelfAttention
+from transerve.models.norms import FeatureBatchNorm, make_norm
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 10
+    dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    norm: str = "layer"  # layer | batch | group
+    attn_impl: AttentionImpl = "sdpa"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class PatchEmbed(nn.Module):
+    """[B, 3, H, W] → [B, N, C] with N = (H / P)·(W / P) patches."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}")
+        # The BN variant's stem: a 3×3 conv + BatchNorm + ReLU before patchifying.
+        self.stem: nn.Module = nn.Identity()
+        stem_out = cfg.in_chans
+        if cfg.norm == "batch":
+            stem_out = cfg.dim // 2
+            self.stem = nn.Sequential(
+                nn.Conv2d(cfg.in_chans, stem_out, 3, padding=1, bias=False), nn.BatchNorm2d(stem_out), nn.ReLU()
+            )
+        self.proj = nn.Conv2d(stem_out, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(self.stem(x))  # [B, C, H/P, W/P]
+        return x.flatten(2).transpose(1, 2)  # [B, N, C]
+
+
+class Mlp(nn.Module):
+    """Linear → [BatchNorm] → GELU → Linear."""
+
+    def __init__(self, dim: int, hidden: int, batch_norm: bool, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.norm = FeatureBatchNorm(hidden) if batch_norm else nn.Identity()
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.norm(self.fc1(x))))))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg.norm, cfg.dim)
+        self.attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.attn_impl, cfg.dropout)
+        self.norm2 = make_norm(cfg.norm, cfg.dim)
+        self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.norm == "batch", cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, cfg.dim) * 0.02)
+        self.blocks = nn.Sequential(*(Block(cfg) for _ in range(cfg.depth)))
+        self.norm = make_norm(cfg.norm, cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] → token states [B, 1 + N, C] (class token first)."""
+        x = self.patch_embed(images)  # [B, N, C]
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # [B, 1, C]
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # [B, 1 + N, C]
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        return self.head(features[:, 0])  # [B, classes]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(images))

@@ -1,0 +1,1 @@
+"""The gRPC inference server (see DESIGN.md, "Server")."""

@@ -1,0 +1,51 @@
+"""The demo zoo meets its thresholds, and a second build is served from the cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transerve.models.checkpoint import load_checkpoint
+from transerve.models.translator import TextTranslator
+from typer.testing import CliRunner
+
+from transerve.cli import app
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("zoo")
+    result = CliRunner().invoke(app, ["zoo", "build", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.slow
+def test_zoo_thresholds(zoo_dir: Path) -> None:
+    report = json.loads((zoo_dir / "zoo_report.json").read_text())["models"]
+    assert report["vit-digits"]["test_accuracy"] >= 0.97
+    assert report["vit-digits-bn"]["test_accuracy"] >= 0.97
+    assert report["mt-en-de-numbers"]["exact_match"] >= 0.95
+    assert report["mt-en-de-numbers"]["bleu"] > 90
+    for entry in report.values():
+        assert entry["train_seconds"] > 0 and entry["parameters"] > 0 and entry["checkpoint_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_zoo_checkpoints_load_and_translate(zoo_dir: Path) -> None:
+    translator = TextTranslator.load(zoo_dir / "mt-en-de-numbers")
+    assert translator.translate(["three hundred and forty-two"]) == ["dreihundertzweiundvierzig"]
+    _model, extra = load_checkpoint(zoo_dir / "vit-digits-bn")
+    assert extra["report"]["labels"] == [str(d) for d in range(10)]
+
+
+@pytest.mark.slow
+def test_second_build_is_cached(zoo_dir: Path) -> None:
+    weights = sorted(zoo_dir.glob("*/model.safetensors"))
+    before = {w: w.stat().st_mtime_ns for w in weights}
+    result = CliRunner().invoke(app, ["zoo", "build", "--out", str(zoo_dir)])
+    assert result.exit_code == 0
+    assert len(weights) == 3 and {w: w.stat().st_mtime_ns for w in weights} == before  # nothing retrained
+    report = json.loads((zoo_dir / "zoo_report.json").read_text())["models"]
+    assert all(entry["cached"] for entry in report.values())

@@ -1,0 +1,3 @@
+from transerve.cli import app
+
+app()
