@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ZOO ?= zoo
+REPO ?= repo
 PACKAGES := transerve models export server
 
 .PHONY: install zoo serve test lint typecheck clean
@@ -16,11 +17,12 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 zoo: install
-	$(BIN)/transerve zoo build --out $(ZOO)
+	$(BIN)/transerve zoo build --out $(ZOO) --repo $(REPO)
 
-# The gRPC server arrives with issue #5; until then `make serve` builds the zoo and says so.
+# The gRPC server arrives with issue #5; until then `make serve` builds the zoo and its repository.
 serve: zoo
-	@echo "zoo built in $(ZOO)/ (metrics: $(ZOO)/zoo_report.json). The gRPC server is not part of this version yet."
+	@echo "zoo checkpoints in $(ZOO)/, verified model repository in $(REPO)/ (see: $(BIN)/transerve inspect $(REPO)/vit-digits-bn)."
+	@echo "The gRPC server is not part of this version yet."
 
 lint: install
 	$(BIN)/ruff check $(PACKAGES) tests
@@ -32,4 +34,4 @@ test: lint typecheck
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
-	rm -rf $(VENV) $(ZOO) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(ZOO) $(REPO) .mypy_cache .ruff_cache .pytest_cache

@@ -133,7 +133,8 @@ class Seq2SeqTransformer(nn.Module):
     def encode(self, src: Tensor, src_keep: Tensor) -> Tensor:
         """src: [B, S] ids, src_keep: [B, S] True for real tokens → memory [B, S, C]."""
         x = self.embed_dropout(self.positions(self.src_embed(src) * self.embed_scale))
-        mask = padding_mask(src_keep)  # [B, 1, 1, S]
+        # [B, 1, S, S]: ONNX Runtime's Attention kernel does not broadcast the mask's query axis.
+        mask = padding_mask(src_keep).expand(-1, -1, src.shape[1], -1)
         for layer in self.encoder:
             x = layer(x, mask)
         return self.encoder_norm(x)
@@ -155,7 +156,7 @@ class Seq2SeqTransformer(nn.Module):
         t = tgt.shape[1]
         # One new token may see every cached position, so it needs no causal mask.
         self_mask = None if t == 1 else causal_mask(t, offset + t, tgt.device)
-        src_mask = padding_mask(src_keep)
+        src_mask = padding_mask(src_keep).expand(-1, -1, t, -1)  # [B, 1, T, S], see encode()
         present: list[KVCache] = []
         for i, layer in enumerate(self.decoder):
             x, kv = layer(x, self_mask, memory_kv[i], src_mask, None if past is None else past[i])

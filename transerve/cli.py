@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from transerve import __version__
+from transerve.cli_export import export_command, inspect_command
 
 app = typer.Typer(help="transerve: export PyTorch Transformers to ONNX/TensorRT and serve them over gRPC.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -20,6 +21,8 @@ zoo_app = typer.Typer(help="The demo models, trained here on CPU from data that 
 checkpoint_app = typer.Typer(help="Inspect and run PyTorch checkpoint directories offline.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(checkpoint_app, name="checkpoint")
+app.command("export")(export_command)
+app.command("inspect")(inspect_command)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -54,11 +57,14 @@ def zoo_build(
     only: Annotated[list[str] | None, typer.Option(
         help="Build only this model (repeatable): vit-digits, vit-digits-bn, mt-en-de-numbers.")] = None,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for training.")] = 2,
+    repo: Annotated[Path | None, typer.Option(
+        help="Also export every model into this model repository (verified ONNX + int8 variant).")] = None,
 ) -> None:
     """Train vit-digits, vit-digits-bn and mt-en-de-numbers (about 3 minutes on 2 cores).
 
     A model whose recipe and code are unchanged since its last build is reused
     from OUT, so a second build is instant. Metrics go to OUT/zoo_report.json.
+    With --repo the zoo is exported to REPO/NAME (skipped when already current).
     """
     import torch
 
@@ -67,6 +73,8 @@ def zoo_build(
     torch.set_num_threads(threads)
     try:
         summary = build_zoo(out, force=force, only=only, on_status=console.print)
+        if repo is not None:
+            _export_zoo(out, repo, force)
     except ValueError as e:
         raise fail(str(e)) from None
     table = Table("model", "held-out metrics", "train s", "cached", title=f"zoo → {out}")
@@ -74,6 +82,26 @@ def zoo_build(
         metrics = {k: rep[k] for k in ("test_accuracy", "exact_match", "bleu") if k in rep}
         text = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         table.add_row(name, text, str(rep.get("train_seconds", "")), "yes" if rep.get("cached") else "no")
+    console.print(table)
+
+
+def _export_zoo(out: Path, repo: Path, force: bool) -> None:
+    from transerve.export.exporter import ExportError
+    from transerve.export.zoo import export_zoo
+
+    try:
+        reports = export_zoo(out, repo, force=force, on_status=lambda m: console.print(f"[dim]…[/] {m}",
+                                                                                         highlight=False))
+    except ExportError as e:
+        raise fail(str(e)) from None
+    table = Table("entry", "BN left", "attention fused", "max |Δ|", "accuracy (onnx)", title=f"repository → {repo}")
+    for name, rep in reports.items():
+        bn = sum(c.get("BatchNormalization", 0) for c in rep["op_counts_after"].values())
+        attention = rep["attention"]
+        fused = (f"{attention['fused']}/{attention['expected']}" if "fused" in attention else
+                 ", ".join(f"{g} {a['fused']}/{a['expected']}" for g, a in attention.items()))
+        table.add_row(name, str(bn), fused, f"{rep['parity']['max_abs_diff']:.1e}",
+                      f"{rep['accuracy'].get('onnx', float('nan')):.4f}")
     console.print(table)
 
 

@@ -1,0 +1,202 @@
+"""Export a model into a repository entry: graphs → passes → verification → files → report.
+
+Every export is verified before it is trusted: the report is written either
+way, and :class:`ExportError` is raised when fp32 parity or token equality
+fails, so a broken graph never silently lands in a repository.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from tokenizers import Tokenizer
+from transerve.export import graphs, precision, repository
+from transerve.export.ort_translator import OrtSeq2Seq, make_session
+from transerve.export.passes import PassResult, Target, op_counts, optimize
+from transerve.export.verify import FP32_TOLERANCE, run_vit, verify_translator, verify_vit
+from transerve.models.transformer import Seq2SeqTransformer
+from transerve.models.vit import ViT
+
+from transerve import __version__
+
+
+class ExportError(RuntimeError):
+    """The export ran but its result failed verification (see the report)."""
+
+
+@dataclass
+class ExportOptions:
+    repo: Path
+    name: str
+    version: int = 1
+    target: Target = "onnxruntime"
+    int8: bool = False
+    fp16: bool = False
+    default: bool = False
+    source: str = "transerve"
+    on_status: Callable[[str], None] = field(default=lambda message: None)
+
+
+def _passes_report(graph: str, results: list[PassResult]) -> list[dict[str, Any]]:
+    return [{"graph": graph, "name": r.name, "nodes_changed": r.nodes_changed, "changed": r.changed,
+             "warnings": r.warnings} for r in results]
+
+
+def _optimize(raw: onnx.ModelProto, target: Target, expected_attention: int) -> tuple[onnx.ModelProto,
+                                                                                     list[PassResult]]:
+    fused = copy.deepcopy(raw)
+    results = optimize(fused, target, expected_attention)
+    onnx.checker.check_model(fused)
+    return fused, results
+
+
+def _base_report(opts: ExportOptions, kind: str) -> dict[str, Any]:
+    return {"model": opts.name, "kind": kind, "source": opts.source, "target": opts.target, "opset": graphs.OPSET,
+            "transerve_version": __version__, "passes": [], "op_counts_before": {}, "op_counts_after": {},
+            "attention": {}, "parity": {}, "accuracy": {}, "variants": {}}
+
+
+def _check(report: dict[str, Any], vdir: Path) -> None:
+    repository.write_report(vdir, report)
+    parity = report["parity"]
+    if parity["max_abs_diff"] > FP32_TOLERANCE or parity.get("tokens_equal") is False:
+        raise ExportError(f"{report['model']}: parity failed (max_abs_diff {parity['max_abs_diff']:.2e}, "
+                          f"tokens_equal {parity.get('tokens_equal')}); see {vdir / repository.REPORT_FILE}")
+
+
+def export_vit_entry(model: ViT, opts: ExportOptions, *, labels: Sequence[str], preprocessing: dict[str, Any],
+                     eval_images: np.ndarray | None = None, eval_labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Export a ViT classifier to ``REPO/NAME`` and return its export report."""
+    start = time.perf_counter()
+    cfg, report = model.config, _base_report(opts, "vit")
+    opts.on_status(f"{opts.name}: exporting to ONNX (opset {graphs.OPSET})")
+    raw = graphs.export_vit(model.eval())
+    opts.on_status(f"{opts.name}: graph passes (target {opts.target})")
+    fused, results = _optimize(raw, opts.target, cfg.depth)
+    report["passes"] = _passes_report("model", results)
+    report["op_counts_before"], report["op_counts_after"] = {"model": op_counts(raw)}, {"model": op_counts(fused)}
+    report["attention"] = {"expected": cfg.depth, "fused": results[-2].changed.get("attention_blocks", 0)}
+    opts.on_status(f"{opts.name}: verifying against PyTorch")
+    report.update(verify_vit(model, make_session(fused.SerializeToString()), eval_images, eval_labels))
+    config = repository.vit_config(opts.name, image_size=cfg.image_size, in_chans=cfg.in_chans,
+                                   num_classes=cfg.num_classes, preprocessing=preprocessing, default=opts.default)
+    vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"labels.txt": "\n".join(labels) + "\n"})
+    graphs.save_model(fused, vdir / "model.onnx")
+    report["variants"] = _vit_variants(fused, vdir, opts, eval_images, eval_labels, report)
+    report["export_seconds"] = round(time.perf_counter() - start, 1)
+    _check(report, vdir)
+    return report
+
+
+def _vit_variants(fused: onnx.ModelProto, vdir: Path, opts: ExportOptions, images: np.ndarray | None,
+                  labels: np.ndarray | None, report: dict[str, Any]) -> dict[str, Any]:
+    variants: dict[str, Any] = {}
+    rng = np.random.default_rng(0)
+    probe = images if images is not None else rng.standard_normal((8, *_input_shape(fused))).astype(np.float32)
+    reference = run_vit(make_session(fused.SerializeToString()), probe)
+    builders = {"int8": precision.quantize_int8, "fp16": precision.convert_fp16}
+    for variant in [v for v in ("int8", "fp16") if getattr(opts, v)]:
+        opts.on_status(f"{opts.name}: {variant} variant")
+        model = builders[variant](fused)
+        graphs.save_model(model, vdir / f"model.{variant}.onnx")
+        variants[variant] = {"file": f"model.{variant}.onnx", **_variant_metrics(model, probe, reference, labels)}
+    return variants
+
+
+def _input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
+    return tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+
+
+def _variant_metrics(model: onnx.ModelProto, probe: np.ndarray, reference: np.ndarray,
+                     labels: np.ndarray | None) -> dict[str, Any]:
+    try:
+        out = run_vit(make_session(model.SerializeToString()), probe)
+    except Exception as e:  # e.g. fp16 kernels missing on the CPU provider: report, do not fail the export
+        return {"runs_on_cpu": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    metrics: dict[str, Any] = {"runs_on_cpu": True, "max_abs_diff_vs_fp32": float(np.abs(out - reference).max())}
+    if labels is not None:
+        metrics["accuracy"] = float((out.argmax(-1) == labels).mean())
+    return metrics
+
+
+def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opts: ExportOptions, *,
+                            eval_pairs: Sequence[tuple[str, str]] | None = None,
+                            max_new_tokens: int = 64) -> dict[str, Any]:
+    """Export the translator's encoder and decoder step to ``REPO/NAME`` and return the report."""
+    start = time.perf_counter()
+    cfg, report = model.config, _base_report(opts, "transformer")
+    opts.on_status(f"{opts.name}: exporting encoder and decoder_step (opset {graphs.OPSET})")
+    raw = dict(zip(("encoder", "decoder_step"), graphs.export_translator(model.eval()), strict=True))
+    expected = {"encoder": cfg.num_encoder_layers, "decoder_step": 2 * cfg.num_decoder_layers}
+    fused: dict[str, onnx.ModelProto] = {}
+    for graph, proto in raw.items():
+        opts.on_status(f"{opts.name}: graph passes on {graph} (target {opts.target})")
+        fused[graph], results = _optimize(proto, opts.target, expected[graph])
+        report["passes"] += _passes_report(graph, results)
+        report["op_counts_before"][graph], report["op_counts_after"][graph] = op_counts(proto), op_counts(fused[graph])
+        report["attention"][graph] = {"expected": expected[graph],
+                                      "fused": results[-2].changed.get("attention_blocks", 0)}
+    opts.on_status(f"{opts.name}: verifying against PyTorch")
+    seq2seq = ort_seq2seq(model, make_session(fused["encoder"].SerializeToString()),
+                          make_session(fused["decoder_step"].SerializeToString()))
+    report.update(_verify_translation(model, tokenizer, seq2seq, eval_pairs, max_new_tokens))
+    config = repository.translator_config(
+        opts.name, num_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads, head_dim=cfg.d_model // cfg.num_heads,
+        vocab_size=cfg.vocab_size, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, max_len=cfg.max_len,
+        max_new_tokens=max_new_tokens, default=opts.default)
+    vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"tokenizer.json": tokenizer.to_str()})
+    for graph, proto in fused.items():
+        graphs.save_model(proto, vdir / f"{graph}.onnx")
+    report["variants"] = _translator_variants(model, tokenizer, fused, vdir, opts, eval_pairs, max_new_tokens)
+    report["export_seconds"] = round(time.perf_counter() - start, 1)
+    _check(report, vdir)
+    return report
+
+
+def ort_seq2seq(model: Seq2SeqTransformer, encoder: Any, decoder: Any) -> OrtSeq2Seq:
+    cfg = model.config
+    return OrtSeq2Seq(encoder, decoder, num_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads,
+                      head_dim=cfg.d_model // cfg.num_heads, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id)
+
+
+def _verify_translation(model: Seq2SeqTransformer, tokenizer: Tokenizer, seq2seq: OrtSeq2Seq,
+                        eval_pairs: Sequence[tuple[str, str]] | None, max_new_tokens: int) -> dict[str, Any]:
+    eos = model.config.eos_id
+    if eval_pairs:
+        sources = [[*e.ids, eos] for e in tokenizer.encode_batch([s for s, _ in eval_pairs])]
+        references: list[str] | None = [t for _, t in eval_pairs]
+    else:  # no data: random sources still compare tokens
+        rng = np.random.default_rng(0)
+        sources = [[*rng.integers(4, model.config.vocab_size, int(n)).tolist(), eos] for n in rng.integers(1, 20, 32)]
+        references = None
+    return verify_translator(model, seq2seq, sources, references, tokenizer.decode_batch, max_new_tokens)
+
+
+def _translator_variants(model: Seq2SeqTransformer, tokenizer: Tokenizer, fused: dict[str, onnx.ModelProto],
+                         vdir: Path, opts: ExportOptions, eval_pairs: Sequence[tuple[str, str]] | None,
+                         max_new_tokens: int) -> dict[str, Any]:
+    variants: dict[str, Any] = {}
+    builders = {"int8": precision.quantize_int8, "fp16": precision.convert_fp16}
+    for variant in [v for v in ("int8", "fp16") if getattr(opts, v)]:
+        opts.on_status(f"{opts.name}: {variant} variant")
+        protos = {g: builders[variant](p) for g, p in fused.items()}
+        for graph, proto in protos.items():
+            graphs.save_model(proto, vdir / f"{graph}.{variant}.onnx")
+        entry: dict[str, Any] = {"files": {g: f"{g}.{variant}.onnx" for g in protos}}
+        try:
+            seq2seq = ort_seq2seq(model, make_session(protos["encoder"].SerializeToString()),
+                                  make_session(protos["decoder_step"].SerializeToString()))
+            checks = _verify_translation(model, tokenizer, seq2seq, eval_pairs, max_new_tokens)
+            entry.update(runs_on_cpu=True, token_agreement_vs_pytorch=1.0 - checks["parity"]["sequences_differing"]
+                         / max(1, checks["parity"]["sequences_compared"]), **checks)
+        except Exception as e:  # fp16 on the CPU provider may lack kernels: report, do not fail the export
+            entry.update(runs_on_cpu=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        variants[variant] = entry
+    return variants

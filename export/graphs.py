@@ -1,0 +1,122 @@
+"""torch → ONNX: the graphs the server runs.
+
+* ViT → ``model.onnx``: ``images [N, 3, H, W] → logits [N, classes]``.
+* Translator → ``encoder.onnx``: ``input_ids, attention_mask [N, S] →
+  cross_k_i, cross_v_i [N, H, S, D]`` — the cross-attention K/V of every
+  decoder layer, computed once per source, so no decoder step repeats them;
+  and ``decoder_step.onnx``: ``input_ids [N, 1], attention_mask [N, S],
+  past_k_i/past_v_i [N, H, P, D] (P may be 0), cross_k_i/cross_v_i →
+  logits [N, V], present_k_i/present_v_i [N, H, P + 1, D]``.
+
+Opset 23, deliberately: torch's exporter turns each
+``F.scaled_dot_product_attention`` into one ONNX ``Attention`` node, which
+ONNX Runtime 1.31 runs natively on CPU and TensorRT ≥ 10.14 parses, and it
+keeps ``LayerNormalization`` and ``Gelu`` as single ops. At opset ≤ 20 the
+same call is lowered to MatMul→Softmax→MatMul with Shape/Slice/Reshape glue,
+which measured ~25 % slower on ORT CPU for the digits ViT (bench/RESULTS.md).
+The TensorRT target rebuilds that lowered form where it needs it
+(``fuse_attention(target="tensorrt-legacy")``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Final
+
+import onnx
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+from transerve.models.attention import KVCache
+from transerve.models.transformer import Seq2SeqTransformer
+from transerve.models.vit import ViT
+
+log = logging.getLogger(__name__)
+
+OPSET: Final = 23
+MAX_BATCH: Final = 4096
+
+
+def _export(module: nn.Module, args: tuple, dynamic_shapes: dict, input_names: list[str],
+            output_names: list[str]) -> onnx.ModelProto:
+    """Dynamo export to one self-contained ModelProto (no external data)."""
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's axis-renaming chatter
+        program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET,
+                                    dynamic_shapes=dynamic_shapes, input_names=input_names,
+                                    output_names=output_names, external_data=False, verbose=False)
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    return program.model_proto
+
+
+def export_vit(model: ViT) -> onnx.ModelProto:
+    cfg = model.config
+    images = torch.randn(2, cfg.in_chans, cfg.image_size, cfg.image_size)  # batch ≥ 2: torch specialises 0 and 1
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    return _export(model, (images,), {"images": {0: batch}}, ["images"], ["logits"])
+
+
+class EncoderGraph(nn.Module):
+    """Source ids → every decoder layer's cross-attention K/V."""
+
+    def __init__(self, model: Seq2SeqTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+        memory = self.model.encode(input_ids, attention_mask.bool())
+        return [t for kv in self.model.memory_kv(memory) for t in kv]
+
+
+class DecoderStepGraph(nn.Module):
+    """One decoder step with the self-attention cache in and out."""
+
+    def __init__(self, model: Seq2SeqTransformer) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = model.config.num_decoder_layers
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, past: list[Tensor],
+                cross: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        past_kv: list[KVCache] = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+        cross_kv: list[KVCache] = [(cross[2 * i], cross[2 * i + 1]) for i in range(self.layers)]
+        logits, present = self.model.decode(input_ids, cross_kv, attention_mask.bool(), past_kv)
+        return logits[:, -1], [t for kv in present for t in kv]
+
+
+def kv_names(prefix: str, layers: int) -> list[str]:
+    """``prefix_k_0, prefix_v_0, prefix_k_1, …`` — the flattened cache order."""
+    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]
+
+
+def export_translator(model: Seq2SeqTransformer) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(encoder, decoder_step) with dynamic batch, source length and cache length."""
+    cfg = model.config
+    layers, heads, head_dim = cfg.num_decoder_layers, cfg.num_heads, cfg.d_model // cfg.num_heads
+    b, s, p = 2, 5, 3
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    src = Dim("src_len", min=1, max=cfg.max_len)
+    past = Dim("past_len", min=0, max=cfg.max_len - 1)
+    ids = torch.randint(4, cfg.vocab_size, (b, s))
+    mask = torch.ones(b, s, dtype=torch.long)
+    encoder = _export(EncoderGraph(model), (ids, mask),
+                      {"input_ids": {0: batch, 1: src}, "attention_mask": {0: batch, 1: src}},
+                      ["input_ids", "attention_mask"], kv_names("cross", layers))
+    past_t = [torch.randn(b, heads, p, head_dim) for _ in range(2 * layers)]
+    cross_t = [torch.randn(b, heads, s, head_dim) for _ in range(2 * layers)]
+    step_shapes = {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: src},
+                   "past": [{0: batch, 2: past}] * (2 * layers), "cross": [{0: batch, 2: src}] * (2 * layers)}
+    decoder = _export(DecoderStepGraph(model), (ids[:, :1], mask, past_t, cross_t), step_shapes,
+                      ["input_ids", "attention_mask", *kv_names("past", layers), *kv_names("cross", layers)],
+                      ["logits", *kv_names("present", layers)])
+    return encoder, decoder
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
