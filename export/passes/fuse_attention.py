@@ -122,7 +122,7 @@ def lower_attention(model: onnx.ModelProto, result: PassResult) -> None:
             scores = f"{n}_masked"
         new += [helper.make_node("Softmax", [scores], [f"{n}_weights"], axis=-1),
                 helper.make_node("MatMul", [f"{n}_weights", v], [node.output[0]])]
-        for added in reversed(new):
+        for added in new:
             index.insert_after(node, added)
         index.remove(node)
         result.count("lowered")
