@@ -21,6 +21,7 @@ The TensorRT target rebuilds that lowered form where it needs it
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Final
@@ -40,24 +41,28 @@ MAX_BATCH: Final = 4096
 
 
 def _export(module: nn.Module, args: tuple, dynamic_shapes: dict, input_names: list[str],
-            output_names: list[str]) -> onnx.ModelProto:
-    """Dynamo export to one self-contained ModelProto (no external data)."""
+            output_names: list[str], opset: int = OPSET) -> onnx.ModelProto:
+    """Dynamo export to one self-contained ModelProto (weights inline, not external data)."""
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's axis-renaming chatter
-        program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET,
+        program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=opset,
                                     dynamic_shapes=dynamic_shapes, input_names=input_names,
-                                    output_names=output_names, external_data=False, verbose=False)
+                                    output_names=output_names, verbose=False)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
-    return program.model_proto
+    with tempfile.TemporaryDirectory() as tmp:  # the in-memory proto may point at lazily held tensors
+        path = Path(tmp) / "model.onnx"
+        program.save(str(path), external_data=False)
+        return onnx.load_model(str(path))
 
 
-def export_vit(model: ViT) -> onnx.ModelProto:
+def export_vit(model: ViT, opset: int = OPSET) -> onnx.ModelProto:
+    """``opset`` other than 23 is for comparisons (bench/): the passes expect opset 23."""
     cfg = model.config
     images = torch.randn(2, cfg.in_chans, cfg.image_size, cfg.image_size)  # batch ≥ 2: torch specialises 0 and 1
     batch = Dim("batch", min=1, max=MAX_BATCH)
-    return _export(model, (images,), {"images": {0: batch}}, ["images"], ["logits"])
+    return _export(model, (images,), {"images": {0: batch}}, ["images"], ["logits"], opset)
 
 
 class EncoderGraph(nn.Module):

@@ -23,7 +23,10 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     root.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint on the root logger every call
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save_model(model, str(src))
+        clean = onnx.ModelProto()
+        clean.CopyFrom(model)
+        clean.graph.ClearField("value_info")  # the exporter's shape hints can contradict its own Gemm outputs
+        onnx.save_model(clean, str(src))
         try:
             quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
                              op_types_to_quantize=["MatMul", "Gemm"])

@@ -1,0 +1,156 @@
+"""Export benchmark: our fused export against PyTorch eager and three ONNX Runtime pipelines.
+
+Usage: ``python bench/export_bench.py [--quick] [--repeats 7]``
+
+Models (random weights, nothing downloaded): ViT-Tiny (192 wide, 12 deep,
+3 heads) and ViT-B/16 (768, 12, 12), 224×224, plus the zoo entries from
+``repo/`` when present. Every pipeline runs under the same thread counts
+(torch 2 threads; ORT intra-op 2, inter-op 1); each figure is the median over
+``--repeats`` timed runs after warm-up. Ratios are against anchors measured in
+the same run. Tables go to stdout and to ``bench/RESULTS.md``.
+
+Pipelines:
+* ``eager`` — PyTorch, ``torch.inference_mode``.
+* ``ort-plain`` — the exporter's plain graph at opset 18 (attention as MatMul→Softmax→MatMul), ORT defaults.
+* ``ort-transformers`` — that graph after ``onnxruntime.transformers.optimizer`` (model_type vit).
+* ``ort-onnxscript`` — that graph after ``onnxscript.rewriter.ort_fusions.optimize_for_ort``.
+* ``transerve`` — our export (opset 23, BN folded, attention fused, cleaned).
+* ``ort-plain-int8`` / ``transerve-int8`` — ORT dynamic int8 (per-channel) of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from transerve.export import graphs, precision
+from transerve.export.ort_translator import make_session
+from transerve.export.passes import optimize
+from transerve.models.vit import ViT, ViTConfig
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+THREADS = 2
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def export_plain(model: ViT, opset: int) -> onnx.ModelProto:
+    """The exporter's own graph (its onnxscript clean-up included), nothing of ours."""
+    return graphs.export_vit(model, opset)
+
+
+def ort_transformers(plain: onnx.ModelProto, cfg: ViTConfig) -> onnx.ModelProto:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with tempfile.TemporaryDirectory() as tmp:  # it mishandles in-memory protos of this size; give it a file
+        path = Path(tmp) / "plain.onnx"
+        onnx.save_model(plain, str(path))
+        return optimize_model(str(path), model_type="vit", num_heads=cfg.num_heads, hidden_size=cfg.dim).model
+
+
+def ort_onnxscript(plain: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model, _ = optimize_for_ort(ir.serde.deserialize_model(copy.deepcopy(plain)))
+    return ir.serde.serialize_model(model)
+
+
+def ours(model: ViT) -> onnx.ModelProto:
+    proto = graphs.export_vit(model)
+    optimize(proto, "onnxruntime", model.config.depth)
+    return proto
+
+
+def pipelines(model: ViT) -> dict[str, Callable[[np.ndarray], object]]:
+    plain = export_plain(model, 18)
+    fused = ours(model)
+    protos = {"ort-plain": plain, "ort-transformers": ort_transformers(plain, model.config),
+              "ort-onnxscript": ort_onnxscript(plain), "transerve": fused,
+              "ort-plain-int8": precision.quantize_int8(plain), "transerve-int8": precision.quantize_int8(fused)}
+    runners: dict[str, Callable[[np.ndarray], object]] = {}
+
+    def eager(x: np.ndarray) -> object:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x))
+
+    runners["eager"] = eager
+    for name, proto in protos.items():
+        session = make_session(proto.SerializeToString(), THREADS)
+        runners[name] = lambda x, s=session: s.run(None, {s.get_inputs()[0].name: x})
+    return runners
+
+
+def bench_vit(label: str, cfg: ViTConfig, batches: list[int], repeats: int) -> list[dict[str, object]]:
+    torch.manual_seed(0)
+    model = ViT(cfg).eval()
+    runners = pipelines(model)
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(0).standard_normal((batch, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
+        times = {name: median_ms(lambda r=run: r(x), repeats) for name, run in runners.items()}
+        best_ort = min(times[k] for k in ("ort-plain", "ort-transformers", "ort-onnxscript"))
+        rows.append({"model": label, "batch": batch, **{k: round(batch * 1e3 / v, 1) for k, v in times.items()},
+                     "vs eager": round(times["eager"] / times["transerve"], 2),
+                     "vs best ORT": round(best_ort / times["transerve"], 2),
+                     "int8 vs ORT int8": round(times["ort-plain-int8"] / times["transerve-int8"], 2)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="ViT-Tiny only, 3 repeats (a smoke run)")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    models = {"ViT-Tiny/16": ViTConfig(image_size=224, patch_size=16, num_classes=1000, dim=192, depth=12,
+                                       num_heads=3, mlp_ratio=4.0)}
+    if not args.quick:
+        models["ViT-B/16"] = ViTConfig(image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12,
+                                       num_heads=12, mlp_ratio=4.0)
+    repeats = 3 if args.quick else args.repeats
+    rows = [row for label, cfg in models.items() for row in bench_vit(label, cfg, [1, 8], repeats)]
+    table = markdown(rows)
+    print(table)
+    section = (f"## Export: images/s by pipeline (median of {repeats}; torch {torch.__version__}, "
+               f"{THREADS} threads)\n\nCommand: `{' '.join(['python', *sys.argv])}`\n\n{table}\n")
+    write_section(RESULTS, "## Export:", section)
+
+
+def write_section(path: Path, heading: str, section: str) -> None:
+    """Replace this benchmark's section of RESULTS.md, keeping the others."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n\nEach section is written by its script.\n\n"
+    parts = text.split("\n## ")
+    kept = [p for p in parts[1:] if not ("## " + p).startswith(heading)]
+    path.write_text("\n## ".join([parts[0].rstrip("\n") + "\n", *kept]).rstrip("\n") + "\n\n" + section)
+
+
+if __name__ == "__main__":
+    main()
