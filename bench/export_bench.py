@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-
 from transerve.export import graphs, precision
 from transerve.export.ort_translator import make_session
 from transerve.export.passes import optimize
@@ -107,7 +106,7 @@ def bench_vit(label: str, cfg: ViTConfig, batches: list[int], repeats: int) -> l
     rows = []
     for batch in batches:
         x = np.random.default_rng(0).standard_normal((batch, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
-        times = {name: median_ms(lambda r=run: r(x), repeats) for name, run in runners.items()}
+        times = {name: median_ms(lambda r=run, x=x: r(x), repeats) for name, run in runners.items()}
         best_ort = min(times[k] for k in ("ort-plain", "ort-transformers", "ort-onnxscript"))
         rows.append({"model": label, "batch": batch, **{k: round(batch * 1e3 / v, 1) for k, v in times.items()},
                      "vs eager": round(times["eager"] / times["transerve"], 2),

@@ -98,8 +98,8 @@ def kv_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]
 
 
-def export_translator(model: Seq2SeqTransformer) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """(encoder, decoder_step) with dynamic batch, source length and cache length."""
+def export_translator(model: Seq2SeqTransformer, opset: int = OPSET) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(encoder, decoder_step) with dynamic batch, source length and cache length (opset: as export_vit)."""
     cfg = model.config
     layers, heads, head_dim = cfg.num_decoder_layers, cfg.num_heads, cfg.d_model // cfg.num_heads
     b, s, p = 2, 5, 3
@@ -110,14 +110,14 @@ def export_translator(model: Seq2SeqTransformer) -> tuple[onnx.ModelProto, onnx.
     mask = torch.ones(b, s, dtype=torch.long)
     encoder = _export(EncoderGraph(model), (ids, mask),
                       {"input_ids": {0: batch, 1: src}, "attention_mask": {0: batch, 1: src}},
-                      ["input_ids", "attention_mask"], kv_names("cross", layers))
+                      ["input_ids", "attention_mask"], kv_names("cross", layers), opset)
     past_t = [torch.randn(b, heads, p, head_dim) for _ in range(2 * layers)]
     cross_t = [torch.randn(b, heads, s, head_dim) for _ in range(2 * layers)]
     step_shapes = {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: src},
                    "past": [{0: batch, 2: past}] * (2 * layers), "cross": [{0: batch, 2: src}] * (2 * layers)}
     decoder = _export(DecoderStepGraph(model), (ids[:, :1], mask, past_t, cross_t), step_shapes,
                       ["input_ids", "attention_mask", *kv_names("past", layers), *kv_names("cross", layers)],
-                      ["logits", *kv_names("present", layers)])
+                      ["logits", *kv_names("present", layers)], opset)
     return encoder, decoder
 
 

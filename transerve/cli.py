@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from transerve import __version__
-from transerve.cli_export import export_command, inspect_command
+from transerve.cli_export import engine_build_command, export_command, inspect_command
 
 app = typer.Typer(help="transerve: export PyTorch Transformers to ONNX/TensorRT and serve them over gRPC.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -21,8 +21,11 @@ zoo_app = typer.Typer(help="The demo models, trained here on CPU from data that 
 checkpoint_app = typer.Typer(help="Inspect and run PyTorch checkpoint directories offline.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(checkpoint_app, name="checkpoint")
+engine_app = typer.Typer(help="TensorRT engines for repository entries (GPU machines).", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
 app.command("export")(export_command)
 app.command("inspect")(inspect_command)
+engine_app.command("build")(engine_build_command)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -118,3 +118,36 @@ def print_report(report: dict[str, Any], entry: Path) -> None:
                                                           "token_agreement_vs_pytorch", "runs_on_cpu", "error")}
         checks.add_row(f"variant {variant}", str(summary))
     console.print(checks)
+
+
+class PrecisionName(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def engine_build_command(
+    entry: Annotated[Path, typer.Argument(help="A repository entry, e.g. repo/vit-digits.")],
+    precision: Annotated[PrecisionName, typer.Option(help="Engine precision (TensorRT ≥ 11 takes it from the "
+                                                     "ONNX variant of that name).")] = PrecisionName.fp16,
+    workspace_gb: Annotated[float, typer.Option(min=0.25, help="Builder workspace limit in GiB.")] = 4.0,
+    timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file, read and updated.")]
+    = Path(".cache/tensorrt-timing.cache"),
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when a cached engine matches.")] = False,
+) -> None:
+    """Build TensorRT engines (REPO/NAME/<version>/<graph>.plan) for an entry; needs TensorRT 10+ and a GPU.
+
+    Profiles (min/opt/max batch, source and cache length) come from the entry's
+    config.yaml; an engine whose (ONNX, TensorRT version, GPU, flags) hash is
+    unchanged is reused.
+    """
+    from transerve.export.tensorrt_engine import EngineBuildError, EngineRequest, build_engines
+
+    request = EngineRequest(entry, precision.value, workspace_gb, timing_cache, force,  # type: ignore[arg-type]
+                            on_status=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
+    try:
+        results = build_engines(request)
+    except (EngineBuildError, FileNotFoundError) as e:
+        raise fail(str(e)) from None
+    for graph, info in results.items():
+        console.print(f"{graph}: {info['plan']} ({'cached' if info['cached'] else 'built'}, key {info['key']})")
