@@ -49,16 +49,16 @@ class FeatureGroupNorm(nn.Module):
         return self.gn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
-_NORMS: dict[str, Callable[[int], nn.Module]] = {
+_NORMS: dict[str, Callable[..., nn.Module]] = {
     "layer": nn.LayerNorm,
     "batch": FeatureBatchNorm,
     "group": FeatureGroupNorm,
 }
 
 
-def make_norm(name: str, dim: int) -> nn.Module:
-    """Build the norm layer called ``name`` for ``dim`` features."""
+def make_norm(name: str, dim: int, eps: float = 1e-5) -> nn.Module:
+    """Build the norm layer called ``name`` for ``dim`` features (``eps``: imported models bring their own)."""
     try:
-        return _NORMS[name](dim)
+        return _NORMS[name](dim, eps=eps)
     except KeyError:
         raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {name!r}") from None

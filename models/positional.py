@@ -14,15 +14,23 @@ import torch
 from torch import Tensor, nn
 
 
-def sinusoidal_table(max_len: int, dim: int) -> Tensor:
-    """The ``[max_len, dim]`` table of the formula above (``dim`` even)."""
+def sinusoidal_table(max_len: int, dim: int, layout: str = "interleaved") -> Tensor:
+    """The ``[max_len, dim]`` table of the formula above (``dim`` even).
+
+    ``layout="split"`` stores the same values as all sines then all cosines
+    (``[sin f₀ … sin fₙ, cos f₀ … cos fₙ]``), the order MarianMT checkpoints use.
+    """
     if dim % 2:
         raise ValueError(f"sinusoidal positions need an even dim, got {dim}")
     pos = torch.arange(max_len, dtype=torch.float32)[:, None]  # [L, 1]
     inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # [C/2]
     table = torch.empty(max_len, dim)
-    table[:, 0::2] = torch.sin(pos * inv_freq)
-    table[:, 1::2] = torch.cos(pos * inv_freq)
+    if layout == "interleaved":
+        table[:, 0::2], table[:, 1::2] = torch.sin(pos * inv_freq), torch.cos(pos * inv_freq)
+    elif layout == "split":
+        table[:, : dim // 2], table[:, dim // 2 :] = torch.sin(pos * inv_freq), torch.cos(pos * inv_freq)
+    else:
+        raise ValueError(f"position layout must be 'interleaved' or 'split', got {layout!r}")
     return table
 
 
@@ -35,9 +43,9 @@ class SinusoidalPositions(nn.Module):
 
     table: Tensor
 
-    def __init__(self, dim: int, max_len: int = 512) -> None:
+    def __init__(self, dim: int, max_len: int = 512, layout: str = "interleaved") -> None:
         super().__init__()
-        self.register_buffer("table", sinusoidal_table(max_len, dim), persistent=False)
+        self.register_buffer("table", sinusoidal_table(max_len, dim, layout), persistent=False)
 
     def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
         t = x.shape[1]

@@ -44,9 +44,14 @@ class TransformerConfig:
     tie_embeddings: bool = True  # one joint vocabulary: source, target and output share weights
     max_len: int = 256  # longest source or target, in tokens, the position table covers
     pad_id: int = 0
-    bos_id: int = 1
+    bos_id: int = 1  # the decoder's start token (MarianMT starts from its pad token)
     eos_id: int = 2
     attn_impl: AttentionImpl = "sdpa"
+    activation: str = "relu"  # relu | gelu | swish (MarianMT)
+    position_layout: str = "interleaved"  # interleaved sin/cos pairs, or "split" (all sines, then cosines: Marian)
+    scale_embeddings: bool = True  # multiply token embeddings by √C
+    output_bias: bool = False  # a bias on the output projection (Marian's final_logits_bias)
+    norm_eps: float = 1e-5
 
 
 def _pre_post(norm: nn.Module, pre_norm: bool) -> tuple[nn.Module, nn.Module]:
@@ -54,13 +59,19 @@ def _pre_post(norm: nn.Module, pre_norm: bool) -> tuple[nn.Module, nn.Module]:
     return (norm, nn.Identity()) if pre_norm else (nn.Identity(), norm)
 
 
-class FeedForward(nn.Module):
-    """Position-wise MLP: Linear → ReLU → Linear."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU}
 
-    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: Linear → activation → Linear."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float, activation: str = "relu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+            nn.Linear(dim, hidden), ACTIVATIONS[activation](), nn.Dropout(dropout), nn.Linear(hidden, dim),
+            nn.Dropout(dropout)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -71,9 +82,9 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.attn = SelfAttention(cfg.d_model, cfg.num_heads, cfg.attn_impl, cfg.dropout)
-        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout)
-        self.norm_in1, self.norm_out1 = _pre_post(make_norm(cfg.norm, cfg.d_model), cfg.pre_norm)
-        self.norm_in2, self.norm_out2 = _pre_post(make_norm(cfg.norm, cfg.d_model), cfg.pre_norm)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout, cfg.activation)
+        self.norm_in1, self.norm_out1 = _pre_post(make_norm(cfg.norm, cfg.d_model, cfg.norm_eps), cfg.pre_norm)
+        self.norm_in2, self.norm_out2 = _pre_post(make_norm(cfg.norm, cfg.d_model, cfg.norm_eps), cfg.pre_norm)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         x = self.norm_out1(x + self.attn(self.norm_in1(x), mask)[0])
@@ -85,10 +96,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = SelfAttention(cfg.d_model, cfg.num_heads, cfg.attn_impl, cfg.dropout)
         self.cross_attn = CrossAttention(cfg.d_model, cfg.num_heads, cfg.attn_impl, cfg.dropout)
-        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout)
-        self.norm_in1, self.norm_out1 = _pre_post(make_norm(cfg.norm, cfg.d_model), cfg.pre_norm)
-        self.norm_in2, self.norm_out2 = _pre_post(make_norm(cfg.norm, cfg.d_model), cfg.pre_norm)
-        self.norm_in3, self.norm_out3 = _pre_post(make_norm(cfg.norm, cfg.d_model), cfg.pre_norm)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.dropout, cfg.activation)
+        self.norm_in1, self.norm_out1 = _pre_post(make_norm(cfg.norm, cfg.d_model, cfg.norm_eps), cfg.pre_norm)
+        self.norm_in2, self.norm_out2 = _pre_post(make_norm(cfg.norm, cfg.d_model, cfg.norm_eps), cfg.pre_norm)
+        self.norm_in3, self.norm_out3 = _pre_post(make_norm(cfg.norm, cfg.d_model, cfg.norm_eps), cfg.pre_norm)
 
     def forward(
         self, x: Tensor, self_mask: Tensor | None, memory_kv: KVCache, src_mask: Tensor, past: KVCache | None
@@ -107,17 +118,17 @@ class Seq2SeqTransformer(nn.Module):
         self.config = cfg
         self.src_embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.tgt_embed = self.src_embed if cfg.tie_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.positions = SinusoidalPositions(cfg.d_model, cfg.max_len)
+        self.positions = SinusoidalPositions(cfg.d_model, cfg.max_len, cfg.position_layout)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_decoder_layers))
         # Pre-norm leaves the residual stream unnormalised, so each stack ends with a norm.
-        self.encoder_norm = make_norm(cfg.norm, cfg.d_model) if cfg.pre_norm else nn.Identity()
-        self.decoder_norm = make_norm(cfg.norm, cfg.d_model) if cfg.pre_norm else nn.Identity()
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.encoder_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if cfg.pre_norm else nn.Identity()
+        self.decoder_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if cfg.pre_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.output_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.src_embed.weight
-        self.embed_scale = math.sqrt(cfg.d_model)
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
         self._init_embeddings()
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ class ViTConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     norm: str = "layer"  # layer | batch | group
+    norm_eps: float = 1e-5  # imported checkpoints: 1e-12 (Hugging Face), 1e-6 (torchvision, timm)
     attn_impl: AttentionImpl = "sdpa"
 
     @property
@@ -81,9 +82,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        self.norm1 = make_norm(cfg.norm, cfg.dim)
+        self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.attn = SelfAttention(cfg.dim, cfg.num_heads, cfg.attn_impl, cfg.dropout)
-        self.norm2 = make_norm(cfg.norm, cfg.dim)
+        self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.mlp = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.norm == "batch", cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -99,7 +100,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, cfg.dim) * 0.02)
         self.blocks = nn.Sequential(*(Block(cfg) for _ in range(cfg.depth)))
-        self.norm = make_norm(cfg.norm, cfg.dim)
+        self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
     def forward_features(self, images: Tensor) -> Tensor:

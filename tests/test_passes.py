@@ -199,3 +199,14 @@ def test_cleanup_folds_constants_and_drops_dead_nodes() -> None:
     assert op_counts(model) == {"Mul": 1}
     assert result.changed == {"folded_Add": 1, "dead_nodes": 1, "unused_initializers": 3}
     np.testing.assert_allclose(run(model, x=np.arange(3, dtype=np.float32))[0], [0.0, 3.0, 6.0])
+
+
+def test_lowering_a_heads_folded_graph_matches_pytorch() -> None:
+    """TensorRT < 10.14 gets entries exported for onnxruntime: 3-D Attention is split back into heads."""
+    model = tiny_vit("layer")
+    proto = export_vit(model)
+    fuse_attention(proto, "onnxruntime", expected=2)
+    assert fuse_attention(proto, "tensorrt-legacy", expected=2).changed["lowered"] == 2
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(run(proto, images=x.numpy())[0], model(x).numpy(), atol=TOL, rtol=TOL)

@@ -17,6 +17,10 @@ err_console = Console(stderr=True)
 class Source(StrEnum):
     vit = "vit"
     transformer = "transformer"
+    hf_marian = "hf-marian"
+    hf_vit = "hf-vit"
+    torchvision_vit = "torchvision-vit"
+    timm_vit = "timm-vit"
 
 
 class TargetName(StrEnum):
@@ -31,8 +35,9 @@ def fail(message: str) -> typer.Exit:
 
 
 def export_command(
-    source: Annotated[Source, typer.Argument(help="What the checkpoint holds: vit or transformer.")],
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (config.json + model.safetensors).")],
+    source: Annotated[Source, typer.Argument(help="What the directory holds: vit or transformer (transerve "
+                                             "checkpoints), hf-marian, hf-vit, torchvision-vit, timm-vit.")],
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory, as its library saved it.")],
     repo: Annotated[Path, typer.Option(help="Model repository to write REPO/NAME into.")] = Path("repo"),
     name: Annotated[str | None, typer.Option(help="Entry name (default: the checkpoint folder's name).")] = None,
     target: Annotated[TargetName, typer.Option(help="Runtime the graph is shaped for: onnxruntime (CPU/GPU), "
@@ -42,31 +47,58 @@ def export_command(
     = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 variant (for GPUs).")] = False,
     version: Annotated[int, typer.Option(min=1, help="Version folder to write.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Translators: generation budget in config.yaml.")] = 64,
 ) -> None:
     """Export a checkpoint to ONNX, fold BatchNorm, fuse attention, verify parity, write REPO/NAME."""
     from transerve.export.exporter import ExportError, ExportOptions, export_translator_entry, export_vit_entry
     from transerve.export.passes import PassError
-    from transerve.models.checkpoint import CheckpointError, load_checkpoint
-    from transerve.models.translator import TextTranslator
+    from transerve.models.checkpoint import CheckpointError
 
     opts = ExportOptions(repo=repo, name=name or checkpoint.resolve().name, version=version,
                          target=target.value, int8=int8, fp16=fp16, source=f"{source.value}:{checkpoint}",
                          on_status=lambda message: console.print(f"[dim]…[/] {message}", highlight=False))
     try:
-        model, extra = load_checkpoint(checkpoint)
-        expected = {"vit": "ViT", "transformer": "Seq2SeqTransformer"}[source.value]
-        if type(model).__name__ != expected:
-            raise CheckpointError(f"{checkpoint}: holds a {type(model).__name__}, not a {source.value} "
-                                  f"(unsupported architecture for this source)")
-        if source is Source.vit:
-            report = export_vit_entry(model, opts, labels=_labels(extra, model.config.num_classes),  # type: ignore[arg-type]
-                                      preprocessing=_preprocessing(extra, model.config.image_size))  # type: ignore[union-attr]
+        if source in (Source.transformer, Source.hf_marian):
+            translator = _load_translator(source, checkpoint)
+            report = export_translator_entry(translator.model, translator.tokenizer, opts,
+                                             max_new_tokens=max_new_tokens)
         else:
-            translator = TextTranslator.load(checkpoint)
-            report = export_translator_entry(translator.model, translator.tokenizer, opts)
+            model, meta = _load_vit(source, checkpoint)
+            report = export_vit_entry(model, opts, **meta)
     except (CheckpointError, PassError, ExportError) as e:
         raise fail(str(e)) from None
     print_report(report, repo / opts.name)
+
+
+def _load_translator(source: Source, checkpoint: Path):  # type: ignore[no-untyped-def]
+    from transerve.models.checkpoint import CheckpointError, read_checkpoint_config
+    from transerve.models.translator import TextTranslator
+
+    if source is Source.hf_marian:
+        from transerve.models.importers.marian import import_hf_marian
+
+        return import_hf_marian(checkpoint)
+    arch = read_checkpoint_config(checkpoint)[0]
+    if arch != "transformer":
+        raise CheckpointError(f"{checkpoint}: holds a {arch}, not a transformer (unsupported architecture for "
+                              "this source)")
+    return TextTranslator.load(checkpoint)
+
+
+def _load_vit(source: Source, checkpoint: Path) -> tuple[Any, dict[str, Any]]:
+    from transerve.models.checkpoint import CheckpointError, load_checkpoint
+    from transerve.models.importers.vit import VIT_IMPORTERS
+    from transerve.models.vit import ViT
+
+    if source is not Source.vit:
+        model, meta = VIT_IMPORTERS[source.value](checkpoint)
+        return model, {"labels": meta["labels"], "preprocessing": meta["preprocessing"]}
+    model, extra = load_checkpoint(checkpoint)
+    if not isinstance(model, ViT):
+        raise CheckpointError(f"{checkpoint}: holds a {type(model).__name__}, not a vit (unsupported architecture "
+                              "for this source)")
+    return model, {"labels": _labels(extra, model.config.num_classes),
+                   "preprocessing": _preprocessing(extra, model.config.image_size)}
 
 
 def _labels(extra: dict[str, Any], num_classes: int) -> list[str]:

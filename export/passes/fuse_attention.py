@@ -100,33 +100,50 @@ def fold_heads(model: onnx.ModelProto, result: PassResult) -> None:
 
 
 def lower_attention(model: onnx.ModelProto, result: PassResult) -> None:
-    """Each 4-D Attention → MatMul(Q·c, Kᵀ·c) → [mask] → Softmax → MatMul(V), c = D^-¼."""
+    """Each Attention → MatMul(Q·c, Kᵀ·c) → [mask] → Softmax → MatMul(V), c = D^-¼ (3-D forms split heads first)."""
     index = GraphIndex(model)
     for node in [n for n in model.graph.node if n.op_type == "Attention"]:
+        heads = _attr(node, "q_num_heads")
         q_shape = index.shapes.get(node.input[0])
-        if _attr(node, "q_num_heads") is not None or len(node.output) > 1 or not q_shape or q_shape[-1] is None:
-            result.warnings.append(f"Attention {node.name!r}: 3-D form, cache outputs or unknown head size; kept")
+        head_dim = None if not q_shape or q_shape[-1] is None else q_shape[-1] // (heads.i if heads else 1)
+        if len(node.output) > 1 or head_dim is None:
+            result.warnings.append(f"Attention {node.name!r}: cache outputs or unknown head size; kept")
             continue
         scale = _attr(node, "scale")
-        c = np.float32((scale.f if scale is not None and scale.f else 1.0 / np.sqrt(q_shape[-1])) ** 0.5)
+        c = np.float32((scale.f if scale is not None and scale.f else 1.0 / np.sqrt(head_dim)) ** 0.5)
         c_name = index.add_constant(np.array(c, dtype=np.float32), "attn_prescale")
-        q, k, v = node.input[:3]
         n = index.fresh_name(node.name or "attn")
-        new = [helper.make_node("Mul", [q, c_name], [f"{n}_q"]),
-               helper.make_node("Transpose", [k], [f"{n}_kt"], perm=[0, 1, 3, 2]),
-               helper.make_node("Mul", [f"{n}_kt", c_name], [f"{n}_k"]),
-               helper.make_node("MatMul", [f"{n}_q", f"{n}_k"], [f"{n}_scores"])]
+        new: list[onnx.NodeProto] = []
+        q, k, v = (_split_heads(index, name, heads.i, f"{n}_{t}4", new) if heads else name
+                   for name, t in zip(node.input[:3], "qkv", strict=True))
+        out = f"{n}_out4" if heads else node.output[0]
+        new += [helper.make_node("Mul", [q, c_name], [f"{n}_q"]),
+                helper.make_node("Transpose", [k], [f"{n}_kt"], perm=[0, 1, 3, 2]),
+                helper.make_node("Mul", [f"{n}_kt", c_name], [f"{n}_k"]),
+                helper.make_node("MatMul", [f"{n}_q", f"{n}_k"], [f"{n}_scores"])]
         scores = f"{n}_scores"
         if len(node.input) > 3 and node.input[3]:
             new.append(_mask_node(index, node.input[3], scores, f"{n}_masked"))
             scores = f"{n}_masked"
         new += [helper.make_node("Softmax", [scores], [f"{n}_weights"], axis=-1),
-                helper.make_node("MatMul", [f"{n}_weights", v], [node.output[0]])]
+                helper.make_node("MatMul", [f"{n}_weights", v], [out])]
+        if heads:  # [B, H, T, D] → [B, T, H·D]
+            merge = index.add_constant(np.array([0, 0, -1], dtype=np.int64), "merge_shape")
+            new += [helper.make_node("Transpose", [out], [f"{n}_merged"], perm=HEAD_PERM),
+                    helper.make_node("Reshape", [f"{n}_merged", merge], [node.output[0]])]
         for added in new:
             index.insert_after(node, added)
         index.remove(node)
         result.count("lowered")
     index.commit()
+
+
+def _split_heads(index: GraphIndex, name: str, heads: int, out: str, new: list[onnx.NodeProto]) -> str:
+    """[B, T, H·D] → [B, H, T, D], appending the two nodes to ``new``."""
+    shape = index.add_constant(np.array([0, 0, heads, -1], dtype=np.int64), "split_shape")
+    new += [helper.make_node("Reshape", [name, shape], [f"{out}_r"]),
+            helper.make_node("Transpose", [f"{out}_r"], [out], perm=HEAD_PERM)]
+    return out
 
 
 def _mask_node(index: GraphIndex, mask: str, scores: str, out: str) -> onnx.NodeProto:

@@ -1,0 +1,1 @@
+"""Importers for real checkpoints read from local directories (no downloads)."""

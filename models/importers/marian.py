@@ -1,0 +1,125 @@
+"""Import a Hugging Face MarianMT checkpoint (opus-mt) from a local directory.
+
+Reads what ``MarianMTModel.save_pretrained`` + ``MarianTokenizer.save_pretrained`` write:
+``config.json``, ``model.safetensors`` (or ``pytorch_model.bin``), ``vocab.json``,
+``source.spm`` (and ``target.spm``). Marian is our post-norm encoder–decoder with
+Swish FFNs, split-layout sinusoidal positions, √C-scaled tied embeddings and a
+``final_logits_bias``; decoding starts from the pad token and stops at ``</s>`` (id 0).
+
+The tokenizer becomes a ``tokenizers`` Unigram over Marian's own ids (``vocab.json``)
+scored with the source sentencepiece model's piece scores, with that model's
+precompiled normaliser — the same segmentation sentencepiece makes, without
+sentencepiece at serving time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transerve.models.checkpoint import CheckpointError
+from transerve.models.importers.vit import StateDict, need, read_json, read_weights
+from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
+from transerve.models.translator import TextTranslator
+
+SPECIALS = ("</s>", "<unk>", "<pad>")
+
+
+def marian_tokenizer(directory: Path) -> Tokenizer:
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        raise CheckpointError("hf-marian needs sentencepiece to read source.spm: pip install 'transerve[importers]'") \
+            from None
+    vocab = {str(k): int(v) for k, v in read_json(directory / "vocab.json").items()}
+    spm_path = directory / "source.spm"
+    if not spm_path.is_file():
+        raise CheckpointError(f"{spm_path}: missing (MarianTokenizer's source sentencepiece model)")
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
+    try:
+        proto.ParseFromString(spm_path.read_bytes())
+    except Exception as e:
+        raise CheckpointError(f"{spm_path}: not a sentencepiece model ({e})") from None
+    scores = {p.piece: p.score for p in proto.pieces}
+    floor = min(scores.values(), default=0.0) - 10.0  # pieces sentencepiece lacks are never preferred
+    ordered: list[tuple[str, float]] = [(f"<unused{i}>", floor) for i in range(max(vocab.values()) + 1)]
+    for piece, index in vocab.items():
+        ordered[index] = (piece, scores.get(piece, floor))
+    tok = Tokenizer(models.Unigram(ordered, unk_id=vocab.get("<unk>"), byte_fallback=False))
+    steps = [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()]
+    if proto.normalizer_spec.precompiled_charsmap:
+        steps.insert(0, normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.add_special_tokens([s for s in SPECIALS if s in vocab])
+    return tok
+
+
+def marian_config(directory: Path) -> TransformerConfig:
+    c = read_json(directory / "config.json")
+    path = directory / "config.json"
+    if c.get("encoder_attention_heads") != c.get("decoder_attention_heads") or c.get("encoder_ffn_dim") != c.get(
+            "decoder_ffn_dim") or c.get("d_model", 0) % max(1, c.get("encoder_attention_heads", 1)):
+        raise CheckpointError(f"{path}: encoder and decoder must share heads and FFN width (unsupported architecture)")
+    if c.get("share_encoder_decoder_embeddings", True) is False or c.get("tie_word_embeddings", True) is False:
+        raise CheckpointError(f"{path}: untied embeddings are not supported (opus-mt models tie them)")
+    return TransformerConfig(
+        vocab_size=int(c["vocab_size"]), d_model=int(c["d_model"]), num_heads=int(c["encoder_attention_heads"]),
+        num_encoder_layers=int(c["encoder_layers"]), num_decoder_layers=int(c["decoder_layers"]),
+        ffn_dim=int(c["encoder_ffn_dim"]), dropout=0.0, pre_norm=bool(c.get("normalize_before", False)),
+        tie_embeddings=True, max_len=int(c.get("max_position_embeddings", 512)), pad_id=int(c["pad_token_id"]),
+        bos_id=int(c.get("decoder_start_token_id", c["pad_token_id"])), eos_id=int(c["eos_token_id"]),
+        activation=str(c.get("activation_function", "swish")), position_layout="split",
+        scale_embeddings=bool(c.get("scale_embedding", True)), output_bias=True)
+
+
+def _linear(state: StateDict, ours: str, theirs: str, out: StateDict) -> None:
+    out[f"{ours}.weight"], out[f"{ours}.bias"] = state[f"{theirs}.weight"], state[f"{theirs}.bias"]
+
+
+def _stacked(state: StateDict, ours: str, theirs: list[str], out: StateDict) -> None:
+    """Our fused projections = their separate ones stacked along the output axis."""
+    out[f"{ours}.weight"] = torch.cat([state[f"{t}.weight"] for t in theirs])
+    out[f"{ours}.bias"] = torch.cat([state[f"{t}.bias"] for t in theirs])
+
+
+def marian_state(state: StateDict, cfg: TransformerConfig, source: Path) -> StateDict:
+    p = "model." if any(k.startswith("model.") for k in state) else ""
+    shared = need(state, f"{p}shared.weight", source)
+    out: StateDict = {"src_embed.weight": shared, "tgt_embed.weight": shared, "lm_head.weight": shared,
+                      "lm_head.bias": need(state, "final_logits_bias", source).reshape(-1)}
+    for i in range(cfg.num_encoder_layers):
+        t, o = f"{p}encoder.layers.{i}", f"encoder.{i}"
+        need(state, f"{t}.self_attn.q_proj.weight", source)
+        _stacked(state, f"{o}.attn.qkv", [f"{t}.self_attn.{n}_proj" for n in "qkv"], out)
+        for ours, theirs in [("attn.proj", "self_attn.out_proj"), ("norm_out1", "self_attn_layer_norm"),
+                             ("ffn.net.0", "fc1"), ("ffn.net.3", "fc2"), ("norm_out2", "final_layer_norm")]:
+            _linear(state, f"{o}.{ours}", f"{t}.{theirs}", out)
+    for i in range(cfg.num_decoder_layers):
+        t, o = f"{p}decoder.layers.{i}", f"decoder.{i}"
+        need(state, f"{t}.encoder_attn.q_proj.weight", source)
+        _stacked(state, f"{o}.self_attn.qkv", [f"{t}.self_attn.{n}_proj" for n in "qkv"], out)
+        _stacked(state, f"{o}.cross_attn.kv", [f"{t}.encoder_attn.{n}_proj" for n in "kv"], out)
+        for ours, theirs in [("self_attn.proj", "self_attn.out_proj"), ("norm_out1", "self_attn_layer_norm"),
+                             ("cross_attn.q", "encoder_attn.q_proj"), ("cross_attn.proj", "encoder_attn.out_proj"),
+                             ("norm_out2", "encoder_attn_layer_norm"), ("ffn.net.0", "fc1"), ("ffn.net.3", "fc2"),
+                             ("norm_out3", "final_layer_norm")]:
+            _linear(state, f"{o}.{ours}", f"{t}.{theirs}", out)
+    return out
+
+
+def import_hf_marian(directory: Path) -> TextTranslator:
+    cfg = marian_config(directory)
+    state = read_weights(directory)
+    try:
+        mapped = marian_state(state, cfg, directory)
+    except KeyError as e:
+        raise CheckpointError(f"{directory}: tensor {e} missing — not a MarianMT checkpoint") from None
+    model = Seq2SeqTransformer(cfg)
+    try:
+        model.load_state_dict(mapped, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory}: does not match its config: {str(e).splitlines()[-1].strip()}") from None
+    return TextTranslator(model.eval(), marian_tokenizer(directory))
