@@ -49,3 +49,24 @@ def test_second_build_is_cached(zoo_dir: Path) -> None:
     assert len(weights) == 3 and {w: w.stat().st_mtime_ns for w in weights} == before  # nothing retrained
     report = json.loads((zoo_dir / "zoo_report.json").read_text())["models"]
     assert all(entry["cached"] for entry in report.values())
+
+
+@pytest.mark.slow
+def test_zoo_exports_to_a_verified_repository(zoo_dir: Path, tmp_path: Path) -> None:
+    from transerve.export.zoo import export_zoo
+
+    reports = export_zoo(zoo_dir, tmp_path / "repo", int8=True, on_status=lambda m: None)
+    zoo = json.loads((zoo_dir / "zoo_report.json").read_text())["models"]
+    assert reports["vit-digits-bn"]["op_counts_before"]["model"]["BatchNormalization"] > 0
+    for name, report in reports.items():
+        assert all(c.get("BatchNormalization", 0) == 0 for c in report["op_counts_after"].values()), name
+        attention = report["attention"]
+        blocks = [attention] if "fused" in attention else list(attention.values())
+        assert all(b["fused"] == b["expected"] > 0 for b in blocks), name
+        assert report["parity"]["max_abs_diff"] <= 1e-4, name
+        metric = "test_accuracy" if name.startswith("vit") else "exact_match"
+        assert abs(report["accuracy"]["onnx"] - zoo[name][metric]) <= 0.005, name
+    assert reports["mt-en-de-numbers"]["parity"]["tokens_equal"] is True
+    assert reports["vit-digits"]["variants"]["int8"]["accuracy"] >= zoo["vit-digits"]["test_accuracy"] - 0.01
+    again = export_zoo(zoo_dir, tmp_path / "repo", on_status=lambda m: None)  # current entries are kept
+    assert again["vit-digits"]["export_seconds"] == reports["vit-digits"]["export_seconds"]
