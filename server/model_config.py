@@ -1,0 +1,96 @@
+"""``config.yaml`` of a repository entry, validated once when the model is loaded.
+
+The fields are the ones ``transerve export`` writes (see
+``transerve.export.repository``); a hand-edited file that breaks them fails
+with a message naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A repository entry whose config.yaml is missing or invalid."""
+
+
+class Batching(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    max_queue_size: int = Field(256, ge=1)
+    instances: int = Field(1, ge=1, le=64)
+
+
+class TensorSpec(BaseModel):
+    name: str
+    datatype: str
+    dims: list[int]
+
+
+class Scheduler(BaseModel):
+    max_active_sequences: int = Field(64, ge=1)
+    max_cached_tokens: int = Field(16_384, ge=1)
+
+
+class DecoderSpec(BaseModel):
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    task: Literal["classify", "translate"]
+    backend: str = "onnxruntime"
+    default: bool = False
+    version: int | None = None  # pin a version; None = the highest
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    batching: Batching = Field(default_factory=Batching)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    files: dict[str, str]
+    # classify
+    preprocessing: dict[str, Any] | None = None
+    labels: str | None = None
+    # translate
+    max_input_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    beam_size: int = Field(1, ge=1, le=16)
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    decoder: DecoderSpec | None = None
+    tokenizer: str | None = None
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> ModelConfig:
+        if self.task == "classify" and self.preprocessing is None:
+            raise ValueError("a classify model needs 'preprocessing'")
+        if self.task == "translate" and (self.decoder is None or self.tokenizer is None):
+            raise ValueError("a translate model needs 'decoder' and 'tokenizer'")
+        return self
+
+
+def load_model_config(entry: Path) -> ModelConfig:
+    path = entry / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return ModelConfig.model_validate(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None

@@ -1,0 +1,169 @@
+"""The dynamic batcher's contract, with a recording fake backend (no sleeps stand in for waiting)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from transerve.server.batching import DeadlineExceeded, DynamicBatcher, QueueFull
+
+
+class Recorder:
+    """Doubles its inputs; records each batch; can be held closed to pile requests up."""
+
+    async def wait_entered(self) -> None:
+        """Until a batch is inside the backend (a condition, not a guess at timing)."""
+        assert await asyncio.to_thread(self.entered.wait, 10)
+        self.entered.clear()
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.entered = threading.Event()  # set when a batch reaches the backend
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_next = False
+
+    def __call__(self, payloads: list[int]) -> Sequence[int]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(list(payloads))
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("backend exploded")
+        return [2 * p for p in payloads]
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+async def started(backend: Recorder, **kwargs) -> DynamicBatcher[int, int]:  # type: ignore[no-untyped-def]
+    options = {"max_batch_size": 8, "max_queue_delay_ms": 50.0, **kwargs}
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(backend, **options)  # type: ignore[arg-type]
+    batcher.start()
+    return batcher
+
+
+def test_concurrent_requests_share_one_call() -> None:
+    async def main() -> None:
+        backend = Recorder()
+        batcher = await started(backend, max_queue_delay_ms=1000.0)
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(8)))
+        assert results == [2 * i for i in range(8)]
+        assert backend.batches == [list(range(8))]  # flushed on reaching max_batch_size, not after 1 s
+        await batcher.aclose()
+
+    run(main())
+
+
+def test_a_lone_request_is_flushed_after_the_delay() -> None:
+    async def main() -> None:
+        backend = Recorder()
+        batcher = await started(backend, max_queue_delay_ms=30.0)
+        start = time.monotonic()
+        assert await batcher.submit(21) == 42
+        assert time.monotonic() - start >= 0.025
+        await batcher.aclose()
+
+    run(main())
+
+
+def test_preferred_size_flushes_early_and_max_is_respected() -> None:
+    async def main() -> None:
+        backend = Recorder()
+        batcher = await started(backend, max_batch_size=4, max_queue_delay_ms=5000.0, preferred_batch_sizes=[2])
+        assert await asyncio.gather(batcher.submit(1), batcher.submit(2)) == [2, 4]
+        backend.entered.clear()
+        backend.gate.clear()  # hold the backend: the next requests pile up behind a running batch
+        first = asyncio.ensure_future(batcher.submit(0))
+        await backend.wait_entered()
+        rest = [asyncio.ensure_future(batcher.submit(i, size=2)) for i in range(3)]
+        await asyncio.sleep(0)
+        backend.gate.set()
+        await asyncio.gather(first, *rest)
+        assert all(len(b) <= 4 for b in backend.batches)
+        await batcher.aclose()
+
+    run(main())
+
+
+def test_full_queue_is_refused_at_once() -> None:
+    async def main() -> None:
+        backend = Recorder()
+        backend.gate.clear()
+        batcher = await started(backend, max_batch_size=2, max_queue_size=4, max_queue_delay_ms=0.0)
+        running = asyncio.ensure_future(batcher.submit(0, size=2))
+        await backend.wait_entered()  # taken by the worker, blocked in the backend
+        queued = [asyncio.ensure_future(batcher.submit(i, size=2)) for i in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="queue full"):
+            await batcher.submit(99)
+        backend.gate.set()
+        await asyncio.gather(running, *queued)
+        await batcher.aclose()
+
+    run(main())
+
+
+def test_expired_and_cancelled_requests_are_not_computed() -> None:
+    async def main() -> None:
+        backend = Recorder()
+        backend.gate.clear()
+        batcher = await started(backend, max_batch_size=1, max_queue_delay_ms=0.0)
+        blocker = asyncio.ensure_future(batcher.submit(0))
+        await backend.wait_entered()
+        expired = asyncio.ensure_future(batcher.submit(1, deadline=time.monotonic() + 0.001))
+        cancelled = asyncio.ensure_future(batcher.submit(2))
+        kept = asyncio.ensure_future(batcher.submit(3))
+        await asyncio.sleep(0.005)  # lets the 1 ms deadline pass while the request waits
+        cancelled.cancel()
+        backend.gate.set()
+        assert await blocker == 0 and await kept == 6
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        assert backend.batches == [[0], [3]]
+        await batcher.aclose()
+
+    run(main())
+
+
+def test_a_failing_batch_fails_only_its_requests() -> None:
+    async def main() -> None:
+        backend = Recorder()
+        batcher = await started(backend, max_queue_delay_ms=0.0)
+        backend.fail_next = True
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.submit(1)
+        assert await batcher.submit(2) == 4  # the worker survived
+        await batcher.aclose()
+
+    run(main())
+
+
+def test_backend_must_answer_every_request() -> None:
+    async def main() -> None:
+        batcher: DynamicBatcher[int, int] = DynamicBatcher(lambda p: [], max_batch_size=4, max_queue_delay_ms=0.0)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="0 results for 1"):
+            await batcher.submit(1)
+        await batcher.aclose()
+
+    run(main())
+
+
+def test_close_finishes_accepted_work() -> None:
+    async def main() -> None:
+        backend = Recorder()
+        batcher = await started(backend, max_batch_size=2, max_queue_delay_ms=20.0)
+        pending = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
+        await asyncio.sleep(0)
+        await batcher.aclose(grace=10)
+        assert [p.result() for p in pending] == [0, 2, 4, 6, 8]
+        with pytest.raises(QueueFull, match="shutting down"):
+            await batcher.submit(1)
+
+    run(main())
