@@ -4,14 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ZOO ?= zoo
 REPO ?= repo
-PACKAGES := transerve models export server
+PACKAGES := transerve models export server clients/transerve_client
 
 .PHONY: install zoo serve test lint typecheck clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e ./clients -e '.[dev]'
 	touch $@
 
 install: $(BIN)/.installed

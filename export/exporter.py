@@ -21,6 +21,7 @@ from transerve.export import graphs, precision, repository
 from transerve.export.ort_translator import OrtSeq2Seq, make_session
 from transerve.export.passes import PassResult, Target, op_counts, optimize
 from transerve.export.verify import FP32_TOLERANCE, run_vit, verify_translator, verify_vit
+from transerve.models.checkpoint import save_checkpoint
 from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.vit import ViT
 
@@ -89,6 +90,7 @@ def export_vit_entry(model: ViT, opts: ExportOptions, *, labels: Sequence[str], 
                                    num_classes=cfg.num_classes, preprocessing=preprocessing, default=opts.default)
     vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"labels.txt": "\n".join(labels) + "\n"})
     graphs.save_model(fused, vdir / "model.onnx")
+    save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
     report["variants"] = _vit_variants(fused, vdir, opts, eval_images, eval_labels, report)
     report["export_seconds"] = round(time.perf_counter() - start, 1)
     _check(report, vdir)
@@ -154,6 +156,7 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
     vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"tokenizer.json": tokenizer.to_str()})
     for graph, proto in fused.items():
         graphs.save_model(proto, vdir / f"{graph}.onnx")
+    save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
     report["variants"] = _translator_variants(model, tokenizer, fused, vdir, opts, eval_pairs, max_new_tokens)
     report["export_seconds"] = round(time.perf_counter() - start, 1)
     _check(report, vdir)

@@ -57,7 +57,7 @@ class ModelConfig(BaseModel):
     default: bool = False
     version: int | None = None  # pin a version; None = the highest
     max_batch_size: int = Field(32, ge=1, le=4096)
-    batching: Batching = Field(default_factory=Batching)
+    batching: Batching = Batching()  # pydantic copies defaults per instance
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     files: dict[str, str]
@@ -68,7 +68,7 @@ class ModelConfig(BaseModel):
     max_input_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     beam_size: int = Field(1, ge=1, le=16)
-    scheduler: Scheduler = Field(default_factory=Scheduler)
+    scheduler: Scheduler = Scheduler()
     decoder: DecoderSpec | None = None
     tokenizer: str | None = None
 

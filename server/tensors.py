@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import numpy as np
-
 from transerve_client._proto import inference_pb2 as pb
 
 DTYPES: Final[dict[str, np.dtype[Any]]] = {

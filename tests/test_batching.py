@@ -8,7 +8,6 @@ import time
 from collections.abc import Sequence
 
 import pytest
-
 from transerve.server.batching import DeadlineExceeded, DynamicBatcher, QueueFull
 
 
@@ -79,13 +78,15 @@ def test_preferred_size_flushes_early_and_max_is_respected() -> None:
         assert await asyncio.gather(batcher.submit(1), batcher.submit(2)) == [2, 4]
         backend.entered.clear()
         backend.gate.clear()  # hold the backend: the next requests pile up behind a running batch
-        first = asyncio.ensure_future(batcher.submit(0))
+        blocker = asyncio.ensure_future(batcher.submit(9, size=4))  # a full batch is flushed at once
         await backend.wait_entered()
+        first = asyncio.ensure_future(batcher.submit(0))
         rest = [asyncio.ensure_future(batcher.submit(i, size=2)) for i in range(3)]
         await asyncio.sleep(0)
         backend.gate.set()
-        await asyncio.gather(first, *rest)
-        assert all(len(b) <= 4 for b in backend.batches)
+        await asyncio.gather(blocker, first, *rest)
+        # queued 1 + 2 + 2 + 2 items: [0, 0'] (the next does not fit in 4), then [1', 2']
+        assert backend.batches[1:] == [[9], [0, 0], [1, 2]]
         await batcher.aclose()
 
     run(main())

@@ -62,7 +62,8 @@ def test_vit_entry(tmp_path: Path) -> None:
     config = yaml.safe_load((entry / "config.yaml").read_text())
     assert config["task"] == "classify" and config["inputs"][0]["dims"] == [-1, 3, 8, 8]
     assert (entry / "labels.txt").read_text().split() == [str(i) for i in range(10)]
-    assert {p.name for p in (entry / "1").iterdir()} == {"model.onnx", "model.int8.onnx", "export_report.json"}
+    assert {p.name for p in (entry / "1").iterdir()} == {"model.onnx", "model.int8.onnx", "export_report.json",
+                                                         "torch"}
     assert json.loads((entry / "1" / "export_report.json").read_text())["parity"] == report["parity"]
 
 

@@ -13,14 +13,6 @@ from typer.testing import CliRunner
 from transerve.cli import app
 
 
-@pytest.fixture(scope="module")
-def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("zoo")
-    result = CliRunner().invoke(app, ["zoo", "build", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 @pytest.mark.slow
 def test_zoo_thresholds(zoo_dir: Path) -> None:
     report = json.loads((zoo_dir / "zoo_report.json").read_text())["models"]

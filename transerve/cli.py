@@ -13,6 +13,7 @@ from rich.table import Table
 
 from transerve import __version__
 from transerve.cli_export import engine_build_command, export_command, inspect_command
+from transerve.cli_serve import serve_command
 
 app = typer.Typer(help="transerve: export PyTorch Transformers to ONNX/TensorRT and serve them over gRPC.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -25,6 +26,7 @@ engine_app = typer.Typer(help="TensorRT engines for repository entries (GPU mach
 app.add_typer(engine_app, name="engine")
 app.command("export")(export_command)
 app.command("inspect")(inspect_command)
+app.command("serve")(serve_command)
 engine_app.command("build")(engine_build_command)
 
 console = Console()

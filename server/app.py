@@ -1,0 +1,130 @@
+"""The server process: load and warm the repository, serve gRPC + metrics, drain on SIGTERM.
+
+Lifecycle: health is ``NOT_SERVING`` while models load and warm up,
+``SERVING`` once every loadable model has answered a real request, and
+``NOT_SERVING`` again the moment a drain begins. On SIGTERM/SIGINT the server
+stops accepting RPCs, lets accepted ones finish (``grace`` seconds), drains the
+batchers, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from transerve.server.auth import BearerTokenInterceptor, read_token, server_credentials
+from transerve.server.kserve_service import InferenceService
+from transerve.server.manager import ModelManager
+from transerve.server.metrics import Metrics
+from transerve.server.models import Limits
+from transerve.server.runtime import BackendName
+from transerve.server.task_service import ClassifierService, TranslatorService
+from transerve_client._proto import inference_pb2, inference_pb2_grpc, transerve_pb2, transerve_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                 transerve_pb2.DESCRIPTOR.services_by_name["Translator"].full_name,
+                 transerve_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
+
+
+@dataclass
+class ServeOptions:
+    repo: Path
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_port: int | None = 8002
+    backend: BackendName = "auto"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+    max_message_mb: int = 64
+    grace_seconds: float = 30.0
+    threads: int = 2
+    limits: Limits = field(default_factory=Limits)
+
+
+class TranserveServer:
+    """The process's one server object: gRPC server, models, metrics, health."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.metrics = Metrics()
+        self.manager = ModelManager(options.repo, options.backend, self.metrics, options.limits, options.threads)
+        self.health = health.aio.HealthServicer()
+        self.ready = False
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        o = self.options
+        limit = o.max_message_mb << 20
+        interceptors = [BearerTokenInterceptor(read_token(o.auth_token_file))] if o.auth_token_file else []
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceService(self.manager, self.metrics, lambda: self.ready), server)
+        transerve_pb2_grpc.add_TranslatorServicer_to_server(TranslatorService(self.manager, self.metrics), server)
+        transerve_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.manager, self.metrics), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{o.host}:{o.port}"
+        if o.tls_cert and o.tls_key:
+            self.port = server.add_secure_port(address, server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca))
+        else:
+            self.port = server.add_insecure_port(address)
+        return server
+
+    async def _set_health(self, status: int) -> None:
+        for name in ["", *SERVICE_NAMES, *self.manager.models]:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server = self._grpc_server()
+        await self._server.start()  # listening, but health says NOT_SERVING until models are warm
+        if self.options.metrics_port is not None:
+            self._metrics_http, _ = start_http_server(self.options.metrics_port, addr=self.options.host,
+                                                      registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        await self.manager.load_all()
+        self.ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        print(f"transerve: serving {sorted(self.manager.models)} on {self.options.host}:{self.port}"
+              f" (metrics on {self.options.host}:{self.metrics_port})", flush=True)
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, stop accepting, finish accepted RPCs and batches."""
+        self.ready = False
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.options.grace_seconds)
+        await self.manager.aclose(self.options.grace_seconds)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        log.info("transerve stopped")
+
+
+async def serve(options: ServeOptions) -> None:
+    server = TranserveServer(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        print("transerve: draining", flush=True)
+    finally:
+        await server.stop()

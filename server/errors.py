@@ -1,0 +1,70 @@
+"""One place that turns exceptions into gRPC status codes, and counts every request once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from transerve.server.batching import DeadlineExceeded, QueueFull
+from transerve.server.manager import ModelNotFound
+from transerve.server.metrics import Metrics
+from transerve.server.models import RequestError
+from transerve.server.tensors import TensorError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (TensorError, grpc.StatusCode.INVALID_ARGUMENT),
+    (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+]
+
+
+def status_of(error: BaseException) -> grpc.StatusCode | None:
+    return next((code for kind, code in CODES if isinstance(error, kind)), None)
+
+
+class Scope:
+    """Per-request facts filled in as the request is resolved (the model label for metrics)."""
+
+    def __init__(self) -> None:
+        self.model = "-"
+        self.request_id = uuid.uuid4().hex[:12]
+
+
+async def guarded(metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext,
+                  handler: Callable[[Scope], Awaitable[T]]) -> T:
+    """Run ``handler``; known errors leave as their status with the message, others as INTERNAL."""
+    scope, start = Scope(), time.perf_counter()
+    code = "OK"
+    try:
+        return await handler(scope)
+    except asyncio.CancelledError:
+        code = "CANCELLED"
+        raise
+    except Exception as e:
+        status = status_of(e)
+        if status is None:
+            log.exception("request %s (%s on %s) failed", scope.request_id, rpc, scope.model)
+            status, message = grpc.StatusCode.INTERNAL, f"internal error (request id {scope.request_id})"
+        else:
+            message = str(e)
+            log.info("request %s (%s on %s): %s %s", scope.request_id, rpc, scope.model, status.name, message)
+        code = status.name
+        await context.abort(status, message)
+        raise  # abort raises; this keeps type checkers aware
+    finally:
+        metrics.on_request(scope.model, rpc, code, time.perf_counter() - start)
+
+
+def remaining(context: grpc.aio.ServicerContext) -> float | None:
+    left: Any = context.time_remaining()
+    return None if left is None else float(left)

@@ -1,0 +1,169 @@
+"""``inference.GRPCInferenceService``: the KServe v2 / Open Inference Protocol, as Triton clients expect it.
+
+Every model is reachable through ModelInfer: classifiers take ``images``
+(FP32 ``[N, C, H, W]``, preprocessed) and answer ``logits``; translators take
+``text`` (BYTES ``[N]``) and answer ``translation`` (BYTES ``[N]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from transerve.server.batching import DeadlineExceeded, QueueFull
+from transerve.server.errors import Scope, guarded, remaining, status_of
+from transerve.server.manager import ModelManager, ModelNotFound
+from transerve.server.metrics import Metrics
+from transerve.server.models import ClassifierModel, LoadedModel, RequestError, TranslatorModel, deadline_from
+from transerve.server.tensors import TensorError, fill_response, request_inputs, tensor_metadata
+from transerve_client._proto import inference_pb2 as pb
+from transerve_client._proto import inference_pb2_grpc as pb_grpc
+
+from transerve import __version__
+
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, manager: ModelManager, metrics: Metrics, is_ready: Any) -> None:
+        self.manager, self.metrics, self.is_ready = manager, metrics, is_ready
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=bool(self.is_ready()))
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        try:
+            self.manager.get(request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=bool(self.is_ready()))
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(name="transerve", version=__version__,
+                                         extensions=["model_repository", "statistics", "binary_tensor_data"])
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        async def handle(scope: Scope) -> Any:
+            model = self.manager.get(request.name, request.version)
+            scope.model = model.name
+            c = model.config
+            return pb.ModelMetadataResponse(
+                name=model.name, versions=[model.version], platform=PLATFORMS.get(model.backend, model.backend),
+                inputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.inputs],
+                outputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.outputs])
+
+        return await guarded(self.metrics, "ModelMetadata", context, handle)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        async def handle(scope: Scope) -> Any:
+            return await self._infer(request, scope, deadline_from(remaining(context)))
+
+        return await guarded(self.metrics, "ModelInfer", context, handle)
+
+    async def _infer(self, request: Any, scope: Scope, deadline: float | None) -> Any:
+        if not request.model_name:
+            raise RequestError("model_name: required")
+        model = self.manager.get(request.model_name, request.model_version)
+        scope.model = model.name
+        inputs = request_inputs(request, self.manager.limits.max_elements)
+        outputs = await run_model(model, inputs, deadline)
+        wanted = [o.name for o in request.outputs]
+        unknown = sorted(set(wanted) - set(outputs))
+        if unknown:
+            raise RequestError(f"outputs: {unknown} not produced by {model.name} (it has {sorted(outputs)})")
+        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        fill_response(response, {k: v for k, v in outputs.items() if not wanted or k in wanted})
+        return response
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        """Each request answered in order; an error is reported in the stream, which stays open."""
+        async for request in request_iterator:
+            scope = Scope()
+            try:
+                response = await self._infer(request, scope, deadline_from(remaining(context)))
+                self.metrics.on_request(scope.model, "ModelStreamInfer", "OK", 0.0)
+                yield pb.ModelStreamInferResponse(infer_response=response)
+            except (TensorError, RequestError, ModelNotFound, QueueFull, DeadlineExceeded) as e:
+                code = status_of(e)
+                self.metrics.on_request(scope.model, "ModelStreamInfer", code.name if code else "UNKNOWN", 0.0)
+                yield pb.ModelStreamInferResponse(error_message=f"{code.name if code else 'ERROR'}: {e}",
+                                                  infer_response=pb.ModelInferResponse(id=request.id))
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        async def handle(scope: Scope) -> Any:
+            names = [request.name] if request.name else sorted(self.manager.models)
+            stats = []
+            for name in names:
+                model = self.manager.get(name, request.version)
+                stats.append(model_statistics(model, self.metrics))
+            return pb.ModelStatisticsResponse(model_stats=stats)
+
+        return await guarded(self.metrics, "ModelStatistics", context, handle)
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        models = []
+        for name in self.manager.entry_names():
+            state = self.manager.states.get(name)
+            if state is None or (request.ready and state.state != "READY"):
+                continue
+            models.append(pb.RepositoryIndexResponse.ModelIndex(name=name, version=state.version, state=state.state,
+                                                                reason=state.reason))
+        return pb.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        async def handle(scope: Scope) -> Any:
+            scope.model = request.model_name
+            state = await self.manager.load(request.model_name)
+            if state.state != "READY":
+                raise RequestError(f"model_name: {request.model_name!r} failed to load: {state.reason}")
+            return pb.RepositoryModelLoadResponse()
+
+        return await guarded(self.metrics, "RepositoryModelLoad", context, handle)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        async def handle(scope: Scope) -> Any:
+            scope.model = request.model_name
+            await self.manager.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await guarded(self.metrics, "RepositoryModelUnload", context, handle)
+
+
+async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline: float | None
+                    ) -> dict[str, np.ndarray]:
+    expected = [t.name for t in model.config.inputs]
+    if sorted(inputs) != sorted(expected):
+        raise RequestError(f"inputs: {model.name} takes {expected}, got {sorted(inputs)}")
+    if isinstance(model, ClassifierModel):
+        images = model.check_tensor(inputs["images"], "inputs.images")
+        return {"logits": await model.logits(images, deadline)}
+    assert isinstance(model, TranslatorModel)
+    texts = inputs["text"]
+    if texts.dtype != np.object_:
+        raise RequestError("inputs.text: datatype must be BYTES")
+    try:
+        decoded = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts.reshape(-1)]
+    except UnicodeDecodeError:
+        raise RequestError("inputs.text: not valid UTF-8") from None
+    results = await model.translate(decoded, None, deadline, field="inputs.text")
+    return {"translation": np.array([r.text.encode() for r in results], dtype=np.object_).reshape(texts.shape)}
+
+
+def model_statistics(model: LoadedModel, metrics: Metrics) -> Any:
+    c = metrics.counters[model.name]
+
+    def duration(d: Any) -> Any:
+        return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+    return pb.ModelStatistics(
+        name=model.name, version=model.version, last_inference=c.last_inference_ms,
+        inference_count=c.inference_count, execution_count=c.execution_count,
+        inference_stats=pb.InferStatistics(success=duration(c.success), fail=duration(c.fail),
+                                           queue=duration(c.queue), compute_infer=duration(c.compute)),
+        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=duration(d))
+                     for size, d in sorted(c.batches.items())])
+

@@ -1,0 +1,115 @@
+"""The model repository as the server sees it: which entries exist, which are loaded, which is default.
+
+An entry that fails to load is marked ``UNAVAILABLE`` with its reason; it
+never stops the server or the other models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from transerve.export.repository import latest_version
+from transerve.server.metrics import Metrics
+from transerve.server.model_config import ConfigError, load_model_config
+from transerve.server.models import ClassifierModel, Limits, LoadedModel, TranslatorModel
+from transerve.server.runtime import BackendError, BackendName, load_runners
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(LookupError):
+    """Unknown model or version (→ NOT_FOUND)."""
+
+
+@dataclass
+class EntryState:
+    name: str
+    version: str = ""
+    state: str = "UNAVAILABLE"  # READY | UNAVAILABLE | LOADING
+    reason: str = ""
+
+
+class ModelManager:
+    def __init__(self, repo: Path, backend: BackendName, metrics: Metrics, limits: Limits, threads: int = 2) -> None:
+        self.repo, self.backend, self.metrics, self.limits, self.threads = repo, backend, metrics, limits, threads
+        self.models: dict[str, LoadedModel] = {}
+        self.states: dict[str, EntryState] = {}
+        self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
+
+    def entry_names(self) -> list[str]:
+        return sorted(p.name for p in self.repo.iterdir() if (p / "config.yaml").is_file()) if self.repo.is_dir() \
+            else []
+
+    async def load_all(self) -> None:
+        for name in self.entry_names():
+            await self.load(name)
+
+    async def load(self, name: str) -> EntryState:
+        """(Re)load one entry; the old instance, if any, is drained after the new one is ready."""
+        entry = self.repo / name
+        if not (entry / "config.yaml").is_file():
+            raise ModelNotFound(f"model {name!r} is not in the repository {self.repo}")
+        state = self.states[name] = EntryState(name, state="LOADING")
+        try:
+            model = await asyncio.to_thread(self._build, entry)
+            await model.start()
+        except (ConfigError, BackendError, FileNotFoundError, ValueError, OSError) as e:
+            state.state, state.reason = "UNAVAILABLE", str(e)
+            log.error("model %s unavailable: %s", name, e)
+            return state
+        old = self.models.get(name)
+        self.models[name] = model
+        state.version, state.state, state.reason = model.version, "READY", ""
+        log.info("model %s version %s ready on %s", name, model.version, model.backend)
+        if old is not None:
+            await old.aclose(grace=30)
+        return state
+
+    def _build(self, entry: Path) -> LoadedModel:
+        config = load_model_config(entry)
+        vdir = entry / str(config.version) if config.version else latest_version(entry)
+        backend = config.backend if self.backend == "auto" and config.backend != "onnxruntime" else self.backend
+        used, runners = load_runners(backend, vdir, config.files, self.threads)  # type: ignore[arg-type]
+        if config.task == "classify":
+            return ClassifierModel(config, vdir.name, used, runners, entry, self.metrics.on_batch, self.image_pool,
+                                   self.limits)
+        return TranslatorModel(config, vdir.name, used, runners, entry, self.metrics.on_batch, self.limits)
+
+    async def unload(self, name: str, grace: float = 30) -> None:
+        model = self.models.pop(name, None)
+        if model is None:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        self.states[name] = EntryState(name, model.version, "UNAVAILABLE", "unloaded")
+        await model.aclose(grace)
+
+    def get(self, name: str, version: str = "", task: str | None = None) -> LoadedModel:
+        """A loaded model by name (empty name: the default for ``task``)."""
+        if not name:
+            return self.default_for(task or "")
+        model = self.models.get(name)
+        if model is None:
+            reason = self.states.get(name, EntryState(name, reason="not in the repository")).reason
+            raise ModelNotFound(f"model {name!r} is not available ({reason or 'not loaded'})")
+        if version and version != model.version:
+            raise ModelNotFound(f"model {name!r} has no version {version!r} loaded (serving {model.version})")
+        if task and model.config.task != task:
+            raise ModelNotFound(f"model {name!r} is a {model.config.task} model, not {task}")
+        return model
+
+    def default_for(self, task: str) -> LoadedModel:
+        candidates = [m for m in self.models.values() if m.config.task == task]
+        marked = [m for m in candidates if m.config.default]
+        if len(marked) == 1 or len(candidates) == 1:
+            return (marked or candidates)[0]
+        if not candidates:
+            raise ModelNotFound(f"no {task} model is loaded")
+        raise ModelNotFound(f"several {task} models are loaded and none is marked default: name one of "
+                            f"{sorted(m.name for m in candidates)}")
+
+    async def aclose(self, grace: float) -> None:
+        await asyncio.gather(*(m.aclose(grace) for m in self.models.values()))
+        self.image_pool.shutdown(wait=True)

@@ -1,0 +1,79 @@
+"""Prometheus metrics and the KServe ``ModelStatistics`` counters, fed from the same events.
+
+The registry belongs to the server object (no process-global collectors), so
+tests can run several servers in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from transerve.server.batching import BatchStats
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, n: int = 1) -> None:
+        self.count += n
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class ModelCounters:
+    """Exactly the numbers ModelStatistics reports."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("transerve_requests", "Requests by model, RPC and status code",
+                                ["model", "rpc", "code"], registry=r)
+        self.request_seconds = Histogram("transerve_request_seconds", "Request latency in the server",
+                                         ["model", "rpc"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("transerve_queue_seconds", "Time a request waited in the batcher",
+                                       ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Histogram("transerve_compute_seconds", "Backend time per batch", ["model"],
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("transerve_batch_size", "Items per backend call", ["model"],
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.generated_tokens = Counter("transerve_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.queue_length = Gauge("transerve_queue_length", "Items waiting in the batcher", ["model"], registry=r)
+        self.counters: dict[str, ModelCounters] = defaultdict(ModelCounters)
+
+    def on_batch(self, model: str, stats: BatchStats) -> None:
+        c = self.counters[model]
+        c.execution_count += 1
+        c.inference_count += stats.size
+        c.compute.add(stats.compute_seconds)
+        c.batches[stats.size].add(stats.compute_seconds)
+        c.last_inference_ms = int(time.time() * 1000)
+        self.compute_seconds.labels(model).observe(stats.compute_seconds)
+        self.batch_size.labels(model).observe(stats.size)
+        for waited in stats.queue_seconds:
+            c.queue.add(waited)
+            self.queue_seconds.labels(model).observe(waited)
+
+    def on_request(self, model: str, rpc: str, code: str, seconds: float) -> None:
+        self.requests.labels(model, rpc, code).inc()
+        self.request_seconds.labels(model, rpc).observe(seconds)
+        c = self.counters[model]
+        (c.success if code == "OK" else c.fail).add(seconds)

@@ -1,0 +1,206 @@
+"""Loaded models: a classifier or a translator, each behind its own dynamic batcher.
+
+A model turns validated request data into backend feeds, runs them through
+its batcher (so concurrent requests share one backend call), and splits the
+results back. Image decoding runs in a separate worker pool, never on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tokenizers import Tokenizer
+from transerve.export.ort_translator import OrtSeq2Seq, pad_ids
+from transerve.models.preprocessing import ImagePreprocessing
+from transerve.server.batching import BatchStats, DynamicBatcher
+from transerve.server.model_config import ModelConfig
+from transerve.server.runtime import GraphRunner
+
+MAX_BEAM = 8
+
+
+class RequestError(ValueError):
+    """Bad request content (→ INVALID_ARGUMENT); the message names the field and the limit."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_image_bytes: int = 16 << 20
+    max_image_pixels: int = 25_000_000
+    max_text_chars: int = 4096
+    max_elements: int = 1 << 26
+
+
+class LoadedModel(ABC):
+    """What every task shares: identity, config, batcher lifecycle."""
+
+    def __init__(self, config: ModelConfig, version: str, backend: str, runners: dict[str, GraphRunner],
+                 on_batch: Any) -> None:
+        self.config, self.version, self.backend, self.runners = config, version, backend, runners
+        self.name = config.name
+        b = config.batching
+        self.batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+            self._run_batch, max_batch_size=config.max_batch_size, max_queue_delay_ms=b.max_queue_delay_ms,
+            preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size, instances=b.instances,
+            on_batch=lambda stats: on_batch(self.name, stats), name=config.name)
+
+    @abstractmethod
+    def _run_batch(self, payloads: list[Any]) -> list[Any]:
+        """One backend call for a batch of payloads; one result per payload (runs in a worker thread)."""
+
+    async def start(self) -> None:
+        self.batcher.start()
+        await self.warm_up()
+
+    @abstractmethod
+    async def warm_up(self) -> None:
+        """One real request through the whole path before health says SERVING."""
+
+    async def aclose(self, grace: float) -> None:
+        await self.batcher.aclose(grace)
+
+
+class ClassifierModel(LoadedModel):
+    def __init__(self, config: ModelConfig, version: str, backend: str, runners: dict[str, GraphRunner],
+                 entry: Path, on_batch: Any, image_pool: ThreadPoolExecutor, limits: Limits) -> None:
+        super().__init__(config, version, backend, runners, on_batch)
+        prep = dict(config.preprocessing or {})
+        for key in ("mean", "std"):
+            if key in prep:
+                prep[key] = tuple(prep[key])
+        self.preprocessing = ImagePreprocessing(**prep)
+        labels_file = entry / (config.labels or "labels.txt")
+        self.labels = labels_file.read_text().split("\n")[:-1] if labels_file.is_file() else []
+        self.input_shape = tuple(config.inputs[0].dims[1:])
+        self.image_pool, self.limits = image_pool, limits
+
+    def _run_batch(self, payloads: list[np.ndarray]) -> list[np.ndarray]:
+        images = np.concatenate(payloads) if len(payloads) > 1 else payloads[0]
+        logits = self.runners["model"].run(None, {"images": images})[0]
+        splits = np.cumsum([len(p) for p in payloads])[:-1]
+        return list(np.split(logits, splits))
+
+    def check_tensor(self, images: np.ndarray, field: str) -> np.ndarray:
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
+            raise RequestError(f"{field}: shape {list(images.shape)} does not match [N, "
+                               f"{', '.join(map(str, self.input_shape))}]")
+        if images.dtype != np.float32:
+            raise RequestError(f"{field}: datatype {images.dtype} must be float32 (FP32)")
+        if not 1 <= len(images) <= self.config.max_batch_size:
+            raise RequestError(f"{field}: batch of {len(images)} images, the limit is {self.config.max_batch_size}")
+        return images
+
+    def decode_image(self, data: bytes, field: str) -> np.ndarray:
+        if len(data) > self.limits.max_image_bytes:
+            raise RequestError(f"{field}: {len(data)} bytes exceed the limit of {self.limits.max_image_bytes}")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                pixels = image.size[0] * image.size[1]
+                if pixels > self.limits.max_image_pixels:
+                    raise RequestError(f"{field}: {image.size[0]}×{image.size[1]} = {pixels} pixels exceed the "
+                                       f"limit of {self.limits.max_image_pixels}")
+                image.load()
+                return self.preprocessing.apply_one(image)
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise RequestError(f"{field}: not a decodable image ({type(e).__name__})") from None
+
+    async def decode_images(self, blobs: list[bytes], field: str) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        arrays = await asyncio.gather(*(loop.run_in_executor(self.image_pool, self.decode_image, b, f"{field}[{i}]")
+                                        for i, b in enumerate(blobs)))
+        return np.stack(arrays)
+
+    async def logits(self, images: np.ndarray, deadline: float | None) -> np.ndarray:
+        result: np.ndarray = await self.batcher.submit(images, size=len(images), deadline=deadline)
+        return result
+
+    async def warm_up(self) -> None:
+        await self.logits(np.zeros((1, *self.input_shape), np.float32), None)
+
+
+@dataclass
+class TranslationResult:
+    ids: list[int]
+    text: str
+
+
+class TranslatorModel(LoadedModel):
+    """Request-level batching: sources of concurrent requests are decoded together, greedily."""
+
+    def __init__(self, config: ModelConfig, version: str, backend: str, runners: dict[str, GraphRunner],
+                 entry: Path, on_batch: Any, limits: Limits) -> None:
+        super().__init__(config, version, backend, runners, on_batch)
+        assert config.decoder is not None and config.tokenizer is not None  # checked by ModelConfig
+        self.tokenizer = Tokenizer.from_file(str(entry / config.tokenizer))
+        d = config.decoder
+        self.seq2seq = OrtSeq2Seq(runners["encoder"], runners["decoder_step"], num_layers=d.num_layers,
+                                  num_heads=d.num_heads, head_dim=d.head_dim, bos_id=d.bos_id, eos_id=d.eos_id,
+                                  pad_id=d.pad_id)
+        self.limits = limits
+
+    def encode(self, texts: list[str], field: str) -> list[list[int]]:
+        if not 1 <= len(texts) <= self.config.max_batch_size:
+            raise RequestError(f"{field}: {len(texts)} texts, the limit is 1 to {self.config.max_batch_size}")
+        for i, text in enumerate(texts):
+            if len(text) > self.limits.max_text_chars:
+                raise RequestError(f"{field}[{i}]: {len(text)} characters exceed the limit of "
+                                   f"{self.limits.max_text_chars}")
+        eos = self.seq2seq.eos_id
+        rows = [[*e.ids, eos] for e in self.tokenizer.encode_batch(texts)]
+        for i, row in enumerate(rows):
+            if len(row) > self.config.max_input_tokens:
+                raise RequestError(f"{field}[{i}]: {len(row)} tokens exceed max_input_tokens "
+                                   f"{self.config.max_input_tokens}")
+        return rows
+
+    def _run_batch(self, payloads: list[tuple[list[list[int]], int, int]]) -> list[list[list[int]]]:
+        """Payloads are (sources, max_new_tokens, beam_size); requests with the same beam size decode together."""
+        results: dict[int, list[list[int]]] = {}
+        for beam in sorted({b for _, _, b in payloads}):
+            group = [i for i, p in enumerate(payloads) if p[2] == beam]
+            rows = [r for i in group for r in payloads[i][0]]
+            ids, mask = pad_ids(rows, self.seq2seq.pad_id)
+            out = self.seq2seq.generate(ids, mask, max(payloads[i][1] for i in group), beam_size=beam)
+            start = 0
+            for i in group:  # each request keeps its own budget
+                sources, max_new, _ = payloads[i]
+                results[i] = [row[:max_new] for row in out[start:start + len(sources)]]
+                start += len(sources)
+        return [results[i] for i in range(len(payloads))]
+
+    async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
+                        field: str = "texts", beam_size: int | None = None) -> list[TranslationResult]:
+        budget = max_new_tokens or self.config.max_new_tokens
+        if budget > self.config.max_new_tokens:
+            raise RequestError(f"max_new_tokens: {budget} exceeds the model's limit of {self.config.max_new_tokens}")
+        beam = beam_size or self.config.beam_size
+        if beam > MAX_BEAM:
+            raise RequestError(f"beam_size: {beam} exceeds the limit of {MAX_BEAM}")
+        sources = self.encode(texts, field)
+        ids: list[list[int]] = await self.batcher.submit((sources, budget, beam), size=len(sources),
+                                                         deadline=deadline)
+        return [TranslationResult(row, text) for row, text in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
+
+    async def warm_up(self) -> None:
+        await self.translate(["warm up"], 2, None)
+
+
+def deadline_from(time_remaining: float | None) -> float | None:
+    """gRPC's remaining time → a monotonic deadline for the batcher."""
+    return None if time_remaining is None else time.monotonic() + time_remaining
+
+
+__all__ = ["BatchStats", "ClassifierModel", "Limits", "LoadedModel", "RequestError", "TranslationResult",
+           "TranslatorModel", "deadline_from"]

@@ -1,0 +1,183 @@
+"""Runtime backends: one small interface, three implementations.
+
+A *graph runner* runs one graph of a repository entry with the signature of
+``onnxruntime.InferenceSession.run`` — ``run(output_names | None, feeds) ->
+list[np.ndarray]`` — so the decoding code written against ORT sessions
+(``transerve.export.ort_translator``) drives every backend unchanged.
+
+* ``onnxruntime`` — CPU by default; CUDA / TensorRT execution providers when
+  onnxruntime-gpu provides them.
+* ``tensorrt`` — native engines (``<graph>.plan`` from ``transerve engine build``), GPU only.
+* ``torch`` — the reference: the PyTorch checkpoint the export wrote to ``<version>/torch``.
+
+``auto`` picks tensorrt when every plan exists and TensorRT + a GPU are
+present, else onnxruntime with the best provider it has, and logs why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["auto", "onnxruntime", "tensorrt", "torch"]
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run this entry here; the message says why."""
+
+
+class GraphRunner(Protocol):
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class OrtRunner:
+    def __init__(self, path: Path, threads: int, providers: list[str]) -> None:
+        import onnxruntime as ort
+        from transerve.export.ort_translator import session_options
+
+        self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(list(output_names) if output_names else None, feeds))
+
+
+class TorchRunner:
+    """The PyTorch reference behind the same interface (the graph wrappers the exporter traced)."""
+
+    def __init__(self, module: Any, input_names: list[str], output_names: list[str], flat_lists: int) -> None:
+        self.module = module.eval()
+        self.input_names, self.output_names = input_names, output_names
+        self.flat_lists = flat_lists  # decoder_step: trailing inputs are two lists (past, cross) of this length
+
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names]
+        with torch.inference_mode():
+            if self.flat_lists:
+                n = self.flat_lists
+                out = self.module(args[0], args[1], args[2:2 + n], args[2 + n:2 + 2 * n])
+                flat = [out[0], *out[1]]
+            else:
+                result = self.module(*args)
+                flat = list(result) if isinstance(result, list | tuple) else [result]
+        arrays = dict(zip(self.output_names, (t.numpy() for t in flat), strict=True))
+        return [arrays[n] for n in (output_names or self.output_names)]
+
+
+class TensorRTRunner:
+    """A TensorRT 10 engine over torch CUDA buffers (dynamic shapes set per call)."""
+
+    def __init__(self, plan: Path) -> None:
+        import tensorrt as trt
+        import torch
+
+        self.torch = torch
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise BackendError(f"{plan}: TensorRT could not load this engine (built by another version or GPU?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: torch.from_numpy(np.zeros(0, trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
+                       for n in names}
+
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+        keep = []
+        for name in self.input_names:
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", self.dtypes[name])
+            keep.append(tensor)
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self.output_names:
+            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
+            outputs[name] = out
+            self.context.set_tensor_address(name, out.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        stream.synchronize()
+        return [outputs[n].cpu().numpy() for n in (output_names or self.output_names)]
+
+
+def ort_providers() -> tuple[list[str], str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    for provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
+        if provider in available:
+            return [provider, "CPUExecutionProvider"], f"onnxruntime has {provider}"
+    return ["CPUExecutionProvider"], "onnxruntime CPU (no GPU execution provider installed)"
+
+
+def tensorrt_ready(vdir: Path, graphs: Sequence[str]) -> tuple[bool, str]:
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "TensorRT is not installed"
+    missing = [g for g in graphs if not (vdir / f"{g}.plan").is_file()]
+    if missing:
+        return False, f"no engine for {missing} (run `transerve engine build`)"
+    try:
+        torch = importlib.import_module("torch")
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU"
+    except ImportError:
+        return False, "torch is missing"
+    return True, "TensorRT engines present for every graph"
+
+
+def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], threads: int = 2
+                 ) -> tuple[str, dict[str, GraphRunner]]:
+    """(backend actually used, one runner per graph) for an entry's version folder."""
+    if backend in ("auto", "tensorrt"):
+        ready, why = tensorrt_ready(vdir, list(files))
+        if ready:
+            log.info("%s: backend tensorrt (%s)", vdir, why)
+            return "tensorrt", {g: TensorRTRunner(vdir / f"{g}.plan") for g in files}
+        if backend == "tensorrt":
+            raise BackendError(f"{vdir}: backend tensorrt unavailable: {why}")
+        log.info("%s: not tensorrt: %s", vdir, why)
+    if backend == "torch":
+        return "torch", torch_runners(vdir, files)
+    providers, why = ort_providers()
+    log.info("%s: backend onnxruntime (%s)", vdir, why)
+    for _graph, filename in files.items():
+        if not (vdir / filename).is_file():
+            raise BackendError(f"{vdir / filename}: missing")
+    return "onnxruntime", {g: OrtRunner(vdir / f, threads, providers) for g, f in files.items()}
+
+
+def torch_runners(vdir: Path, files: dict[str, str]) -> dict[str, GraphRunner]:
+    from transerve.export.graphs import DecoderStepGraph, EncoderGraph, kv_names
+    from transerve.models.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        model, _ = load_checkpoint(vdir / "torch")
+    except CheckpointError as e:
+        raise BackendError(f"backend torch needs the PyTorch checkpoint the export writes: {e}") from None
+    if "model" in files:
+        return {"model": TorchRunner(model, ["images"], ["logits"], 0)}
+    layers = model.config.num_decoder_layers
+    return {
+        "encoder": TorchRunner(EncoderGraph(model), ["input_ids", "attention_mask"], kv_names("cross", layers), 0),
+        "decoder_step": TorchRunner(DecoderStepGraph(model),
+                                    ["input_ids", "attention_mask", *kv_names("past", layers),
+                                     *kv_names("cross", layers)], ["logits", *kv_names("present", layers)],
+                                    2 * layers),
+    }

@@ -1,0 +1,99 @@
+"""``transerve.v1.Translator`` and ``transerve.v1.Classifier``: the task API in its own terms."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+from transerve.server.errors import Scope, guarded, remaining
+from transerve.server.manager import ModelManager
+from transerve.server.metrics import Metrics
+from transerve.server.models import ClassifierModel, RequestError, TranslatorModel, deadline_from
+from transerve_client._proto import transerve_pb2 as pb
+from transerve_client._proto import transerve_pb2_grpc as pb_grpc
+
+DEFAULT_TOP_K = 5
+
+
+class TranslatorService(pb_grpc.TranslatorServicer):
+    def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
+        self.manager, self.metrics = manager, metrics
+
+    async def Translate(self, request: Any, context: Any) -> Any:
+        async def handle(scope: Scope) -> Any:
+            model = self.manager.get(request.model, task="translate")
+            assert isinstance(model, TranslatorModel)
+            scope.model = model.name
+            opts = request.options
+            results = await model.translate(list(request.texts), opts.max_new_tokens or None,
+                                            deadline_from(remaining(context)), field="texts",
+                                            beam_size=opts.beam_size or None)
+            self.metrics.generated_tokens.labels(model.name).inc(sum(len(r.ids) for r in results))
+            return pb.TranslateResponse(model=model.name, model_version=model.version,
+                                        translations=[pb.Translation(text=r.text, tokens=len(r.ids))
+                                                      for r in results])
+
+        return await guarded(self.metrics, "Translate", context, handle)
+
+    async def TranslateStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "TranslateStream arrives with continuous batching; use Translate meanwhile")
+        yield pb.TranslateStreamResponse()  # unreachable: abort raises
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
+        self.manager, self.metrics = manager, metrics
+
+    async def Classify(self, request: Any, context: Any) -> Any:
+        async def handle(scope: Scope) -> Any:
+            model = self.manager.get(request.model, task="classify")
+            assert isinstance(model, ClassifierModel)
+            scope.model = model.name
+            images = await self._images(model, request)
+            logits = await model.logits(images, deadline_from(remaining(context)))
+            k = min(request.top_k or DEFAULT_TOP_K, logits.shape[1])  # top_k beyond the classes: all of them
+            return pb.ClassifyResponse(model=model.name, model_version=model.version,
+                                       results=[top_k(row, k, model.labels) for row in logits])
+
+        return await guarded(self.metrics, "Classify", context, handle)
+
+    async def _images(self, model: ClassifierModel, request: Any) -> np.ndarray:
+        if not 1 <= len(request.images) <= model.config.max_batch_size:
+            raise RequestError(f"images: {len(request.images)} images, the limit is 1 to "
+                               f"{model.config.max_batch_size}")
+        encoded = [(i, im.encoded) for i, im in enumerate(request.images) if im.WhichOneof("source") == "encoded"]
+        arrays: list[np.ndarray | None] = [None] * len(request.images)
+        if encoded:
+            decoded = await model.decode_images([b for _, b in encoded], "images")
+            for (i, _), array in zip(encoded, decoded, strict=True):
+                arrays[i] = array
+        for i, im in enumerate(request.images):
+            source = im.WhichOneof("source")
+            if source is None:
+                raise RequestError(f"images[{i}]: neither encoded bytes nor a tensor")
+            if source == "tensor":
+                one = model.check_tensor(tensor_array(im.tensor, f"images[{i}].tensor"), f"images[{i}].tensor")
+                if len(one) != 1:
+                    raise RequestError(f"images[{i}].tensor: holds {len(one)} images; send one per Image")
+                arrays[i] = one[0]
+        return np.stack([a for a in arrays if a is not None])
+
+
+def tensor_array(tensor: Any, field: str) -> np.ndarray:
+    shape = tuple(int(d) for d in tensor.shape)
+    count = int(np.prod(shape)) if shape else 0
+    if any(d <= 0 for d in shape) or len(tensor.data) != 4 * count:
+        raise RequestError(f"{field}: {len(tensor.data)} bytes do not hold float32 of shape {list(shape)}")
+    return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def top_k(logits: np.ndarray, k: int, labels: list[str]) -> Any:
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    best = np.argsort(-probs, kind="stable")[:k]
+    return pb.Classification(predictions=[
+        pb.Prediction(label=labels[i] if i < len(labels) else str(i), index=int(i), score=float(probs[i]))
+        for i in best])

@@ -1,0 +1,106 @@
+"""Shared fixtures: a small exported repository, the trained zoo, and real server processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+    metrics_port: int | None
+    output: list[str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM and wait for the exit status (the drain must end by itself)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+def start_server(repo: Path, *extra: str, timeout: float = 120) -> ServerProcess:
+    """``transerve serve`` on an ephemeral loopback port; returns once it says it is serving."""
+    cmd = [sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
+           "--metrics-port", "0", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    output: list[str] = []
+    ready = threading.Event()
+    found: dict[str, int | None] = {}
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            match = re.search(r"on 127\.0\.0\.1:(\d+) \(metrics on 127\.0\.0\.1:(\d+|None)\)", line)
+            if match:
+                found["port"] = int(match.group(1))
+                found["metrics"] = None if match.group(2) == "None" else int(match.group(2))
+                ready.set()
+        ready.set()  # the process ended: stop waiting
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout) or "port" not in found:
+        process.kill()
+        raise RuntimeError("server did not start:\n" + "".join(output[-40:]))
+    return ServerProcess(process, int(found["port"] or 0), found["metrics"], output)
+
+
+@pytest.fixture(scope="session")
+def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ViT (batch norm) and a translator with random weights, exported like any model."""
+    from transerve.export.exporter import ExportOptions, export_translator_entry, export_vit_entry
+    from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
+    from transerve.models.vit import ViT, ViTConfig
+    from transerve.models.zoo.numbers import train_tokenizer
+    from transerve.models.zoo.numbers_data import NumbersDataConfig, make_split
+
+    repo = tmp_path_factory.mktemp("repo")
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=8, patch_size=4, dim=16, depth=2, num_heads=2, norm="batch")).eval()
+    export_vit_entry(vit, ExportOptions(repo, "tiny-vit", default=True), labels=[f"class-{i}" for i in range(10)],
+                     preprocessing={"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "resample": "bilinear"})
+    train, _ = make_split(NumbersDataConfig(cardinals=300, ordinals=50, test_cardinals=5, test_ordinals=5,
+                                            test_years=2))
+    tokenizer = train_tokenizer([t for pair in train for t in pair], 60)
+    mt = Seq2SeqTransformer(TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=16, num_heads=2,
+                                              num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, dropout=0.0,
+                                              max_len=48)).eval()
+    export_translator_entry(mt, tokenizer, ExportOptions(repo, "tiny-mt", default=True), max_new_tokens=16)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real demo zoo, trained once per test session (minutes: only slow tests use it)."""
+    from typer.testing import CliRunner
+
+    from transerve.cli import app
+
+    out = tmp_path_factory.mktemp("zoo")
+    result = CliRunner().invoke(app, ["zoo", "build", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(small_repo: Path) -> Iterator[ServerProcess]:
+    proc = start_server(small_repo)
+    yield proc
+    assert proc.terminate() == 0, "".join(proc.output[-20:])

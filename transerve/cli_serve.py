@@ -1,0 +1,61 @@
+"""``transerve serve``: the gRPC inference server over a model repository."""
+
+from __future__ import annotations
+
+import asyncio
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from transerve.cli_export import fail
+
+
+class BackendChoice(StrEnum):
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+    torch = "torch"
+
+
+def serve_command(
+    repo: Annotated[Path, typer.Option(help="Model repository (REPO/NAME/config.yaml + version folders).")]
+    = Path("repo"),
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC port (0 = any free port).")] = 8001,
+    metrics_port: Annotated[int, typer.Option(min=-1, max=65535,
+                                              help="Prometheus /metrics port (0 = any free, -1 = off).")] = 8002,
+    backend: Annotated[BackendChoice, typer.Option(help="auto picks TensorRT engines when present and usable, "
+                                                   "else ONNX Runtime (GPU providers first).")] = BackendChoice.auto,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain (enables TLS).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(help="CA that client certificates must be signed by "
+                                                       "(enables mutual TLS).")] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token every RPC but the "
+                                                         "health check must carry.")] = None,
+    max_message_mb: Annotated[int, typer.Option(min=1, max=2047, help="Largest gRPC message, MiB.")] = 64,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds accepted work may take to finish on SIGTERM.")] = 30.0,
+    threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime intra-op threads per model.")] = 2,
+) -> None:
+    """Serve every model of REPO over gRPC: KServe v2 (Triton-compatible), transerve.v1 Translator and
+    Classifier, grpc.health.v1 and reflection; Prometheus metrics on --metrics-port. SIGTERM drains."""
+    from transerve.server.app import ServeOptions, serve
+
+    if (tls_cert is None) != (tls_key is None):
+        raise fail("--tls-cert and --tls-key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise fail("--tls-client-ca needs --tls-cert and --tls-key")
+    for path in (p for p in (tls_cert, tls_key, tls_client_ca, auth_token_file) if p is not None):
+        if not path.is_file():
+            raise fail(f"{path}: no such file")
+    if not repo.is_dir():
+        raise fail(f"{repo}: no such model repository (build one with `transerve zoo build --repo {repo}`)")
+    options = ServeOptions(repo=repo, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,
+                           backend=backend.value, tls_cert=tls_cert, tls_key=tls_key,  # type: ignore[arg-type]
+                           tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
+                           max_message_mb=max_message_mb, grace_seconds=grace, threads=threads)
+    try:
+        asyncio.run(serve(options))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise fail(str(e)) from None
