@@ -84,6 +84,7 @@ class DynamicBatcher(Generic[P, R]):
 
     @property
     def queued(self) -> int:
+        """Items waiting: queued, or in a batch still being formed (not yet computing)."""
         return self._queued_items
 
     async def submit(self, payload: P, size: int = 1, deadline: float | None = None) -> R:
@@ -110,8 +111,7 @@ class DynamicBatcher(Generic[P, R]):
         flush_at = self._queue[0].enqueued + self.delay
         while True:
             while self._queue and size + self._queue[0].size <= self.max_batch_size:
-                item = self._queue.popleft()
-                self._queued_items -= item.size
+                item = self._queue.popleft()  # still counted as waiting until the batch is dispatched
                 batch.append(item)
                 size += item.size
             full = size == self.max_batch_size or bool(self._queue)  # the head does not fit: flush
@@ -128,6 +128,7 @@ class DynamicBatcher(Generic[P, R]):
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            self._queued_items -= sum(item.size for item in batch)
             now = time.monotonic()
             live = []
             for item in batch:

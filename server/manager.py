@@ -57,12 +57,17 @@ class ModelManager:
         try:
             model = await asyncio.to_thread(self._build, entry)
             await model.start()
-        except (ConfigError, BackendError, FileNotFoundError, ValueError, OSError) as e:
+        except (ConfigError, BackendError) as e:
             state.state, state.reason = "UNAVAILABLE", str(e)
             log.error("model %s unavailable: %s", name, e)
             return state
+        except Exception as e:  # a runtime refusing the graph (corrupt ONNX …) must not stop the server
+            state.state, state.reason = "UNAVAILABLE", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            log.error("model %s unavailable: %s", name, state.reason)
+            return state
         old = self.models.get(name)
         self.models[name] = model
+        model.watch_queue(self.metrics.queue_length)
         state.version, state.state, state.reason = model.version, "READY", ""
         log.info("model %s version %s ready on %s", name, model.version, model.backend)
         if old is not None:

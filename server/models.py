@@ -54,6 +54,10 @@ class LoadedModel(ABC):
             preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size, instances=b.instances,
             on_batch=lambda stats: on_batch(self.name, stats), name=config.name)
 
+    def watch_queue(self, gauge: Any) -> None:
+        """Let a Prometheus gauge read this model's queue length when scraped."""
+        gauge.labels(self.name).set_function(lambda: self.batcher.queued)
+
     @abstractmethod
     def _run_batch(self, payloads: list[Any]) -> list[Any]:
         """One backend call for a batch of payloads; one result per payload (runs in a worker thread)."""

@@ -1,0 +1,194 @@
+"""Server behaviour under load, limits, security and shutdown — each case its own real server process."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import re
+import shutil
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from conftest import ServerProcess, start_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transerve_client._proto import inference_pb2 as pb
+from transerve_client._proto import inference_pb2_grpc as pb_grpc
+from transerve_client._proto import transerve_pb2 as tpb
+from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+
+
+def tuned_repo(small_repo: Path, tmp_path: Path, **batching: float) -> Path:
+    """A copy of the small repository with the ViT's batching settings changed."""
+    repo = tmp_path / "repo"
+    shutil.copytree(small_repo, repo)
+    config_path = repo / "tiny-vit" / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["max_batch_size"] = int(batching.pop("max_batch_size", config["max_batch_size"]))
+    config["batching"].update(batching)
+    config["batching"]["preferred_batch_sizes"] = []
+    config_path.write_text(yaml.safe_dump(config))
+    return repo
+
+
+def infer(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float | None = None) -> grpc.StatusCode:
+    request = pb.ModelInferRequest(model_name="tiny-vit")
+    request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 8, 8])
+    request.raw_input_contents.append(np.zeros((1, 3, 8, 8), "<f4").tobytes())
+    try:
+        stub.ModelInfer(request, timeout=timeout)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_overload_sheds_with_resource_exhausted(small_repo: Path, tmp_path: Path) -> None:
+    server = start_server(tuned_repo(small_repo, tmp_path, max_batch_size=1, max_queue_size=1,
+                                     max_queue_delay_ms=20))
+    try:
+        with grpc.insecure_channel(server.address) as channel, ThreadPoolExecutor(32) as pool:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            codes = list(pool.map(lambda _: infer(stub), range(64)))
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0 and codes.count(grpc.StatusCode.OK) > 0
+    finally:
+        assert server.terminate() == 0
+
+
+def test_expired_request_is_dropped_before_compute(small_repo: Path, tmp_path: Path) -> None:
+    server = start_server(tuned_repo(small_repo, tmp_path, max_queue_delay_ms=1500))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            before = stub.ModelStatistics(pb.ModelStatisticsRequest(name="tiny-vit")).model_stats[0]
+            assert infer(stub, timeout=0.2) == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert infer(stub) == grpc.StatusCode.OK  # waits out the 1.5 s delay, then runs alone
+            after = stub.ModelStatistics(pb.ModelStatisticsRequest(name="tiny-vit")).model_stats[0]
+            assert after.execution_count == before.execution_count + 1
+            assert after.inference_count == before.inference_count + 1  # the expired one never ran
+    finally:
+        assert server.terminate() == 0
+
+
+def test_sigterm_finishes_accepted_work_and_exits_zero(small_repo: Path, tmp_path: Path) -> None:
+    server = start_server(tuned_repo(small_repo, tmp_path, max_queue_delay_ms=800))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="tiny-vit")
+        request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 8, 8])
+        request.raw_input_contents.append(np.zeros((1, 3, 8, 8), "<f4").tobytes())
+        pending = [stub.ModelInfer.future(request) for _ in range(8)]  # held ~0.8 s in the batcher
+        wait_until_queued(server, "tiny-vit", 8)  # accepted: all eight are in the model's queue
+        assert server.terminate() == 0
+        assert [f.code() for f in pending] == [grpc.StatusCode.OK] * 8
+    assert any("draining" in line for line in server.output)
+
+
+def wait_until_queued(server: ServerProcess, model: str, count: int, timeout: float = 10) -> None:
+    """Poll /metrics (bounded) until the model's queue holds ``count`` items."""
+    pattern = re.compile(rf'transerve_queue_length{{model="{model}"}} (\S+)')
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as r:
+            match = pattern.search(r.read().decode())
+        if match and float(match.group(1)) >= count:
+            return
+    raise AssertionError(f"{model}: {count} requests never reached the queue")
+
+
+def test_bearer_token(small_repo: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    server = start_server(small_repo, "--auth-token-file", str(token_file))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = tpb_grpc.TranslatorStub(channel)
+            request = tpb.TranslateRequest(texts=["seven"])
+            for metadata in ([], [("authorization", "Bearer wrong")]):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Translate(request, metadata=metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert stub.Translate(request, metadata=[("authorization", "Bearer s3cret")]).translations
+            health = health_pb2_grpc.HealthStub(channel)  # probes carry no token
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        assert server.terminate() == 0
+
+
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(name: str, key, issuer_name, issuer_key, ca: bool, san: bool):  # type: ignore[no-untyped-def]
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    files: dict[str, Path] = {}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "transerve test CA")])
+    ca = cert("transerve test CA", ca_key, ca_name, ca_key, True, False)
+    for role in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        files[f"{role}.key"] = directory / f"{role}.key"
+        files[f"{role}.key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+        files[f"{role}.crt"] = directory / f"{role}.crt"
+        files[f"{role}.crt"].write_bytes(cert(role, key, ca_name, ca_key, False, True)
+                                         .public_bytes(serialization.Encoding.PEM))
+    files["ca.crt"] = directory / "ca.crt"
+    files["ca.crt"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+def test_mutual_tls(small_repo: Path, tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path)
+    server = start_server(small_repo, "--tls-cert", str(certs["server.crt"]), "--tls-key", str(certs["server.key"]),
+                          "--tls-client-ca", str(certs["ca.crt"]))
+    try:
+        ca = certs["ca.crt"].read_bytes()
+        with_client = grpc.ssl_channel_credentials(ca, certs["client.key"].read_bytes(),
+                                                   certs["client.crt"].read_bytes())
+        with grpc.secure_channel(server.address, with_client) as channel:
+            assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest()).live
+        with grpc.secure_channel(server.address, grpc.ssl_channel_credentials(ca)) as channel:  # no client cert
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(server.address) as channel:  # plaintext to a TLS port
+            with pytest.raises(grpc.RpcError):
+                pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
+    finally:
+        assert server.terminate() == 0
+
+
+def test_broken_entry_is_unavailable_not_fatal(small_repo: Path, tmp_path: Path) -> None:
+    repo = tuned_repo(small_repo, tmp_path)
+    (repo / "tiny-mt" / "1" / "decoder_step.onnx").write_bytes(b"corrupt")
+    server = start_server(repo)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+            assert index["tiny-vit"].state == "READY" and index["tiny-mt"].state == "UNAVAILABLE"
+            assert "decoder_step.onnx" in index["tiny-mt"].reason or "INVALID_PROTOBUF" in index["tiny-mt"].reason
+            assert infer(stub) == grpc.StatusCode.OK
+    finally:
+        assert server.terminate() == 0
