@@ -6,7 +6,7 @@ ZOO ?= zoo
 REPO ?= repo
 PACKAGES := transerve models export server clients/transerve_client
 
-.PHONY: install zoo serve test lint typecheck clean
+.PHONY: install zoo serve test lint typecheck protos clean
 
 $(BIN)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ zoo: install
 serve: zoo
 	@echo "zoo checkpoints in $(ZOO)/, verified model repository in $(REPO)/ (see: $(BIN)/transerve inspect $(REPO)/vit-digits-bn)."
 	@echo "The gRPC server is not part of this version yet."
+
+protos: install
+	$(BIN)/python clients/generate_protos.py
 
 lint: install
 	$(BIN)/ruff check $(PACKAGES) tests

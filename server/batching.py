@@ -3,7 +3,10 @@
 Contract: requests queue in arrival order. A batch is flushed when it holds
 ``max_batch_size`` items, when it reaches one of ``preferred_batch_sizes``
 and nothing else is waiting, or ``max_queue_delay_ms`` after its first item
-arrived — whichever comes first. A request never splits across batches; one
+arrived — whichever comes first. With ``flush_when_idle`` a batch is also
+flushed at once when no batch is computing: waiting only pays while the
+backend is busy, so a lone request adds no delay, and under load the
+requests that arrive during one batch's compute form the next batch. A request never splits across batches; one
 that does not fit waits at the head for the next batch. ``submit`` on a full
 queue raises :class:`QueueFull` at once (the servicer answers
 ``RESOURCE_EXHAUSTED``). A request whose deadline passed or whose caller
@@ -59,13 +62,15 @@ class DynamicBatcher(Generic[P, R]):
 
     def __init__(self, run_batch: Callable[[list[P]], Sequence[R]], *, max_batch_size: int,
                  max_queue_delay_ms: float, preferred_batch_sizes: Sequence[int] = (), max_queue_size: int = 256,
-                 instances: int = 1, on_batch: Callable[[BatchStats], None] | None = None, name: str = "") -> None:
+                 instances: int = 1, on_batch: Callable[[BatchStats], None] | None = None, name: str = "",
+                 flush_when_idle: bool = False) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.delay = max_queue_delay_ms / 1000.0
         self.preferred = frozenset(preferred_batch_sizes)
         self.max_queue_size = max_queue_size
         self.instances = instances
+        self.flush_when_idle = flush_when_idle
         self._on_batch = on_batch
         self.name = name
         self._queue: deque[_Item[P, R]] = deque()
@@ -115,8 +120,9 @@ class DynamicBatcher(Generic[P, R]):
                 batch.append(item)
                 size += item.size
             full = size == self.max_batch_size or bool(self._queue)  # the head does not fit: flush
+            idle = self.flush_when_idle and self.in_flight == 0
             remaining = flush_at - time.monotonic()
-            if full or (size in self.preferred) or remaining <= 0:
+            if full or idle or (size in self.preferred) or remaining <= 0:
                 return batch
             self._arrived.clear()
             try:

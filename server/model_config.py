@@ -25,6 +25,7 @@ class Batching(BaseModel):
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     max_queue_size: int = Field(256, ge=1)
     instances: int = Field(1, ge=1, le=64)
+    flush_when_idle: bool = True  # no waiting while the backend is idle (see server/batching.py)
 
 
 class TensorSpec(BaseModel):

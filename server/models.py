@@ -52,7 +52,7 @@ class LoadedModel(ABC):
         self.batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
             self._run_batch, max_batch_size=config.max_batch_size, max_queue_delay_ms=b.max_queue_delay_ms,
             preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size, instances=b.instances,
-            on_batch=lambda stats: on_batch(self.name, stats), name=config.name)
+            on_batch=lambda stats: on_batch(self.name, stats), name=config.name, flush_when_idle=b.flush_when_idle)
 
     def watch_queue(self, gauge: Any) -> None:
         """Let a Prometheus gauge read this model's queue length when scraped."""

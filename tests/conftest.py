@@ -99,6 +99,16 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def zoo_repo(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zoo exported into a model repository (with int8 variants), as `make serve` builds it."""
+    from transerve.export.zoo import export_zoo
+
+    repo = tmp_path_factory.mktemp("zoo-repo")
+    export_zoo(zoo_dir, repo, int8=True, on_status=lambda message: None)
+    return repo
+
+
 @pytest.fixture(scope="module")
 def server(small_repo: Path) -> Iterator[ServerProcess]:
     proc = start_server(small_repo)

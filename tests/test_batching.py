@@ -156,6 +156,25 @@ def test_backend_must_answer_every_request() -> None:
     run(main())
 
 
+def test_flush_when_idle_does_not_wait_for_the_delay() -> None:
+    async def main() -> None:
+        backend = Recorder()
+        batcher = await started(backend, max_queue_delay_ms=5000.0, flush_when_idle=True)
+        assert await asyncio.wait_for(batcher.submit(4), 2) == 8  # idle backend: no 5 s wait
+        backend.entered.clear()
+        backend.gate.clear()
+        running = asyncio.ensure_future(batcher.submit(1))
+        await backend.wait_entered()  # busy now: the next ones gather into one batch
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3, 4)]
+        await asyncio.sleep(0)
+        backend.gate.set()
+        await asyncio.gather(running, *waiting)
+        assert backend.batches[-2:] == [[1], [2, 3, 4]]
+        await batcher.aclose()
+
+    run(main())
+
+
 def test_close_finishes_accepted_work() -> None:
     async def main() -> None:
         backend = Recorder()

@@ -32,6 +32,7 @@ def tuned_repo(small_repo: Path, tmp_path: Path, **batching: float) -> Path:
     config["max_batch_size"] = int(batching.pop("max_batch_size", config["max_batch_size"]))
     config["batching"].update(batching)
     config["batching"]["preferred_batch_sizes"] = []
+    config["batching"]["flush_when_idle"] = False  # these tests rely on the delay
     config_path.write_text(yaml.safe_dump(config))
     return repo
 
@@ -168,13 +169,12 @@ def test_mutual_tls(small_repo: Path, tmp_path: Path) -> None:
                                                    certs["client.crt"].read_bytes())
         with grpc.secure_channel(server.address, with_client) as channel:
             assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest()).live
-        with grpc.secure_channel(server.address, grpc.ssl_channel_credentials(ca)) as channel:  # no client cert
-            with pytest.raises(grpc.RpcError) as info:
-                pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        with grpc.insecure_channel(server.address) as channel:  # plaintext to a TLS port
-            with pytest.raises(grpc.RpcError):
-                pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
+        no_client_cert = grpc.ssl_channel_credentials(ca)
+        with grpc.secure_channel(server.address, no_client_cert) as channel, pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):  # plaintext to TLS
+            pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
     finally:
         assert server.terminate() == 0
 

@@ -44,10 +44,11 @@ def test_second_build_is_cached(zoo_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_zoo_exports_to_a_verified_repository(zoo_dir: Path, tmp_path: Path) -> None:
+def test_zoo_exports_to_a_verified_repository(zoo_dir: Path, zoo_repo: Path) -> None:
     from transerve.export.zoo import export_zoo
 
-    reports = export_zoo(zoo_dir, tmp_path / "repo", int8=True, on_status=lambda m: None)
+    reports = {name: json.loads((zoo_repo / name / "1" / "export_report.json").read_text())
+               for name in ("vit-digits", "vit-digits-bn", "mt-en-de-numbers")}
     zoo = json.loads((zoo_dir / "zoo_report.json").read_text())["models"]
     assert reports["vit-digits-bn"]["op_counts_before"]["model"]["BatchNormalization"] > 0
     for name, report in reports.items():
@@ -60,5 +61,5 @@ def test_zoo_exports_to_a_verified_repository(zoo_dir: Path, tmp_path: Path) -> 
         assert abs(report["accuracy"]["onnx"] - zoo[name][metric]) <= 0.005, name
     assert reports["mt-en-de-numbers"]["parity"]["tokens_equal"] is True
     assert reports["vit-digits"]["variants"]["int8"]["accuracy"] >= zoo["vit-digits"]["test_accuracy"] - 0.01
-    again = export_zoo(zoo_dir, tmp_path / "repo", on_status=lambda m: None)  # current entries are kept
+    again = export_zoo(zoo_dir, zoo_repo, on_status=lambda m: None)  # current entries are kept
     assert again["vit-digits"]["export_seconds"] == reports["vit-digits"]["export_seconds"]

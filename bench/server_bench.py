@@ -1,0 +1,141 @@
+"""Server benchmark: gRPC serving against the backend's own offline speed, and batching on vs off.
+
+Usage: ``python bench/server_bench.py [--repo repo] [--seconds 8] [--repeats 3]`` (needs ``make serve``'s
+repository, or ``transerve zoo build --repo repo``). Model: ``vit-digits``. The server runs as its own
+process on 127.0.0.1 with ORT at 2 intra-op threads; the load comes from one asyncio gRPC client process on
+the same 2 cores (so the client's CPU is part of what is measured). Figures are medians over ``--repeats``.
+
+(a) saturation throughput through gRPC (requests of 16 images, 8 in flight, server batches up to 64)
+    vs offline ORT on the same graph at batch 64;
+(b) latency the server adds at concurrency 1 (1 image): median round trip − median offline ``run``;
+(c) dynamic batching on vs off (``max_batch_size: 1``) at concurrency 32, 1-image requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import yaml
+from transerve.export.ort_translator import make_session
+from transerve_client._proto import inference_pb2 as pb
+from transerve_client._proto import inference_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from export_bench import markdown, median_ms, write_section
+
+MODEL = "vit-digits"
+
+
+def start(repo: Path) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--port", "0", "--metrics-port", "-1"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        match = re.search(r"on (127\.0\.0\.1:\d+)", line)
+        if match:
+            return process, match.group(1)
+    raise RuntimeError("server did not start")
+
+
+def request(images: np.ndarray) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name=MODEL)
+    r.inputs.add(name="images", datatype="FP32", shape=list(images.shape))
+    r.raw_input_contents.append(images.astype("<f4").tobytes())
+    return r
+
+
+async def closed_loop(address: str, images_per_request: int, concurrency: int, seconds: float,
+                      shape: tuple[int, ...]) -> tuple[float, list[float]]:
+    """(images/s, per-request latencies in s) with ``concurrency`` requests always in flight."""
+    msg = request(np.random.default_rng(0).standard_normal((images_per_request, *shape)).astype(np.float32))
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(20):
+            await stub.ModelInfer(msg)  # warm-up
+        stop = time.perf_counter() + seconds
+
+        async def client() -> int:
+            done = 0
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                await stub.ModelInfer(msg)
+                latencies.append(time.perf_counter() - t)
+                done += images_per_request
+            return done
+
+        start = time.perf_counter()
+        total = sum(await asyncio.gather(*(client() for _ in range(concurrency))))
+        return total / (time.perf_counter() - start), latencies
+
+
+def variant(repo: Path, tmp: Path, name: str, **config: object) -> Path:
+    """A copy of the repository holding only the model, with config changes."""
+    out = tmp / name
+    shutil.copytree(repo / MODEL, out / MODEL)
+    path = out / MODEL / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    data.update(config)
+    path.write_text(yaml.safe_dump(data))
+    return out
+
+
+def measure(repo: Path, images: int, concurrency: int, seconds: float, shape: tuple[int, ...]
+            ) -> tuple[float, list[float]]:
+    process, address = start(repo)
+    try:
+        return asyncio.run(closed_loop(address, images, concurrency, seconds, shape))
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", type=Path, default=Path("repo"))
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    config = yaml.safe_load((args.repo / MODEL / "config.yaml").read_text())
+    shape = tuple(config["inputs"][0]["dims"][1:])
+    session = make_session(args.repo / MODEL / "1" / "model.onnx")
+    x64 = np.random.default_rng(0).standard_normal((64, *shape)).astype(np.float32)
+    offline64 = 64e3 / median_ms(lambda: session.run(None, {"images": x64}), 200, warmup=20)
+    offline1 = median_ms(lambda: session.run(None, {"images": x64[:1]}), 2000, warmup=50)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        on = variant(args.repo, Path(tmp), "on", max_batch_size=64)
+        off = variant(args.repo, Path(tmp), "off", max_batch_size=1)
+        sat = [measure(on, 16, 8, args.seconds, shape)[0] for _ in range(args.repeats)]
+        lat = [statistics.median(measure(on, 1, 1, args.seconds, shape)[1]) * 1e3 for _ in range(args.repeats)]
+        batched = [measure(on, 1, 32, args.seconds, shape)[0] for _ in range(args.repeats)]
+        unbatched = [measure(off, 1, 32, args.seconds, shape)[0] for _ in range(args.repeats)]
+    served, p50 = statistics.median(sat), statistics.median(lat)
+    rows.append({"check": "(a) saturation img/s: gRPC vs offline ORT batch 64", "served": round(served),
+                 "anchor": round(offline64), "ratio": round(served / offline64, 2), "target": "≥ 0.90"})
+    rows.append({"check": "(b) ms at concurrency 1: round trip vs offline run", "served": round(p50, 3),
+                 "anchor": round(offline1, 3), "ratio": f"+{p50 - offline1:.3f} ms", "target": "< 1 ms added"})
+    on_rate, off_rate = statistics.median(batched), statistics.median(unbatched)
+    rows.append({"check": "(c) img/s at concurrency 32: batching on vs off", "served": round(on_rate),
+                 "anchor": round(off_rate), "ratio": round(on_rate / off_rate, 2), "target": "≥ 3"})
+    table = markdown(rows)
+    print(table)
+    write_section(Path(__file__).with_name("RESULTS.md"), "## Server",
+                  f"## Server: gRPC serving of {MODEL} (median of {args.repeats} runs of {args.seconds:g} s; "
+                  f"server and client share the 2 cores)\n\nCommand: `{' '.join(['python', *sys.argv])}`\n\n"
+                  f"{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Acceptance: the served zoo answers plain gRPC calls (generated stubs, no SDK) like the offline models."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import ServerProcess, start_server
+from transerve.models.zoo.digits import DigitsRecipe, split_digits
+from transerve.server.tensors import decode_bytes, encode_bytes
+from transerve_client._proto import inference_pb2 as pb
+from transerve_client._proto import inference_pb2_grpc as pb_grpc
+from transerve_client._proto import transerve_pb2 as tpb
+from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def zoo_server(zoo_repo: Path) -> Iterator[ServerProcess]:
+    proc = start_server(zoo_repo)
+    yield proc
+    assert proc.terminate() == 0
+
+
+def test_translates_num2words_english(zoo_server: ServerProcess) -> None:
+    with grpc.insecure_channel(zoo_server.address) as channel:
+        response = tpb_grpc.TranslatorStub(channel).Translate(
+            tpb.TranslateRequest(texts=["three hundred and forty-two", "nineteen eighty-four"]))
+        assert [t.text for t in response.translations] == ["dreihundertzweiundvierzig",
+                                                           "neunzehnhundertvierundachtzig"]
+        request = pb.ModelInferRequest(model_name="mt-en-de-numbers")
+        request.inputs.add(name="text", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(encode_bytes(["three hundred and forty-two"]))
+        out = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+        assert decode_bytes(out.raw_output_contents[0], 1, "translation")[0] == b"dreihundertzweiundvierzig"
+
+
+def test_digits_sent_as_png_score_the_zoo_accuracy(zoo_server: ServerProcess, zoo_dir: Path) -> None:
+    _, _, images, labels = split_digits(DigitsRecipe())
+    encoded = []
+    for image in images:  # the original 8×8 grayscale digits, as a user would send them
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    predictions: list[int] = []
+    with grpc.insecure_channel(zoo_server.address) as channel:
+        stub = tpb_grpc.ClassifierStub(channel)
+        for start in range(0, len(encoded), 64):
+            batch = [tpb.Image(encoded=e) for e in encoded[start:start + 64]]
+            response = stub.Classify(tpb.ClassifyRequest(model="vit-digits", images=batch, top_k=1))
+            predictions += [int(r.predictions[0].label) for r in response.results]
+    correct = int(np.sum(np.array(predictions) == labels))
+    zoo = json.loads((zoo_dir / "zoo_report.json").read_text())["models"]["vit-digits"]["test_accuracy"]
+    assert correct == round(zoo * len(labels))  # the same images right as in the zoo's own test
