@@ -19,10 +19,12 @@ install: $(BIN)/.installed
 zoo: install
 	$(BIN)/transerve zoo build --out $(ZOO) --repo $(REPO)
 
-# The gRPC server arrives with issue #5; until then `make serve` builds the zoo and its repository.
+PORT ?= 8001
+METRICS_PORT ?= 8002
+
+# Build (or reuse) the zoo and its repository, then serve it on 127.0.0.1 until Ctrl-C / SIGTERM.
 serve: zoo
-	@echo "zoo checkpoints in $(ZOO)/, verified model repository in $(REPO)/ (see: $(BIN)/transerve inspect $(REPO)/vit-digits-bn)."
-	@echo "The gRPC server is not part of this version yet."
+	$(BIN)/transerve serve --repo $(REPO) --host 127.0.0.1 --port $(PORT) --metrics-port $(METRICS_PORT)
 
 protos: install
 	$(BIN)/python clients/generate_protos.py
