@@ -5,8 +5,8 @@ repository, or ``transerve zoo build --repo repo``). Model: ``vit-digits``. The 
 process on 127.0.0.1 with ORT at 2 intra-op threads; the load comes from one asyncio gRPC client process on
 the same 2 cores (so the client's CPU is part of what is measured). Figures are medians over ``--repeats``.
 
-(a) saturation throughput through gRPC (requests of 16 images, 8 in flight, server batches up to 64)
-    vs offline ORT on the same graph at batch 64;
+(a) saturation throughput through gRPC at batch 64 (requests of 64 images, 4 in flight) vs offline ORT
+    on the same graph at batch 64;
 (b) latency the server adds at concurrency 1 (1 image): median round trip − median offline ``run``;
 (c) dynamic batching on vs off (``max_batch_size: 1``) at concurrency 32, 1-image requests.
 """
@@ -117,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         on = variant(args.repo, Path(tmp), "on", max_batch_size=64)
         off = variant(args.repo, Path(tmp), "off", max_batch_size=1)
-        sat = [measure(on, 16, 8, args.seconds, shape)[0] for _ in range(args.repeats)]
+        sat = [measure(on, 64, 4, args.seconds, shape)[0] for _ in range(args.repeats)]
         lat = [statistics.median(measure(on, 1, 1, args.seconds, shape)[1]) * 1e3 for _ in range(args.repeats)]
         batched = [measure(on, 1, 32, args.seconds, shape)[0] for _ in range(args.repeats)]
         unbatched = [measure(off, 1, 32, args.seconds, shape)[0] for _ in range(args.repeats)]
