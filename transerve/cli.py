@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from transerve import __version__
+from transerve.cli_common import console, fail
 from transerve.cli_export import engine_build_command, export_command, inspect_command
 from transerve.cli_serve import serve_command
 
@@ -29,14 +29,8 @@ app.command("inspect")(inspect_command)
 app.command("serve")(serve_command)
 engine_app.command("build")(engine_build_command)
 
-console = Console()
-err_console = Console(stderr=True)
 
 
-def fail(message: str) -> typer.Exit:
-    """One readable error line on stderr and exit status 2 — never a traceback for bad input."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def version_callback(value: bool) -> None:

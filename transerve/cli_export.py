@@ -7,11 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+from transerve.cli_common import console, fail
 
 
 class Source(StrEnum):
@@ -29,9 +27,6 @@ class TargetName(StrEnum):
     tensorrt_legacy = "tensorrt-legacy"
 
 
-def fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
 
 
 def export_command(

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from transerve.cli_export import fail
+from transerve.cli_common import fail
 
 
 class BackendChoice(StrEnum):
