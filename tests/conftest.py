@@ -31,7 +31,11 @@ class ServerProcess:
         """SIGTERM and wait for the exit status (the drain must end by itself)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # never leave a server behind
+            raise
 
 
 def start_server(repo: Path, *extra: str, timeout: float = 120) -> ServerProcess:

@@ -78,16 +78,20 @@ def test_expired_request_is_dropped_before_compute(small_repo: Path, tmp_path: P
 
 def test_sigterm_finishes_accepted_work_and_exits_zero(small_repo: Path, tmp_path: Path) -> None:
     server = start_server(tuned_repo(small_repo, tmp_path, max_queue_delay_ms=800))
-    with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        request = pb.ModelInferRequest(model_name="tiny-vit")
-        request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 8, 8])
-        request.raw_input_contents.append(np.zeros((1, 3, 8, 8), "<f4").tobytes())
-        pending = [stub.ModelInfer.future(request) for _ in range(8)]  # held ~0.8 s in the batcher
-        wait_until_queued(server, "tiny-vit", 8)  # accepted: all eight are in the model's queue
-        assert server.terminate() == 0
-        assert [f.code() for f in pending] == [grpc.StatusCode.OK] * 8
-    assert any("draining" in line for line in server.output)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = pb.ModelInferRequest(model_name="tiny-vit")
+            request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 8, 8])
+            request.raw_input_contents.append(np.zeros((1, 3, 8, 8), "<f4").tobytes())
+            pending = [stub.ModelInfer.future(request) for _ in range(8)]  # held ~0.8 s in the batcher
+            wait_until_queued(server, "tiny-vit", 8)  # accepted: all eight are in the model's queue
+            assert server.terminate() == 0
+            assert [f.code() for f in pending] == [grpc.StatusCode.OK] * 8
+        assert any("draining" in line for line in server.output)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
 
 
 def wait_until_queued(server: ServerProcess, model: str, count: int, timeout: float = 10) -> None:
