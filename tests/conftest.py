@@ -38,9 +38,9 @@ class ServerProcess:
             raise
 
 
-def start_server(repo: Path, *extra: str, timeout: float = 120) -> ServerProcess:
-    """``transerve serve`` on an ephemeral loopback port; returns once it says it is serving."""
-    cmd = [sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", "0",
+def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0) -> ServerProcess:
+    """``transerve serve`` on a loopback port (0: ephemeral); returns once it says it is serving."""
+    cmd = [sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port),
            "--metrics-port", "0", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

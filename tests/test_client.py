@@ -1,0 +1,170 @@
+"""The client SDK (sync and asyncio) and the transerve-client CLI against a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ServerProcess, start_server
+from PIL import Image
+from test_server import TEXTS, offline_logits, offline_translations
+from transerve.models.preprocessing import ImagePreprocessing
+from transerve_client import AsyncTranserveClient, RetryPolicy, TranserveClient, TranserveError
+
+PIXELS = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess):  # type: ignore[no-untyped-def]
+    with TranserveClient(server.address, timeout=30) as c:
+        yield c
+
+
+def expected_best(small_repo: Path) -> int:
+    logits = offline_logits(small_repo, ImagePreprocessing(size=8).apply([Image.fromarray(PIXELS)]))
+    return int(np.argmax(logits[0]))
+
+
+def test_health_models_metadata(client: TranserveClient) -> None:
+    assert client.health() is True
+    assert client.models() == ["tiny-mt", "tiny-vit"]
+    meta = client.model_metadata("tiny-vit")
+    assert list(meta.inputs[0].shape) == [-1, 3, 8, 8]
+
+
+def test_translate_matches_offline(client: TranserveClient, small_repo: Path) -> None:
+    assert client.translate(TEXTS) == offline_translations(small_repo, TEXTS)
+    assert client.translate(TEXTS, model="tiny-mt", max_new_tokens=4, beam_size=2) == client.translate(
+        TEXTS, max_new_tokens=4, beam_size=2)
+
+
+def test_classify_accepts_every_image_form(client: TranserveClient, small_repo: Path, tmp_path: Path) -> None:
+    path = tmp_path / "digit.png"
+    Image.fromarray(PIXELS).save(path)
+    tensor = ImagePreprocessing(size=8).apply_one(Image.fromarray(PIXELS))
+    forms = [str(path), path, path.read_bytes(), Image.fromarray(PIXELS), PIXELS, tensor]
+    results = client.classify(forms, top_k=2)
+    best = expected_best(small_repo)
+    assert [r[0].index for r in results] == [best] * len(forms)
+    assert all(r[0].label == f"class-{best}" and len(r) == 2 for r in results)
+
+
+def test_infer_over_kserve(client: TranserveClient, small_repo: Path) -> None:
+    images = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    out = client.infer("tiny-vit", {"images": images})
+    np.testing.assert_allclose(out["logits"], offline_logits(small_repo, images), atol=1e-5)
+    text = client.infer("tiny-mt", {"text": np.array(TEXTS, dtype=object)})["translation"]
+    assert [t.decode() for t in text] == offline_translations(small_repo, TEXTS)
+
+
+@pytest.mark.parametrize(("call", "code", "words"), [
+    (lambda c: c.translate(["seven"], model="nope"), "NOT_FOUND", "nope"),
+    (lambda c: c.infer("tiny-vit", {"images": np.zeros((1, 3, 9, 9), np.float32)}), "INVALID_ARGUMENT", "[1, 3, 9, 9]"),
+    (lambda c: c.translate(["x" * 5000]), "INVALID_ARGUMENT", "5000 characters"),
+])
+def test_errors_carry_code_and_message(client: TranserveClient, call, code: str, words: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(TranserveError) as info:
+        call(client)
+    assert info.value.code.name == code and words in info.value.message
+
+
+def test_deadline_exceeded(client: TranserveClient) -> None:
+    with pytest.raises(TranserveError) as info:
+        client.translate(["seven"] * 8, timeout=0.000001)
+    assert info.value.code.name == "DEADLINE_EXCEEDED"
+
+
+def test_streaming_is_reported_as_not_yet_implemented(client: TranserveClient) -> None:
+    with pytest.raises(TranserveError) as info:
+        list(client.translate_stream("seven"))
+    assert info.value.code.name == "UNIMPLEMENTED"
+
+
+def test_async_client(server: ServerProcess, small_repo: Path) -> None:
+    async def main() -> None:
+        async with AsyncTranserveClient(server.address) as c:
+            assert await c.health() and await c.models() == ["tiny-mt", "tiny-vit"]
+            assert await c.translate(TEXTS) == offline_translations(small_repo, TEXTS)
+            results = await asyncio.gather(*(c.classify([PIXELS], top_k=1) for _ in range(8)))
+            assert {r[0][0].index for r in results} == {expected_best(small_repo)}
+            out = await c.infer("tiny-vit", {"images": np.zeros((1, 3, 8, 8), np.float32)})
+            assert out["logits"].shape == (1, 10)
+            with pytest.raises(TranserveError) as info:
+                await c.classify([PIXELS], model="tiny-mt")
+            assert info.value.code.name == "NOT_FOUND"
+
+    asyncio.run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_retries_unavailable_until_the_server_is_up(small_repo: Path) -> None:
+    port = free_port()
+    started: dict[str, ServerProcess] = {}
+    calling = threading.Event()
+
+    def boot() -> None:
+        calling.wait(30)
+        started["server"] = start_server(small_repo, port=port)
+
+    thread = threading.Thread(target=boot)
+    thread.start()
+    try:
+        with TranserveClient(f"127.0.0.1:{port}", retry=RetryPolicy(attempts=40, max_backoff=1.0)) as c:
+            calling.set()  # the server starts only once the client is already failing over
+            assert c.models() == ["tiny-mt", "tiny-vit"]
+        assert "server" in started
+    finally:
+        thread.join(60)
+        if "server" in started:
+            assert started["server"].terminate() == 0
+
+
+def test_other_errors_are_not_retried(client: TranserveClient) -> None:
+    start = time.monotonic()
+    with pytest.raises(TranserveError):
+        client.translate(["seven"], model="nope")
+    assert client.retry.attempts > 1 and time.monotonic() - start < 5
+
+
+def cli(server: ServerProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "transerve_client.cli", "--url", server.address, *args],
+                          capture_output=True, text=True, input=stdin, timeout=60)
+
+
+def test_cli(server: ServerProcess, small_repo: Path, tmp_path: Path) -> None:
+    assert cli(server, "health").returncode == 0
+    assert json.loads(cli(server, "--json", "models").stdout) == ["tiny-mt", "tiny-vit"]
+    out = cli(server, "translate", *TEXTS).stdout.splitlines()
+    assert out == offline_translations(small_repo, TEXTS)
+    assert cli(server, "translate", stdin="\n".join(TEXTS) + "\n").stdout.splitlines() == out
+    image = tmp_path / "d.png"
+    Image.fromarray(PIXELS).save(image)
+    result = json.loads(cli(server, "--json", "classify", str(image), "--top-k", "2").stdout)
+    assert result[0]["predictions"][0]["index"] == expected_best(small_repo)
+    bad = cli(server, "translate", "--model", "nope", "seven")
+    assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_client_package_needs_no_torch(server: ServerProcess) -> None:
+    """What `pip install ./clients` gives a torch-free machine: the import and a call work with torch blocked."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transerve'] = None\n"
+            "from transerve_client import TranserveClient\n"
+            f"c = TranserveClient('{server.address}'); print(c.health(), c.models())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True ['tiny-mt', 'tiny-vit']"
+
+
