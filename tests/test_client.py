@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,32 @@ def test_client_package_needs_no_torch(server: ServerProcess) -> None:
     assert out.stdout.strip() == "True ['tiny-mt', 'tiny-vit']"
 
 
+
+
+def test_unauthenticated_and_resource_exhausted_map_to_errors(small_repo: Path, tmp_path: Path) -> None:
+    from test_server_lifecycle import tuned_repo
+
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    repo = tuned_repo(small_repo, tmp_path, max_batch_size=1, max_queue_size=1, max_queue_delay_ms=20)
+    server = start_server(repo, "--auth-token-file", str(token))
+    try:
+        with TranserveClient(server.address) as anonymous, pytest.raises(TranserveError) as info:
+            anonymous.models()
+        assert info.value.code.name == "UNAUTHENTICATED" and "bearer token" in info.value.message
+        with TranserveClient(server.address, token="t0ken") as c:
+            assert c.models() == ["tiny-mt", "tiny-vit"]
+            images = {"images": np.zeros((1, 3, 8, 8), np.float32)}
+
+            def one(_: int) -> str:
+                try:
+                    c.infer("tiny-vit", images)
+                    return "OK"
+                except TranserveError as e:
+                    return e.code.name
+
+            with ThreadPoolExecutor(32) as pool:
+                codes = set(pool.map(one, range(64)))
+        assert codes == {"OK", "RESOURCE_EXHAUSTED"}
+    finally:
+        assert server.terminate() == 0

@@ -101,3 +101,15 @@ def test_not_a_marian_checkpoint(tmp_path: Path, marian_dir: Path) -> None:
     torch.save({"something": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="missing"):
         import_hf_marian(tmp_path)
+
+
+def test_cli_exports_a_marian_directory(marian_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from transerve.cli import app
+
+    result = CliRunner().invoke(app, ["export", "hf-marian", str(marian_dir), "--repo", str(tmp_path / "repo"),
+                                      "--name", "opus", "--max-new-tokens", "12"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "repo" / "opus" / "1").glob("*.onnx")} == {"encoder.onnx",
+                                                                                    "decoder_step.onnx"}

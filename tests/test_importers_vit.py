@@ -131,3 +131,15 @@ def test_wrong_architecture_is_named(tmp_path: Path) -> None:
     torchvision_vit(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="missing"):
         VIT_IMPORTERS["timm-vit"](tmp_path / "ckpt")
+
+
+def test_cli_exports_an_hf_vit_directory(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from transerve.cli import app
+
+    hf_vit(tmp_path / "ckpt")
+    result = CliRunner().invoke(app, ["export", "hf-vit", str(tmp_path / "ckpt"), "--repo", str(tmp_path / "repo"),
+                                      "--name", "hf"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "repo" / "hf" / "1" / "model.onnx").is_file()
