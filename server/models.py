@@ -12,6 +12,7 @@ import asyncio
 import io
 import time
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer
 from transerve.export.ort_translator import OrtSeq2Seq, pad_ids
 from transerve.models.preprocessing import ImagePreprocessing
-from transerve.server.batching import BatchStats, DynamicBatcher
+from transerve.server.batching import BatchStats, DeadlineExceeded, DynamicBatcher
 from transerve.server.model_config import ModelConfig
 from transerve.server.runtime import GraphRunner
 
@@ -199,6 +200,39 @@ class TranslatorModel(LoadedModel):
 
     async def warm_up(self) -> None:
         await self.translate(["warm up"], 2, None)
+
+    async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None
+                     ) -> AsyncIterator[tuple[str, int]]:
+        """Greedy-decode one text step by step, yielding (new text piece, tokens so far) as tokens are made.
+
+        Each step runs off the event loop; closing the iterator (a cancelled client) stops decoding at the
+        next step. Pieces are differences of the decoded prefix, held back while the prefix ends in an
+        incomplete character (U+FFFD), so no piece ever splits a character.
+        """
+        budget = max_new_tokens or self.config.max_new_tokens
+        if budget > self.config.max_new_tokens:
+            raise RequestError(f"max_new_tokens: {budget} exceeds the model's limit of {self.config.max_new_tokens}")
+        source = self.encode([text], "text")
+        s2s, loop = self.seq2seq, asyncio.get_running_loop()
+        ids, mask = pad_ids(source, s2s.pad_id)
+        cross = await loop.run_in_executor(None, s2s.encode, ids, mask)
+        past, last, tokens, sent = s2s.empty_cache(1), np.array([s2s.bos_id]), [], ""
+        for _ in range(budget):
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded("deadline passed while decoding")
+            logits, past = await loop.run_in_executor(None, s2s.step, last, mask, past, cross)
+            token = int(logits[0].argmax())
+            if token == s2s.eos_id:
+                break
+            tokens.append(token)
+            last = np.array([token])
+            text_so_far = self.tokenizer.decode(tokens)
+            if text_so_far.startswith(sent) and not text_so_far.endswith("\ufffd") and len(text_so_far) > len(sent):
+                yield text_so_far[len(sent):], len(tokens)
+                sent = text_so_far
+        final = self.tokenizer.decode(tokens)
+        if final != sent:  # whatever was held back (or a re-segmented tail)
+            yield final[len(sent):] if final.startswith(sent) else final, len(tokens)
 
 
 def deadline_from(time_remaining: float | None) -> float | None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import numpy as np
-from transerve.server.errors import Scope, guarded, remaining
+from transerve.server.errors import Scope, guarded, remaining, status_of
 from transerve.server.manager import ModelManager
 from transerve.server.metrics import Metrics
 from transerve.server.models import ClassifierModel, RequestError, TranslatorModel, deadline_from
@@ -38,9 +40,29 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         return await guarded(self.metrics, "Translate", context, handle)
 
     async def TranslateStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "TranslateStream arrives with continuous batching; use Translate meanwhile")
-        yield pb.TranslateStreamResponse()  # unreachable: abort raises
+        """Pieces of the translation as tokens are produced (one sequence decoded step by step; joining the
+        continuous-batching scheduler is the next step)."""
+        scope = Scope()
+        start, code, tokens = time.perf_counter(), "OK", 0
+        try:
+            model = self.manager.get(request.model, task="translate")
+            assert isinstance(model, TranslatorModel)
+            scope.model = model.name
+            async for piece, tokens in model.stream(request.text, request.options.max_new_tokens or None,
+                                                    deadline_from(remaining(context))):
+                yield pb.TranslateStreamResponse(piece=piece, tokens=tokens)
+            yield pb.TranslateStreamResponse(done=True, tokens=tokens)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as e:
+            status = status_of(e) or grpc.StatusCode.INTERNAL
+            code = status.name
+            await context.abort(status, str(e) if status != grpc.StatusCode.INTERNAL else "internal error")
+        finally:
+            self.metrics.on_request(scope.model, "TranslateStream", code, time.perf_counter() - start)
+            if tokens and scope.model != "-":
+                self.metrics.generated_tokens.labels(scope.model).inc(tokens)
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):

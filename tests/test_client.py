@@ -83,10 +83,19 @@ def test_deadline_exceeded(client: TranserveClient) -> None:
     assert info.value.code.name == "DEADLINE_EXCEEDED"
 
 
-def test_streaming_is_reported_as_not_yet_implemented(client: TranserveClient) -> None:
+def test_streaming_pieces_join_to_the_translation(client: TranserveClient, server: ServerProcess) -> None:
+    for text in TEXTS:
+        pieces = list(client.translate_stream(text))
+        assert "".join(pieces) == client.translate([text])[0]
+
+    async def main() -> list[str]:
+        async with AsyncTranserveClient(server.address) as c:
+            return [piece async for piece in c.translate_stream(TEXTS[0])]
+
+    assert "".join(asyncio.run(main())) == client.translate([TEXTS[0]])[0]
     with pytest.raises(TranserveError) as info:
-        list(client.translate_stream("seven"))
-    assert info.value.code.name == "UNIMPLEMENTED"
+        list(client.translate_stream("x" * 5000))
+    assert info.value.code.name == "INVALID_ARGUMENT"
 
 
 def test_async_client(server: ServerProcess, small_repo: Path) -> None:
@@ -111,26 +120,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_retries_unavailable_until_the_server_is_up(small_repo: Path) -> None:
+def test_retries_unavailable_while_the_server_restarts(small_repo: Path) -> None:
     port = free_port()
-    started: dict[str, ServerProcess] = {}
+    servers = [start_server(small_repo, port=port)]
     calling = threading.Event()
 
-    def boot() -> None:
+    def restart() -> None:
         calling.wait(30)
-        started["server"] = start_server(small_repo, port=port)
+        servers.append(start_server(small_repo, port=port))
 
-    thread = threading.Thread(target=boot)
-    thread.start()
     try:
         with TranserveClient(f"127.0.0.1:{port}", retry=RetryPolicy(attempts=40, max_backoff=1.0)) as c:
-            calling.set()  # the server starts only once the client is already failing over
             assert c.models() == ["tiny-mt", "tiny-vit"]
-        assert "server" in started
+            assert servers[0].terminate() == 0  # the server goes away …
+            thread = threading.Thread(target=restart)
+            thread.start()
+            calling.set()  # … and comes back only once the client is already failing over
+            assert c.translate(["seven"]) == c.translate(["seven"])
+            thread.join(60)
+        assert len(servers) == 2
     finally:
-        thread.join(60)
-        if "server" in started:
-            assert started["server"].terminate() == 0
+        for server in servers:
+            if server.process.poll() is None:
+                assert server.terminate() == 0
 
 
 def test_other_errors_are_not_retried(client: TranserveClient) -> None:

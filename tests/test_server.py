@@ -250,3 +250,17 @@ def test_stream_infer_reports_errors_in_stream(channel: grpc.Channel) -> None:
     assert "NOT_FOUND" in responses[1].error_message
     assert list(responses[2].infer_response.outputs[0].shape) == [2, 10]
 
+
+
+def test_translate_stream_messages_and_cancellation(channel: grpc.Channel, small_repo: Path) -> None:
+    stub = tpb_grpc.TranslatorStub(channel)
+    messages = list(stub.TranslateStream(tpb.TranslateStreamRequest(text=TEXTS[0])))
+    assert messages[-1].done and not any(m.done for m in messages[:-1])
+    assert "".join(m.piece for m in messages) == offline_translations(small_repo, TEXTS[:1])[0]
+    assert [m.tokens for m in messages[:-1]] == sorted(m.tokens for m in messages[:-1])
+    for _ in range(20):  # cancelled mid-way: the server keeps serving everyone else
+        call = stub.TranslateStream(tpb.TranslateStreamRequest(text=TEXTS[0]))
+        next(call)
+        call.cancel()
+    assert [t.text for t in stub.Translate(tpb.TranslateRequest(texts=TEXTS)).translations] == \
+        offline_translations(small_repo, TEXTS)

@@ -41,6 +41,14 @@ def test_translates_num2words_english(zoo_server: ServerProcess) -> None:
         assert decode_bytes(out.raw_output_contents[0], 1, "translation")[0] == b"dreihundertzweiundvierzig"
 
 
+def test_stream_pieces_arrive_token_by_token(zoo_server: ServerProcess) -> None:
+    with grpc.insecure_channel(zoo_server.address) as channel:
+        messages = list(tpb_grpc.TranslatorStub(channel).TranslateStream(
+            tpb.TranslateStreamRequest(text="three hundred and forty-two")))
+    pieces = [m.piece for m in messages if m.piece]
+    assert "".join(pieces) == "dreihundertzweiundvierzig" and len(pieces) > 3  # drei|hundert|zwei|und|vier|zig
+
+
 def test_digits_sent_as_png_score_the_zoo_accuracy(zoo_server: ServerProcess, zoo_dir: Path) -> None:
     _, _, images, labels = split_digits(DigitsRecipe())
     encoded = []

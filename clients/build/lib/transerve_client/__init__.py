@@ -1,0 +1,10 @@
+"""transerve-client: the light Python client for transerve (grpcio, protobuf, numpy — never torch).
+
+``TranserveClient`` / ``AsyncTranserveClient`` for the SDK, ``transerve-client`` on the command line.
+"""
+
+from transerve_client._requests import Prediction
+from transerve_client.client import AsyncTranserveClient, RetryPolicy, TranserveClient, TranserveError
+
+__version__ = "0.1.0"
+__all__ = ["AsyncTranserveClient", "Prediction", "RetryPolicy", "TranserveClient", "TranserveError", "__version__"]

@@ -1,0 +1,76 @@
+"""``transerve-client``: health, models, translate and classify from the shell (argparse: no extra deps)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+from transerve_client.client import TranserveClient, TranserveError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="transerve-client", description="Talk to a transerve server over gRPC.")
+    p.add_argument("--url", default="localhost:8001", help="server address host:port (default %(default)s)")
+    p.add_argument("--token", help="bearer token, when the server requires one")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS server; enables TLS")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("health", help="exit 0 when the server is ready, 1 when not")
+    sub.add_parser("models", help="list the models ready for inference")
+    t = sub.add_parser("translate", help="translate TEXT arguments, or one text per stdin line")
+    t.add_argument("texts", nargs="*", help="texts to translate (none: read stdin)")
+    t.add_argument("--model", help="translator name (default: the server's default)")
+    t.add_argument("--beam-size", type=int, help="beam width (default: the model's)")
+    t.add_argument("--max-new-tokens", type=int, help="generation budget per text")
+    c = sub.add_parser("classify", help="classify image files (PNG, JPEG, …)")
+    c.add_argument("images", nargs="+", help="image files")
+    c.add_argument("--model", help="classifier name (default: the server's default)")
+    c.add_argument("--top-k", type=int, default=5, help="predictions per image (default %(default)s)")
+    return p
+
+
+def run(args: argparse.Namespace, client: TranserveClient) -> int:
+    if args.command == "health":
+        ok = client.health()
+        print(json.dumps({"ready": ok}) if args.json else ("ready" if ok else "not ready"))
+        return 0 if ok else 1
+    if args.command == "models":
+        names = client.models()
+        print(json.dumps(names) if args.json else "\n".join(names))
+        return 0
+    if args.command == "translate":
+        texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        out = client.translate(texts, model=args.model, beam_size=args.beam_size,
+                               max_new_tokens=args.max_new_tokens)
+        print(json.dumps([{"text": s, "translation": t} for s, t in zip(texts, out, strict=True)], ensure_ascii=False)
+              if args.json else "\n".join(out))
+        return 0
+    results = client.classify(args.images, model=args.model, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([{"image": path, "predictions": [dataclasses.asdict(p) for p in preds]}
+                          for path, preds in zip(args.images, results, strict=True)]))
+    else:
+        for path, preds in zip(args.images, results, strict=True):
+            print(f"{path}: " + ", ".join(f"{p.label} {p.score:.3f}" for p in preds))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        with TranserveClient(args.url, token=args.token, tls=args.tls_ca or False, timeout=args.timeout) as client:
+            return run(args, client)
+    except TranserveError as e:
+        print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
+        return 2
+    except (OSError, TypeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""``TranserveClient`` (blocking) and ``AsyncTranserveClient`` (asyncio): the same methods, one channel each.
+
+Example::
+
+    from transerve_client import TranserveClient
+
+    with TranserveClient("localhost:8001") as client:
+        print(client.translate(["three hundred and forty-two"]))    # ['dreihundertzweiundvierzig']
+        top = client.classify(["digit.png"], top_k=3)[0]
+        print(top[0].label, top[0].score)
+
+Every failed call raises :class:`TranserveError` carrying the gRPC status code and the server's message.
+Only ``UNAVAILABLE`` is retried (the server restarting or not yet listening), with exponential backoff and
+jitter, a bounded number of times; every call has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from transerve_client import _requests as rq
+from transerve_client._proto import inference_pb2 as ipb
+from transerve_client._proto import inference_pb2_grpc as ipb_grpc
+from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+from transerve_client._requests import ImageLike, Prediction
+
+T = TypeVar("T")
+
+
+class TranserveError(Exception):
+    """A failed call: ``code`` is the ``grpc.StatusCode``, ``message`` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5  # calls in all, the first included
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        """Full-jitter exponential backoff (each wait uniform in [0, cap])."""
+        cap = self.initial_backoff
+        for _ in range(self.attempts - 1):
+            yield random.uniform(0, cap)
+            cap = min(self.max_backoff, cap * self.multiplier)
+
+
+def _credentials(tls: bool | str | Path, client_cert: str | Path | None,
+                 client_key: str | Path | None) -> grpc.ChannelCredentials | None:
+    if tls is False:
+        return None
+    root = None if tls is True else Path(tls).read_bytes()
+    cert = Path(client_cert).read_bytes() if client_cert else None
+    key = Path(client_key).read_bytes() if client_key else None
+    return grpc.ssl_channel_credentials(root, key, cert)
+
+
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+class _Base:
+    def __init__(self, url: str, *, tls: bool | str | Path = False, client_cert: str | Path | None = None,
+                 client_key: str | Path | None = None, token: str | None = None, timeout: float = 30.0,
+                 retry: RetryPolicy | None = None) -> None:
+        self.url, self.timeout = url, timeout
+        self.retry = retry or RetryPolicy()
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        self._credentials = _credentials(tls, client_cert, client_key)
+
+
+def _error(e: grpc.RpcError) -> TranserveError:
+    return TranserveError(e.code(), e.details() or "")
+
+
+class TranserveClient(_Base):
+    """Blocking client; thread-safe (one channel, reused by every call)."""
+
+    def __init__(self, url: str = "localhost:8001", **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._channel = (grpc.secure_channel(url, self._credentials, _CHANNEL_OPTIONS) if self._credentials
+                         else grpc.insecure_channel(url, _CHANNEL_OPTIONS))
+        self._kserve = ipb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._translator = tpb_grpc.TranslatorStub(self._channel)
+        self._classifier = tpb_grpc.ClassifierStub(self._channel)
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        delays = self.retry.delays()
+        while True:
+            try:
+                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                delay = next(delays, None) if e.code() == grpc.StatusCode.UNAVAILABLE else None
+                if delay is None:
+                    raise _error(e) from None
+                time.sleep(delay)
+
+    def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
+                  max_new_tokens: int | None = None, timeout: float | None = None) -> list[str]:
+        """Translations of ``texts``, in order (``model=None``: the server's default translator)."""
+        response = self._call(self._translator.Translate,
+                              rq.translate_request(texts, model, beam_size, max_new_tokens), timeout)
+        return [t.text for t in response.translations]
+
+    def translate_stream(self, text: str, *, model: str | None = None, timeout: float | None = None
+                         ) -> Iterator[str]:
+        """Pieces of the translation as the server produces them."""
+        try:
+            for message in self._translator.TranslateStream(rq.stream_request(text, model),
+                                                            timeout=timeout or self.timeout, metadata=self._metadata):
+                if message.piece:
+                    yield message.piece
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def classify(self, images: Sequence[ImageLike], *, model: str | None = None, top_k: int = 5,
+                 timeout: float | None = None) -> list[list[Prediction]]:
+        """Top-``k`` predictions per image; images as paths, bytes, PIL images or numpy arrays."""
+        return rq.predictions(self._call(self._classifier.Classify, rq.classify_request(images, model, top_k),
+                                         timeout))
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], *, version: str = "",
+              timeout: float | None = None) -> dict[str, np.ndarray]:
+        """A KServe v2 ModelInfer call: named arrays in, named arrays out."""
+        return rq.infer_outputs(self._call(self._kserve.ModelInfer, rq.infer_request(model, inputs, version),
+                                           timeout))
+
+    def health(self, timeout: float | None = None) -> bool:
+        """True when the server is ready to serve (False while it starts or drains, or when unreachable)."""
+        try:
+            return bool(self._kserve.ServerReady(ipb.ServerReadyRequest(), timeout=timeout or self.timeout,
+                                                 metadata=self._metadata).ready)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return False
+            raise _error(e) from None
+
+    def models(self, timeout: float | None = None) -> list[str]:
+        """Names of the models ready for inference."""
+        index = self._call(self._kserve.RepositoryIndex, ipb.RepositoryIndexRequest(ready=True), timeout)
+        return [m.name for m in index.models]
+
+    def model_metadata(self, name: str, timeout: float | None = None) -> Any:
+        """KServe ``ModelMetadataResponse``: input/output names, datatypes and shapes (-1: dynamic)."""
+        return self._call(self._kserve.ModelMetadata, ipb.ModelMetadataRequest(name=name), timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> TranserveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncTranserveClient(_Base):
+    """The asyncio twin of :class:`TranserveClient` (``async with``, ``await``, ``async for``)."""
+
+    def __init__(self, url: str = "localhost:8001", **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._channel = (grpc.aio.secure_channel(url, self._credentials, _CHANNEL_OPTIONS) if self._credentials
+                         else grpc.aio.insecure_channel(url, _CHANNEL_OPTIONS))
+        self._kserve = ipb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._translator = tpb_grpc.TranslatorStub(self._channel)
+        self._classifier = tpb_grpc.ClassifierStub(self._channel)
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
+        delays = self.retry.delays()
+        while True:
+            try:
+                return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                delay = next(delays, None) if e.code() == grpc.StatusCode.UNAVAILABLE else None
+                if delay is None:
+                    raise _error(e) from None
+                await asyncio.sleep(delay)
+
+    async def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
+                        max_new_tokens: int | None = None, timeout: float | None = None) -> list[str]:
+        response = await self._call(self._translator.Translate,
+                                    rq.translate_request(texts, model, beam_size, max_new_tokens), timeout)
+        return [t.text for t in response.translations]
+
+    async def translate_stream(self, text: str, *, model: str | None = None, timeout: float | None = None
+                               ) -> AsyncIterator[str]:
+        call = self._translator.TranslateStream(rq.stream_request(text, model), timeout=timeout or self.timeout,
+                                                metadata=self._metadata)
+        try:
+            async for message in call:
+                if message.piece:
+                    yield message.piece
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    async def classify(self, images: Sequence[ImageLike], *, model: str | None = None, top_k: int = 5,
+                       timeout: float | None = None) -> list[list[Prediction]]:
+        return rq.predictions(await self._call(self._classifier.Classify, rq.classify_request(images, model, top_k),
+                                               timeout))
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], *, version: str = "",
+                    timeout: float | None = None) -> dict[str, np.ndarray]:
+        return rq.infer_outputs(await self._call(self._kserve.ModelInfer, rq.infer_request(model, inputs, version),
+                                                 timeout))
+
+    async def health(self, timeout: float | None = None) -> bool:
+        try:
+            response = await self._kserve.ServerReady(ipb.ServerReadyRequest(), timeout=timeout or self.timeout,
+                                                      metadata=self._metadata)
+            return bool(response.ready)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return False
+            raise _error(e) from None
+
+    async def models(self, timeout: float | None = None) -> list[str]:
+        index = await self._call(self._kserve.RepositoryIndex, ipb.RepositoryIndexRequest(ready=True), timeout)
+        return [m.name for m in index.models]
+
+    async def model_metadata(self, name: str, timeout: float | None = None) -> Any:
+        return await self._call(self._kserve.ModelMetadata, ipb.ModelMetadataRequest(name=name), timeout)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncTranserveClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
