@@ -102,6 +102,7 @@ def test_async_client(server: ServerProcess, small_repo: Path) -> None:
     async def main() -> None:
         async with AsyncTranserveClient(server.address) as c:
             assert await c.health() and await c.models() == ["tiny-mt", "tiny-vit"]
+            assert [t.name for t in (await c.model_metadata("tiny-mt")).inputs] == ["text"]
             assert await c.translate(TEXTS) == offline_translations(small_repo, TEXTS)
             results = await asyncio.gather(*(c.classify([PIXELS], top_k=1) for _ in range(8)))
             assert {r[0][0].index for r in results} == {expected_best(small_repo)}
