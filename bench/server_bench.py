@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -37,8 +38,9 @@ from export_bench import markdown, median_ms, write_section
 MODEL = "vit-digits"
 
 
-def start(repo: Path) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--port", "0", "--metrics-port", "-1"]
+def start(repo: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--port", "0", "--metrics-port", "-1",
+           *extra]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     for line in process.stdout:
@@ -91,9 +93,9 @@ def variant(repo: Path, tmp: Path, name: str, **config: object) -> Path:
     return out
 
 
-def measure(repo: Path, images: int, concurrency: int, seconds: float, shape: tuple[int, ...]
-            ) -> tuple[float, list[float]]:
-    process, address = start(repo)
+def measure(repo: Path, images: int, concurrency: int, seconds: float, shape: tuple[int, ...],
+            server_args: Sequence[str] = ()) -> tuple[float, list[float]]:
+    process, address = start(repo, *server_args)
     try:
         return asyncio.run(closed_loop(address, images, concurrency, seconds, shape))
     finally:
@@ -106,7 +108,9 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=Path("repo"))
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ort-spinning", action="store_true", help="serve with `transerve serve --ort-spinning`")
     args = parser.parse_args()
+    server_args = ["--ort-spinning"] if args.ort_spinning else []
     config = yaml.safe_load((args.repo / MODEL / "config.yaml").read_text())
     shape = tuple(config["inputs"][0]["dims"][1:])
     session = make_session(args.repo / MODEL / "1" / "model.onnx")
@@ -117,10 +121,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         on = variant(args.repo, Path(tmp), "on", max_batch_size=64)
         off = variant(args.repo, Path(tmp), "off", max_batch_size=1)
-        sat = [measure(on, 64, 4, args.seconds, shape)[0] for _ in range(args.repeats)]
-        lat = [statistics.median(measure(on, 1, 1, args.seconds, shape)[1]) * 1e3 for _ in range(args.repeats)]
-        batched = [measure(on, 1, 32, args.seconds, shape)[0] for _ in range(args.repeats)]
-        unbatched = [measure(off, 1, 32, args.seconds, shape)[0] for _ in range(args.repeats)]
+        sat = [measure(on, 64, 4, args.seconds, shape, server_args)[0] for _ in range(args.repeats)]
+        lat = [statistics.median(measure(on, 1, 1, args.seconds, shape, server_args)[1]) * 1e3
+               for _ in range(args.repeats)]
+        batched = [measure(on, 1, 32, args.seconds, shape, server_args)[0] for _ in range(args.repeats)]
+        unbatched = [measure(off, 1, 32, args.seconds, shape, server_args)[0] for _ in range(args.repeats)]
     served, p50 = statistics.median(sat), statistics.median(lat)
     rows.append({"check": "(a) saturation img/s: gRPC vs offline ORT batch 64", "served": round(served),
                  "anchor": round(offline64), "ratio": round(served / offline64, 2), "target": "≥ 0.90"})
@@ -131,8 +136,10 @@ def main() -> None:
                  "anchor": round(off_rate), "ratio": round(on_rate / off_rate, 2), "target": "≥ 3"})
     table = markdown(rows)
     print(table)
-    write_section(Path(__file__).with_name("RESULTS.md"), "## Server",
-                  f"## Server: gRPC serving of {MODEL} (median of {args.repeats} runs of {args.seconds:g} s; "
+    setting = "ORT threads spinning between runs" if args.ort_spinning else "ORT spinning stopped after each run"
+    heading = f"## Server ({setting})"
+    write_section(Path(__file__).with_name("RESULTS.md"), heading,
+                  f"{heading}: gRPC serving of {MODEL} (median of {args.repeats} runs of {args.seconds:g} s; "
                   f"server and client share the 2 cores)\n\nCommand: `{' '.join(['python', *sys.argv])}`\n\n"
                   f"{table}\n")
 

@@ -17,11 +17,15 @@ from torch import Tensor
 from transerve.models.decoding import beam_search, greedy_search, strip_special
 
 
-def session_options(threads: int = 2) -> ort.SessionOptions:
+def session_options(threads: int = 2, spinning: bool = True) -> ort.SessionOptions:
+    """``spinning=False`` for servers: ORT's worker threads stop spinning when a run ends instead of burning the
+    cores that the gRPC and batching threads need between batches (offline loops keep the default)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only: ORT's initializer chatter is not for users
+    if not spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return opts
 
 

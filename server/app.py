@@ -50,6 +50,7 @@ class ServeOptions:
     max_message_mb: int = 64
     grace_seconds: float = 30.0
     threads: int = 2
+    ort_spinning: bool = False  # keep ORT threads spinning between runs: lower latency, less CPU for gRPC
     limits: Limits = field(default_factory=Limits)
 
 
@@ -59,7 +60,8 @@ class TranserveServer:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         self.metrics = Metrics()
-        self.manager = ModelManager(options.repo, options.backend, self.metrics, options.limits, options.threads)
+        self.manager = ModelManager(options.repo, options.backend, self.metrics, options.limits, options.threads,
+                                    options.ort_spinning)
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.port = 0

@@ -34,8 +34,10 @@ class EntryState:
 
 
 class ModelManager:
-    def __init__(self, repo: Path, backend: BackendName, metrics: Metrics, limits: Limits, threads: int = 2) -> None:
+    def __init__(self, repo: Path, backend: BackendName, metrics: Metrics, limits: Limits, threads: int = 2,
+                 spinning: bool = False) -> None:
         self.repo, self.backend, self.metrics, self.limits, self.threads = repo, backend, metrics, limits, threads
+        self.spinning = spinning
         self.models: dict[str, LoadedModel] = {}
         self.states: dict[str, EntryState] = {}
         self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
@@ -78,7 +80,8 @@ class ModelManager:
         config = load_model_config(entry)
         vdir = entry / str(config.version) if config.version else latest_version(entry)
         backend = config.backend if self.backend == "auto" and config.backend != "onnxruntime" else self.backend
-        used, runners = load_runners(backend, vdir, config.files, self.threads)  # type: ignore[arg-type]
+        used, runners = load_runners(backend, vdir, config.files, self.threads,  # type: ignore[arg-type]
+                                     self.spinning)
         if config.task == "classify":
             return ClassifierModel(config, vdir.name, used, runners, entry, self.metrics.on_batch, self.image_pool,
                                    self.limits)

@@ -42,11 +42,12 @@ class GraphRunner(Protocol):
 
 
 class OrtRunner:
-    def __init__(self, path: Path, threads: int, providers: list[str]) -> None:
+    def __init__(self, path: Path, threads: int, providers: list[str], spinning: bool = False) -> None:
         import onnxruntime as ort
         from transerve.export.ort_translator import session_options
 
-        self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        self.session = ort.InferenceSession(str(path), session_options(threads, spinning=spinning),
+                                            providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -142,8 +143,8 @@ def tensorrt_ready(vdir: Path, graphs: Sequence[str]) -> tuple[bool, str]:
     return True, "TensorRT engines present for every graph"
 
 
-def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], threads: int = 2
-                 ) -> tuple[str, dict[str, GraphRunner]]:
+def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], threads: int = 2,
+                 spinning: bool = False) -> tuple[str, dict[str, GraphRunner]]:
     """(backend actually used, one runner per graph) for an entry's version folder."""
     if backend in ("auto", "tensorrt"):
         ready, why = tensorrt_ready(vdir, list(files))
@@ -160,7 +161,7 @@ def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], thread
     for _graph, filename in files.items():
         if not (vdir / filename).is_file():
             raise BackendError(f"{vdir / filename}: missing")
-    return "onnxruntime", {g: OrtRunner(vdir / f, threads, providers) for g, f in files.items()}
+    return "onnxruntime", {g: OrtRunner(vdir / f, threads, providers, spinning) for g, f in files.items()}
 
 
 def torch_runners(vdir: Path, files: dict[str, str]) -> dict[str, GraphRunner]:

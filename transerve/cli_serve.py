@@ -37,6 +37,9 @@ def serve_command(
     max_message_mb: Annotated[int, typer.Option(min=1, max=2047, help="Largest gRPC message, MiB.")] = 64,
     grace: Annotated[float, typer.Option(min=0, help="Seconds accepted work may take to finish on SIGTERM.")] = 30.0,
     threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime intra-op threads per model.")] = 2,
+    ort_spinning: Annotated[bool, typer.Option(help="Keep ONNX Runtime's threads spinning between runs: ~0.3 ms "
+                                               "less latency when idle, but their CPU is lost to gRPC under load "
+                                               "(see bench/RESULTS.md).")] = False,
 ) -> None:
     """Serve every model of REPO over gRPC: KServe v2 (Triton-compatible), transerve.v1 Translator and
     Classifier, grpc.health.v1 and reflection; Prometheus metrics on --metrics-port. SIGTERM drains."""
@@ -54,7 +57,8 @@ def serve_command(
     options = ServeOptions(repo=repo, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,
                            backend=backend.value, tls_cert=tls_cert, tls_key=tls_key,  # type: ignore[arg-type]
                            tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
-                           max_message_mb=max_message_mb, grace_seconds=grace, threads=threads)
+                           max_message_mb=max_message_mb, grace_seconds=grace, threads=threads,
+                           ort_spinning=ort_spinning)
     try:
         asyncio.run(serve(options))
     except (OSError, ValueError, RuntimeError) as e:
