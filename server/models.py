@@ -90,10 +90,10 @@ class ClassifierModel(LoadedModel):
         self.image_pool, self.limits = image_pool, limits
 
     def _run_batch(self, payloads: list[np.ndarray]) -> list[np.ndarray]:
-        images = np.concatenate(payloads) if len(payloads) > 1 else payloads[0]
-        logits = self.runners["model"].run(None, {"images": images})[0]
-        splits = np.cumsum([len(p) for p in payloads])[:-1]
-        return list(np.split(logits, splits))
+        if len(payloads) == 1:  # the common case at low load: no copies, no split
+            return [self.runners["model"].run(None, {"images": payloads[0]})[0]]
+        logits = self.runners["model"].run(None, {"images": np.concatenate(payloads)})[0]
+        return list(np.split(logits, np.cumsum([len(p) for p in payloads])[:-1]))
 
     def check_tensor(self, images: np.ndarray, field: str) -> np.ndarray:
         if images.ndim == 3:

@@ -34,13 +34,16 @@ class TensorError(ValueError):
     """A tensor that does not match the protocol or the model's limits."""
 
 
+_NAMES: Final = {dtype: name for name, dtype in DTYPES.items() if name != "BYTES"}
+
+
 def datatype_of(array: np.ndarray) -> str:
     if array.dtype == np.object_ or array.dtype.kind in ("S", "U"):
         return "BYTES"
-    for name, dtype in DTYPES.items():
-        if dtype == array.dtype:
-            return name
-    raise TensorError(f"numpy dtype {array.dtype} has no KServe datatype")
+    try:
+        return _NAMES[array.dtype]
+    except KeyError:
+        raise TensorError(f"numpy dtype {array.dtype} has no KServe datatype") from None
 
 
 def _shape(tensor: Any, max_elements: int) -> tuple[int, ...]:
