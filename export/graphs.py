@@ -93,6 +93,44 @@ class DecoderStepGraph(nn.Module):
         return logits[:, -1], [t for kv in present for t in kv]
 
 
+class RaggedDecoderStepGraph(nn.Module):
+    """One step for rows at different lengths (continuous batching): per-row positions and a cache mask."""
+
+    def __init__(self, model: Seq2SeqTransformer) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = model.config.num_decoder_layers
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention_mask: Tensor, past_mask: Tensor,
+                past: list[Tensor], cross: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        past_kv: list[KVCache] = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+        cross_kv: list[KVCache] = [(cross[2 * i], cross[2 * i + 1]) for i in range(self.layers)]
+        logits, present = self.model.decode_step_ragged(input_ids, positions, cross_kv, attention_mask.bool(),
+                                                        past_kv, past_mask.bool())
+        return logits, [t for kv in present for t in kv]
+
+
+def export_ragged_step(model: Seq2SeqTransformer, opset: int = OPSET) -> onnx.ModelProto:
+    """``decoder_step_ragged``: ``input_ids, positions [N]``, ``attention_mask [N, S]``, ``past_mask [N, P]``,
+    past/cross K/V → ``logits [N, V]``, present K/V ``[N, H, P + 1, D]`` — the step a continuous-batching
+    scheduler runs over sequences of different lengths."""
+    cfg = model.config
+    layers, heads, head_dim = cfg.num_decoder_layers, cfg.num_heads, cfg.d_model // cfg.num_heads
+    b, s, p = 2, 5, 3
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    src = Dim("src_len", min=1, max=cfg.max_len)
+    past = Dim("past_len", min=1, max=cfg.max_len - 1)
+    args = (torch.randint(4, cfg.vocab_size, (b,)), torch.tensor([3, 1]), torch.ones(b, s, dtype=torch.long),
+            torch.ones(b, p, dtype=torch.long), [torch.randn(b, heads, p, head_dim) for _ in range(2 * layers)],
+            [torch.randn(b, heads, s, head_dim) for _ in range(2 * layers)])
+    shapes = {"input_ids": {0: batch}, "positions": {0: batch}, "attention_mask": {0: batch, 1: src},
+              "past_mask": {0: batch, 1: past}, "past": [{0: batch, 2: past}] * (2 * layers),
+              "cross": [{0: batch, 2: src}] * (2 * layers)}
+    return _export(RaggedDecoderStepGraph(model), args, shapes,
+                   ["input_ids", "positions", "attention_mask", "past_mask", *kv_names("past", layers),
+                    *kv_names("cross", layers)], ["logits", *kv_names("present", layers)], opset)
+
+
 def kv_names(prefix: str, layers: int) -> list[str]:
     """``prefix_k_0, prefix_v_0, prefix_k_1, …`` — the flattened cache order."""
     return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]

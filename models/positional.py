@@ -47,6 +47,10 @@ class SinusoidalPositions(nn.Module):
         super().__init__()
         self.register_buffer("table", sinusoidal_table(max_len, dim, layout), persistent=False)
 
+    def at(self, positions: Tensor) -> Tensor:
+        """Codes of arbitrary positions: ``[B, T]`` ints → ``[B, T, C]`` (each row its own offset)."""
+        return self.table[positions]
+
     def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
         t = x.shape[1]
         return x + self.table[offset : offset + t]

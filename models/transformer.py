@@ -174,6 +174,24 @@ class Seq2SeqTransformer(nn.Module):
             present.append(kv)
         return self.lm_head(self.decoder_norm(x)), present
 
+    def decode_step_ragged(self, tokens: Tensor, positions: Tensor, memory_kv: list[KVCache], src_keep: Tensor,
+                           past: list[KVCache], past_keep: Tensor) -> tuple[Tensor, list[KVCache]]:
+        """One step for rows at *different* points of their decoding (continuous batching).
+
+        tokens, positions: [B] — each row's newest token and its position; past: per layer K/V [B, H, P, D]
+        whose slot j is real where ``past_keep[b, j]`` (shorter histories are padded anywhere, masked out).
+        Returns logits [B, V] and the caches with the new token appended at slot P for every row.
+        """
+        x = self.tgt_embed(tokens[:, None]) * self.embed_scale + self.positions.at(positions[:, None])  # [B, 1, C]
+        x = self.embed_dropout(x)
+        keep = torch.cat([past_keep, torch.ones_like(past_keep[:, :1])], dim=1)  # [B, P + 1]: the new slot is real
+        self_mask, src_mask = padding_mask(keep), padding_mask(src_keep)  # [B, 1, 1, P + 1], [B, 1, 1, S]
+        present: list[KVCache] = []
+        for i, layer in enumerate(self.decoder):
+            x, kv = layer(x, self_mask, memory_kv[i], src_mask, past[i])
+            present.append(kv)
+        return self.lm_head(self.decoder_norm(x))[:, -1], present
+
     def forward(self, src: Tensor, src_keep: Tensor, tgt: Tensor) -> Tensor:
         """Teacher forcing: logits [B, T, V] for every target position."""
         memory = self.encode(src, src_keep)
