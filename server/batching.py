@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -58,7 +58,15 @@ class _Item(Generic[P, R]):
 
 
 class DynamicBatcher(Generic[P, R]):
-    """``run_batch(payloads) -> results`` (one result per payload) runs in a worker thread."""
+    """``run_batch(payloads) -> results`` (one result per payload) runs in the batcher's own threads.
+
+    Each of the ``instances`` threads forms its next batch itself and runs it, so the
+    backend starts the next batch the moment the last one returns — results go back
+    to the event loop with one ``call_soon_threadsafe`` per batch, off the critical
+    path. (Forming batches on the event loop and handing them to an executor put two
+    thread hops and the loop's other work between consecutive backend calls: ~1 ms
+    per batch on 2 cores, a quarter of a 64-image ViT-digits batch.)
+    """
 
     def __init__(self, run_batch: Callable[[list[P]], Sequence[R]], *, max_batch_size: int,
                  max_queue_delay_ms: float, preferred_batch_sizes: Sequence[int] = (), max_queue_size: int = 256,
@@ -75,17 +83,21 @@ class DynamicBatcher(Generic[P, R]):
         self.name = name
         self._queue: deque[_Item[P, R]] = deque()
         self._queued_items = 0
-        self._arrived = asyncio.Event()
-        self._workers: list[asyncio.Task[None]] = []
-        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"batch-{name}")
-        self._closing = False
+        self._cond = threading.Condition()  # guards the queue, the counters and _stopping
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False  # no new requests
+        self._stopping = False  # threads exit once the queue is empty
         self.in_flight = 0
         self._idle = asyncio.Event()  # nothing queued, nothing running: what a drain waits for
         self._idle.set()
 
     def start(self) -> None:
-        self._workers = [asyncio.create_task(self._worker(), name=f"batcher-{self.name}-{i}")
+        self._loop = asyncio.get_running_loop()
+        self._threads = [threading.Thread(target=self._thread_main, name=f"batch-{self.name}-{i}", daemon=True)
                          for i in range(self.instances)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queued(self) -> int:
@@ -102,17 +114,21 @@ class DynamicBatcher(Generic[P, R]):
             raise QueueFull(f"model {self.name!r}: queue full ({self._queued_items} of {self.max_queue_size} "
                             "items waiting)")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(payload, size, deadline, time.monotonic(), future))
-        self._queued_items += size
-        self._idle.clear()
-        self._arrived.set()
-        return await future  # cancelling this await cancels the future: the worker then skips it
+        with self._cond:
+            self._queue.append(_Item(payload, size, deadline, time.monotonic(), future))
+            self._queued_items += size
+            self._idle.clear()
+            self._cond.notify()
+        return await future  # cancelling this await cancels the future: the thread then skips it
 
-    async def _next_batch(self) -> list[_Item[P, R]]:
+    def _next_batch(self) -> list[_Item[P, R]] | None:
+        """Under ``_cond``: the next batch by the flush rules, or None when stopping with nothing left."""
         while not self._queue:
-            self._arrived.clear()
-            await self._arrived.wait()
-        batch, size = [], 0
+            if self._stopping:
+                return None
+            self._cond.wait()
+        batch: list[_Item[P, R]] = []
+        size = 0
         flush_at = self._queue[0].enqueued + self.delay
         while True:
             while self._queue and size + self._queue[0].size <= self.max_batch_size:
@@ -122,55 +138,63 @@ class DynamicBatcher(Generic[P, R]):
             full = size == self.max_batch_size or bool(self._queue)  # the head does not fit: flush
             idle = self.flush_when_idle and self.in_flight == 0
             remaining = flush_at - time.monotonic()
-            if full or idle or (size in self.preferred) or remaining <= 0:
+            if full or idle or size in self.preferred or remaining <= 0 or self._stopping:
                 return batch
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                return batch
+            self._cond.wait(remaining)
 
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _thread_main(self) -> None:
         while True:
-            batch = await self._next_batch()
-            self._queued_items -= sum(item.size for item in batch)
-            now = time.monotonic()
-            live = []
-            for item in batch:
-                if item.future.done():  # cancelled by its caller while queued
-                    continue
-                if item.deadline is not None and now > item.deadline:
-                    item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
-                    continue
-                live.append(item)
-            if not live:
-                self._maybe_idle()
-                continue
-            self.in_flight += 1
-            start = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, [i.payload for i in live])
-                if len(results) != len(live):
-                    raise RuntimeError(f"backend returned {len(results)} results for {len(live)} requests")
-            except Exception as e:  # the batch fails its own requests, never the worker
-                log.exception("batch of %d failed on %s", len(live), self.name)
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(e)
-                continue
-            finally:
+            with self._cond:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._queued_items -= sum(item.size for item in batch)
+                now = time.monotonic()
+                live = [i for i in batch if not i.future.done() and (i.deadline is None or now <= i.deadline)]
+                expired = [i for i in batch if i.deadline is not None and now > i.deadline]
+                self.in_flight += 1 if live else 0
+            self._post(self._fail, expired, DeadlineExceeded("deadline passed while queued"))
+            if live:
+                self._run(live, now)
+            self._post(self._maybe_idle)
+
+    def _run(self, live: list[_Item[P, R]], dispatched: float) -> None:
+        start = time.perf_counter()
+        try:
+            results = self._run_batch([i.payload for i in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(live)} requests")
+        except Exception as e:  # the batch fails its own requests, never the thread
+            log.exception("batch of %d failed on %s", len(live), self.name)
+            self._post(self._fail, live, e)
+            return
+        finally:
+            with self._cond:
                 self.in_flight -= 1
-                self._maybe_idle()
-            compute = time.perf_counter() - start
-            for item, result in zip(live, results, strict=True):
-                if not item.future.done():
-                    item.future.set_result(result)
-            if self._on_batch is not None:
-                self._on_batch(BatchStats(sum(i.size for i in live), [now - i.enqueued for i in live], compute))
+        stats = BatchStats(sum(i.size for i in live), [dispatched - i.enqueued for i in live],
+                           time.perf_counter() - start)
+        self._post(self._deliver, live, results, stats)
+
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        if callback is not self._fail or args[0]:
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _deliver(self, live: list[_Item[P, R]], results: Sequence[R], stats: BatchStats) -> None:
+        for item, result in zip(live, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)
+        if self._on_batch is not None:
+            self._on_batch(stats)
+
+    @staticmethod
+    def _fail(items: list[_Item[P, R]], error: BaseException) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error)
 
     def _maybe_idle(self) -> None:
-        if not self._queue and self.in_flight == 0:
+        if self._queued_items == 0 and self.in_flight == 0:
             self._idle.set()
 
     async def aclose(self, grace: float = 30.0) -> None:
@@ -180,11 +204,11 @@ class DynamicBatcher(Generic[P, R]):
             await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
             log.warning("%s: %d requests still queued after %.0f s grace", self.name, len(self._queue), grace)
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        for item in self._queue:
-            if not item.future.done():
-                item.future.set_exception(QueueFull(f"model {self.name!r} shut down"))
-        self._executor.shutdown(wait=True)
-
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+            self._stopping = True
+            self._cond.notify_all()
+        self._fail(left, QueueFull(f"model {self.name!r} shut down"))
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
