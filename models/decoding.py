@@ -68,61 +68,85 @@ def beam_search(step: StepFn, state: Any, batch_size: int, beam_size: int, bos_i
     """Keep the ``beam_size`` best prefixes per source; return the best finished one each.
 
     ``state`` must already hold ``batch_size * beam_size`` rows (source-major).
-    A hypothesis' score is ``log p / length ** length_penalty`` with the length
-    counted in generated tokens, EOS included. A source stops as soon as
-    ``beam_size`` hypotheses have finished (early stopping), which makes
-    ``beam_size=1`` exactly greedy search.
+    Each source is a :class:`SourceBeams` — the same object the server's
+    scheduler advances — so offline and served beam search agree by construction.
     """
     k = beam_size
-    scores = torch.full((batch_size, k), float("-inf"))
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    prefixes = torch.full((batch_size * k, 1), bos_id, dtype=torch.long)
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
-    for t in range(1, max_new_tokens + 1):
-        log_probs, state = step(prefixes[:, -1], state)
-        vocab = log_probs.shape[-1]
-        cand = (scores[:, :, None] + log_probs.view(batch_size, k, vocab)).view(batch_size, k * vocab)
-        top_scores, top_ids = cand.topk(2 * k, dim=-1)  # 2k: enough that k survive even if k end
-        rows, tokens, scores = _advance(top_scores, top_ids // vocab, top_ids % vocab, prefixes, finished,
-                                        k, eos_id, t, length_penalty)
-        if all(len(f) >= k for f in finished):
+    sources = [SourceBeams(k, bos_id, eos_id, max_new_tokens, length_penalty) for _ in range(batch_size)]
+    last = torch.full((batch_size * k,), bos_id, dtype=torch.long)
+    for _ in range(max_new_tokens):
+        log_probs, state = step(last, state)
+        rows = torch.arange(batch_size * k)  # a finished source's rows stay as they are (never read again)
+        last = last.clone()  # a step may have kept the old tensor in its state
+        for b, beams in enumerate(sources):
+            if not beams.done:
+                rows[b * k:(b + 1) * k] = torch.tensor(beams.advance(log_probs[b * k:(b + 1) * k])) + b * k
+                last[b * k:(b + 1) * k] = torch.tensor(beams.last_tokens())
+        if all(beams.done for beams in sources):
             break
-        prefixes = torch.cat([prefixes.index_select(0, rows), tokens[:, None]], dim=1)
         state = select_rows(state, rows)
-    for b in range(batch_size):  # out of budget: unfinished beams compete as they are
-        if len(finished[b]) < k:
-            for j in range(k):
-                _add(finished[b], prefixes[b * k + j, 1:].tolist(), float(scores[b, j]), length_penalty)
-    return [max(f) for f in finished]
+    return [beams.best() for beams in sources]
 
 
-def _add(pool: list[Hypothesis], tokens: list[int], log_prob: float, length_penalty: float) -> None:
-    if log_prob != float("-inf"):
-        pool.append(Hypothesis(log_prob / max(len(tokens), 1) ** length_penalty, tokens, log_prob))
+class SourceBeams:
+    """One source's beam search, advanced a step at a time.
 
+    A hypothesis' score is ``log p / length ** length_penalty`` with the length
+    counted in generated tokens, EOS included. The search stops as soon as
+    ``beam_size`` hypotheses have finished (early stopping), which makes
+    ``beam_size=1`` exactly greedy search; out of budget, the unfinished beams
+    compete as they are.
+    """
 
-def _advance(top_scores: Tensor, beam_ids: Tensor, token_ids: Tensor, prefixes: Tensor,
-             finished: list[list[Hypothesis]], k: int, eos_id: int, t: int,
-             length_penalty: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Move candidates ending in EOS to ``finished``; keep the best ``k`` others alive."""
-    batch_size = top_scores.shape[0]
-    rows = torch.zeros(batch_size * k, dtype=torch.long)
-    tokens = torch.full((batch_size * k,), eos_id, dtype=torch.long)
-    scores = torch.full((batch_size, k), float("-inf"))
-    for b in range(batch_size):
+    def __init__(self, beam_size: int, bos_id: int, eos_id: int, max_new_tokens: int,
+                 length_penalty: float = 1.0) -> None:
+        self.k, self.bos_id, self.eos_id = beam_size, bos_id, eos_id
+        self.max_new_tokens, self.length_penalty = max_new_tokens, length_penalty
+        self.scores = torch.full((beam_size,), float("-inf"))
+        self.scores[0] = 0.0  # all beams start identical: expand only the first
+        self.prefixes: list[list[int]] = [[] for _ in range(beam_size)]
+        self.finished: list[Hypothesis] = []
+        self.steps = 0
+        self.done = False
+
+    def last_tokens(self) -> list[int]:
+        return [p[-1] if p else self.bos_id for p in self.prefixes]
+
+    def advance(self, log_probs: Tensor) -> list[int]:
+        """``log_probs [k, V]`` of this source's beams → for each new beam, the beam it extends."""
+        k, vocab = self.k, log_probs.shape[-1]
+        self.steps += 1
+        cand = (self.scores[:, None] + log_probs).view(k * vocab)
+        top_scores, top_ids = cand.topk(2 * k)  # 2k: enough that k survive even if k end
+        rows, tokens, scores = [0] * k, [self.eos_id] * k, torch.full((k,), float("-inf"))
         alive = 0
         for rank in range(2 * k):
-            if alive == k or len(finished[b]) >= k:
+            if alive == k or len(self.finished) >= k:
                 break
-            row = b * k + int(beam_ids[b, rank])
-            tok, score = int(token_ids[b, rank]), float(top_scores[b, rank])
-            if tok == eos_id:
+            row, tok = int(top_ids[rank]) // vocab, int(top_ids[rank]) % vocab
+            score = float(top_scores[rank])
+            if tok == self.eos_id:
                 if rank < k:  # an EOS outside the top k would not have been kept by greedy-like search
-                    _add(finished[b], [*prefixes[row, 1:].tolist(), eos_id], score, length_penalty)
+                    self._add([*self.prefixes[row], self.eos_id], score)
                 continue
-            rows[b * k + alive], tokens[b * k + alive], scores[b, alive] = row, tok, score
+            rows[alive], tokens[alive], scores[alive] = row, tok, score
             alive += 1
-    return rows, tokens, scores
+        self.done = len(self.finished) >= k
+        if not self.done:
+            self.prefixes = [[*self.prefixes[r], t] for r, t in zip(rows, tokens, strict=True)]
+            self.scores = scores
+            if self.steps >= self.max_new_tokens:  # out of budget: unfinished beams compete as they are
+                for j in range(k):
+                    self._add(self.prefixes[j], float(scores[j]))
+                self.done = True
+        return rows
+
+    def best(self) -> Hypothesis:
+        return max(self.finished)
+
+    def _add(self, tokens: list[int], log_prob: float) -> None:
+        if log_prob != float("-inf"):
+            self.finished.append(Hypothesis(log_prob / max(len(tokens), 1) ** self.length_penalty, tokens, log_prob))
 
 
 def model_step(model: Seq2SeqTransformer, memory_kv: list[KVCache], src_keep: Tensor) -> StepFn:
