@@ -134,9 +134,11 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
     """Export the translator's encoder and decoder step to ``REPO/NAME`` and return the report."""
     start = time.perf_counter()
     cfg, report = model.config, _base_report(opts, "transformer")
-    opts.on_status(f"{opts.name}: exporting encoder and decoder_step (opset {graphs.OPSET})")
+    opts.on_status(f"{opts.name}: exporting encoder, decoder_step and decoder_step_ragged (opset {graphs.OPSET})")
     raw = dict(zip(("encoder", "decoder_step"), graphs.export_translator(model.eval()), strict=True))
-    expected = {"encoder": cfg.num_encoder_layers, "decoder_step": 2 * cfg.num_decoder_layers}
+    raw["decoder_step_ragged"] = graphs.export_ragged_step(model.eval())  # continuous batching's step
+    expected = {"encoder": cfg.num_encoder_layers, "decoder_step": 2 * cfg.num_decoder_layers,
+                "decoder_step_ragged": 2 * cfg.num_decoder_layers}
     fused: dict[str, onnx.ModelProto] = {}
     for graph, proto in raw.items():
         opts.on_status(f"{opts.name}: graph passes on {graph} (target {opts.target})")

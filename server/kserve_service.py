@@ -80,18 +80,51 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
-        """Each request answered in order; an error is reported in the stream, which stays open."""
+        """Each request answered in order; an error is reported in the stream, which stays open.
+
+        A translator request with the parameter ``stream: true`` (Triton's decoupled convention) is answered
+        with one response per text piece as the tokens are produced — output ``translation`` BYTES ``[1]``,
+        parameter ``tokens`` — and then an empty response with ``triton_final_response: true``.
+        """
         async for request in request_iterator:
             scope = Scope()
             try:
-                response = await self._infer(request, scope, deadline_from(remaining(context)))
+                if _wants_stream(request):
+                    async for response in self._stream_translation(request, scope, remaining(context)):
+                        yield pb.ModelStreamInferResponse(infer_response=response)
+                else:
+                    response = await self._infer(request, scope, deadline_from(remaining(context)))
+                    yield pb.ModelStreamInferResponse(infer_response=response)
                 self.metrics.on_request(scope.model, "ModelStreamInfer", "OK", 0.0)
-                yield pb.ModelStreamInferResponse(infer_response=response)
             except (TensorError, RequestError, ModelNotFound, QueueFull, DeadlineExceeded) as e:
                 code = status_of(e)
                 self.metrics.on_request(scope.model, "ModelStreamInfer", code.name if code else "UNKNOWN", 0.0)
                 yield pb.ModelStreamInferResponse(error_message=f"{code.name if code else 'ERROR'}: {e}",
                                                   infer_response=pb.ModelInferResponse(id=request.id))
+
+    async def _stream_translation(self, request: Any, scope: Scope, time_left: float | None) -> AsyncIterator[Any]:
+        model = self.manager.get(request.model_name, request.model_version)
+        scope.model = model.name
+        if not isinstance(model, TranslatorModel):
+            raise RequestError(f"parameters.stream: only translators stream; {model.name} is a {model.config.task} "
+                               "model")
+        inputs = request_inputs(request, self.manager.limits.max_elements)
+        texts = inputs.get("text")
+        if texts is None or texts.dtype != np.object_ or texts.size != 1:
+            raise RequestError("inputs.text: a streamed request takes exactly one BYTES text")
+        text = texts.reshape(-1)[0]
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+        tokens = 0
+        async for piece, tokens in model.stream(text, None, deadline_from(time_left)):
+            response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+            fill_response(response, {"translation": np.array([piece.encode()], dtype=np.object_)})
+            response.parameters["tokens"].int64_param = tokens
+            response.parameters["triton_final_response"].bool_param = False
+            yield response
+        final = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        final.parameters["tokens"].int64_param = tokens
+        final.parameters["triton_final_response"].bool_param = True
+        yield final
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         async def handle(scope: Scope) -> Any:
@@ -151,6 +184,10 @@ async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline:
         raise RequestError("inputs.text: not valid UTF-8") from None
     results = await model.translate(decoded, None, deadline, field="inputs.text")
     return {"translation": np.array([r.text.encode() for r in results], dtype=np.object_).reshape(texts.shape)}
+
+
+def _wants_stream(request: Any) -> bool:
+    return "stream" in request.parameters and bool(request.parameters["stream"].bool_param)
 
 
 def model_statistics(model: LoadedModel, metrics: Metrics) -> Any:

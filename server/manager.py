@@ -85,7 +85,8 @@ class ModelManager:
         if config.task == "classify":
             return ClassifierModel(config, vdir.name, used, runners, entry, self.metrics.on_batch, self.image_pool,
                                    self.limits)
-        return TranslatorModel(config, vdir.name, used, runners, entry, self.metrics.on_batch, self.limits)
+        return TranslatorModel(config, vdir.name, used, runners, entry, self.metrics.on_batch, self.limits,
+                               self.metrics)
 
     async def unload(self, name: str, grace: float = 30) -> None:
         model = self.models.pop(name, None)

@@ -58,6 +58,20 @@ class Metrics:
         self.generated_tokens = Counter("transerve_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.queue_length = Gauge("transerve_queue_length", "Items waiting in the batcher", ["model"], registry=r)
         self.counters: dict[str, ModelCounters] = defaultdict(ModelCounters)
+        # continuous batching (translation): gauges read the scheduler when scraped
+        self.active_sequences = Gauge("transerve_active_sequences", "Rows in the decoding batch (beams count each)",
+                                      ["model"], registry=r)
+        self.cached_tokens = Gauge("transerve_cached_tokens", "Tokens held in the self-attention cache",
+                                   ["model"], registry=r)
+        self.cache_slots = Gauge("transerve_cache_slots", "Cache slots allocated, padding included", ["model"],
+                                 registry=r)
+        self.tokens_per_second = Gauge("transerve_tokens_per_second", "Tokens generated per second (last 2 s)",
+                                       ["model"], registry=r)
+        self.time_to_first_token = Histogram("transerve_time_to_first_token_seconds",
+                                             "Arrival to first generated token", ["model"],
+                                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_tokens = Histogram("transerve_request_tokens", "Tokens generated per request", ["model"],
+                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
 
     def on_batch(self, model: str, stats: BatchStats) -> None:
         c = self.counters[model]

@@ -35,8 +35,15 @@ class TensorSpec(BaseModel):
 
 
 class Scheduler(BaseModel):
-    max_active_sequences: int = Field(64, ge=1)
+    """Translation scheduling. ``continuous`` (iteration-level, needs ``files.decoder_step_ragged``) or
+    ``static`` (request-level batching through the dynamic batcher: the baseline the benchmark compares)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["continuous", "static"] = "continuous"
+    max_active_sequences: int = Field(64, ge=1, le=4096)
     max_cached_tokens: int = Field(16_384, ge=1)
+    max_encode_batch: int = Field(32, ge=1)
 
 
 class DecoderSpec(BaseModel):

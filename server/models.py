@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -24,10 +25,14 @@ from tokenizers import Tokenizer
 from transerve.export.ort_translator import OrtSeq2Seq, pad_ids
 from transerve.models.preprocessing import ImagePreprocessing
 from transerve.server.batching import BatchStats, DeadlineExceeded, DynamicBatcher
+from transerve.server.metrics import Metrics
 from transerve.server.model_config import ModelConfig
 from transerve.server.runtime import GraphRunner
+from transerve.server.scheduler import ContinuousScheduler, DecoderLayout, SchedulerCaps, SequenceRequest
 
 MAX_BEAM = 8
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -142,10 +147,12 @@ class TranslationResult:
 
 
 class TranslatorModel(LoadedModel):
-    """Request-level batching: sources of concurrent requests are decoded together, greedily."""
+    """Continuous batching through :class:`ContinuousScheduler` (``scheduler.mode: continuous``, the default when
+    the entry has ``decoder_step_ragged``), else request-level batching: sources of concurrent requests decoded
+    together by the dynamic batcher."""
 
     def __init__(self, config: ModelConfig, version: str, backend: str, runners: dict[str, GraphRunner],
-                 entry: Path, on_batch: Any, limits: Limits) -> None:
+                 entry: Path, on_batch: Any, limits: Limits, metrics: Metrics | None = None) -> None:
         super().__init__(config, version, backend, runners, on_batch)
         assert config.decoder is not None and config.tokenizer is not None  # checked by ModelConfig
         self.tokenizer = Tokenizer.from_file(str(entry / config.tokenizer))
@@ -154,6 +161,55 @@ class TranslatorModel(LoadedModel):
                                   num_heads=d.num_heads, head_dim=d.head_dim, bos_id=d.bos_id, eos_id=d.eos_id,
                                   pad_id=d.pad_id)
         self.limits = limits
+        self.scheduler: ContinuousScheduler | None = None
+        if config.scheduler.mode == "continuous":
+            if "decoder_step_ragged" in runners:
+                self.scheduler = self._make_scheduler(metrics)
+            else:
+                log.warning("%s: no decoder_step_ragged graph (exported by an older transerve?): request-level "
+                            "batching instead of continuous batching", self.name)
+
+    def _make_scheduler(self, metrics: Metrics | None) -> ContinuousScheduler:
+        c, d = self.config, self.config.decoder
+        assert d is not None
+        layout = DecoderLayout(d.num_layers, d.num_heads, d.head_dim, d.bos_id, d.eos_id, d.pad_id)
+        caps = SchedulerCaps(c.scheduler.max_active_sequences, c.scheduler.max_cached_tokens,
+                             c.batching.max_queue_size, c.scheduler.max_encode_batch)
+
+        def finished(request: SequenceRequest) -> None:
+            if metrics is not None:
+                metrics.request_tokens.labels(self.name).observe(len(request.tokens))
+                if request.first_token_at is not None:
+                    metrics.time_to_first_token.labels(self.name).observe(request.first_token_at - request.enqueued)
+
+        scheduler = ContinuousScheduler(self.runners["encoder"], self.runners["decoder_step_ragged"], layout, caps,
+                                        name=self.name, on_finish=finished)
+        if metrics is not None:
+            stats = scheduler.stats
+            metrics.active_sequences.labels(self.name).set_function(lambda: stats.active_sequences)
+            metrics.cached_tokens.labels(self.name).set_function(lambda: stats.cached_tokens)
+            metrics.cache_slots.labels(self.name).set_function(lambda: stats.cache_slots)
+            metrics.tokens_per_second.labels(self.name).set_function(lambda: stats.tokens_per_second)
+        return scheduler
+
+    def watch_queue(self, gauge: Any) -> None:
+        if self.scheduler is None:
+            super().watch_queue(gauge)
+        else:
+            stats = self.scheduler.stats
+            gauge.labels(self.name).set_function(lambda: stats.queued)
+
+    async def start(self) -> None:
+        if self.scheduler is None:
+            await super().start()
+        else:
+            self.scheduler.start()
+            await self.warm_up()
+
+    async def aclose(self, grace: float) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.aclose(grace)
+        await super().aclose(grace)
 
     def encode(self, texts: list[str], field: str) -> list[list[int]]:
         if not 1 <= len(texts) <= self.config.max_batch_size:
@@ -185,38 +241,63 @@ class TranslatorModel(LoadedModel):
                 start += len(sources)
         return [results[i] for i in range(len(payloads))]
 
-    async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
-                        field: str = "texts", beam_size: int | None = None) -> list[TranslationResult]:
+    def _options(self, max_new_tokens: int | None, beam_size: int | None) -> tuple[int, int]:
         budget = max_new_tokens or self.config.max_new_tokens
         if budget > self.config.max_new_tokens:
             raise RequestError(f"max_new_tokens: {budget} exceeds the model's limit of {self.config.max_new_tokens}")
         beam = beam_size or self.config.beam_size
         if beam > MAX_BEAM:
             raise RequestError(f"beam_size: {beam} exceeds the limit of {MAX_BEAM}")
+        return budget, beam
+
+    async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
+                        field: str = "texts", beam_size: int | None = None) -> list[TranslationResult]:
+        budget, beam = self._options(max_new_tokens, beam_size)
         sources = self.encode(texts, field)
-        ids: list[list[int]] = await self.batcher.submit((sources, budget, beam), size=len(sources),
-                                                         deadline=deadline)
+        if self.scheduler is not None:
+            ids = await _all_or_cancel([self.scheduler.run(s, budget, beam, deadline=deadline) for s in sources])
+        else:
+            ids = await self.batcher.submit((sources, budget, beam), size=len(sources), deadline=deadline)
         return [TranslationResult(row, text) for row, text in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
 
     async def warm_up(self) -> None:
         await self.translate(["warm up"], 2, None)
 
-    async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None
-                     ) -> AsyncIterator[tuple[str, int]]:
-        """Greedy-decode one text step by step, yielding (new text piece, tokens so far) as tokens are made.
+    async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None,
+                     beam_size: int | None = None) -> AsyncIterator[tuple[str, int]]:
+        """(new text piece, tokens so far) as tokens are made; closing the iterator (a cancelled client) takes
+        the sequence out of the batch at the next step. Beam search streams its result when it is final (a beam's
+        tokens are not settled before). No piece ever splits a character (see :class:`Detokenizer`)."""
+        budget, beam = self._options(max_new_tokens, beam_size)
+        source = self.encode([text], "text")[0]
+        pieces = Detokenizer(self.tokenizer)
+        if self.scheduler is None:
+            tokens = self._static_stream(source, budget, deadline)
+        else:
+            tokens = self._scheduled_stream(source, budget, beam, deadline)
+        async for ids, final in tokens:
+            piece = pieces.update(ids, final)
+            if piece:
+                yield piece, len(ids)
 
-        Each step runs off the event loop; closing the iterator (a cancelled client) stops decoding at the
-        next step. Pieces are differences of the decoded prefix, held back while the prefix ends in an
-        incomplete character (U+FFFD), so no piece ever splits a character.
-        """
-        budget = max_new_tokens or self.config.max_new_tokens
-        if budget > self.config.max_new_tokens:
-            raise RequestError(f"max_new_tokens: {budget} exceeds the model's limit of {self.config.max_new_tokens}")
-        source = self.encode([text], "text")
+    async def _scheduled_stream(self, source: list[int], budget: int, beam: int, deadline: float | None
+                                ) -> AsyncIterator[tuple[list[int], bool]]:
+        assert self.scheduler is not None
+        ids: list[int] = []
+        async for event in self.scheduler.generate(source, budget, beam, deadline=deadline):
+            if event.final is not None:
+                yield event.final, True
+            else:
+                ids += event.tokens
+                yield ids, False
+
+    async def _static_stream(self, source: list[int], budget: int, deadline: float | None
+                             ) -> AsyncIterator[tuple[list[int], bool]]:
+        """Greedy, one sequence stepped alone (request-level mode has no shared step to join)."""
         s2s, loop = self.seq2seq, asyncio.get_running_loop()
-        ids, mask = pad_ids(source, s2s.pad_id)
+        ids, mask = pad_ids([source], s2s.pad_id)
         cross = await loop.run_in_executor(None, s2s.encode, ids, mask)
-        past, last, tokens, sent = s2s.empty_cache(1), np.array([s2s.bos_id]), [], ""
+        past, last, tokens = s2s.empty_cache(1), np.array([s2s.bos_id]), []
         for _ in range(budget):
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("deadline passed while decoding")
@@ -226,13 +307,37 @@ class TranslatorModel(LoadedModel):
                 break
             tokens.append(token)
             last = np.array([token])
-            text_so_far = self.tokenizer.decode(tokens)
-            if text_so_far.startswith(sent) and not text_so_far.endswith("\ufffd") and len(text_so_far) > len(sent):
-                yield text_so_far[len(sent):], len(tokens)
-                sent = text_so_far
-        final = self.tokenizer.decode(tokens)
-        if final != sent:  # whatever was held back (or a re-segmented tail)
-            yield final[len(sent):] if final.startswith(sent) else final, len(tokens)
+            yield tokens, False
+        yield tokens, True
+
+
+class Detokenizer:
+    """Text pieces from a growing token list: differences of the decoded prefix, held back while the prefix ends
+    in an incomplete character (U+FFFD), so no piece splits a multi-byte character."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.sent = tokenizer, ""
+
+    def update(self, ids: list[int], final: bool) -> str:
+        text = self.tokenizer.decode(ids)
+        if final:
+            piece = text[len(self.sent):] if text.startswith(self.sent) else text  # a re-segmented tail: resend
+            self.sent = text
+            return piece
+        if text.startswith(self.sent) and not text.endswith("\ufffd") and len(text) > len(self.sent):
+            piece, self.sent = text[len(self.sent):], text
+            return piece
+        return ""
+
+
+async def _all_or_cancel(coros: list[Any]) -> list[Any]:
+    """Like gather, but one failure cancels the rest (their sequences leave the batch)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def deadline_from(time_remaining: float | None) -> float | None:

@@ -58,10 +58,12 @@ class OrtRunner:
 class TorchRunner:
     """The PyTorch reference behind the same interface (the graph wrappers the exporter traced)."""
 
-    def __init__(self, module: Any, input_names: list[str], output_names: list[str], flat_lists: int) -> None:
+    def __init__(self, module: Any, input_names: list[str], output_names: list[str], flat_lists: int,
+                 leading: int = 2) -> None:
         self.module = module.eval()
         self.input_names, self.output_names = input_names, output_names
-        self.flat_lists = flat_lists  # decoder_step: trailing inputs are two lists (past, cross) of this length
+        self.flat_lists = flat_lists  # decoder steps: after `leading` tensors, two lists (past, cross) this long
+        self.leading = leading
 
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch
@@ -69,8 +71,8 @@ class TorchRunner:
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names]
         with torch.inference_mode():
             if self.flat_lists:
-                n = self.flat_lists
-                out = self.module(args[0], args[1], args[2:2 + n], args[2 + n:2 + 2 * n])
+                n, m = self.flat_lists, self.leading
+                out = self.module(*args[:m], args[m:m + n], args[m + n:m + 2 * n])
                 flat = [out[0], *out[1]]
             else:
                 result = self.module(*args)
@@ -165,7 +167,7 @@ def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], thread
 
 
 def torch_runners(vdir: Path, files: dict[str, str]) -> dict[str, GraphRunner]:
-    from transerve.export.graphs import DecoderStepGraph, EncoderGraph, kv_names
+    from transerve.export.graphs import DecoderStepGraph, EncoderGraph, RaggedDecoderStepGraph, kv_names
     from transerve.models.checkpoint import CheckpointError, load_checkpoint
 
     try:
@@ -175,10 +177,15 @@ def torch_runners(vdir: Path, files: dict[str, str]) -> dict[str, GraphRunner]:
     if "model" in files:
         return {"model": TorchRunner(model, ["images"], ["logits"], 0)}
     layers = model.config.num_decoder_layers
-    return {
+    caches = [*kv_names("past", layers), *kv_names("cross", layers)]
+    outputs = ["logits", *kv_names("present", layers)]
+    runners: dict[str, GraphRunner] = {
         "encoder": TorchRunner(EncoderGraph(model), ["input_ids", "attention_mask"], kv_names("cross", layers), 0),
-        "decoder_step": TorchRunner(DecoderStepGraph(model),
-                                    ["input_ids", "attention_mask", *kv_names("past", layers),
-                                     *kv_names("cross", layers)], ["logits", *kv_names("present", layers)],
+        "decoder_step": TorchRunner(DecoderStepGraph(model), ["input_ids", "attention_mask", *caches], outputs,
                                     2 * layers),
     }
+    if "decoder_step_ragged" in files:
+        runners["decoder_step_ragged"] = TorchRunner(
+            RaggedDecoderStepGraph(model), ["input_ids", "positions", "attention_mask", "past_mask", *caches],
+            outputs, 2 * layers, leading=4)
+    return runners

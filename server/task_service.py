@@ -40,19 +40,20 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         return await guarded(self.metrics, "Translate", context, handle)
 
     async def TranslateStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        """Pieces of the translation as tokens are produced (one sequence decoded step by step; joining the
-        continuous-batching scheduler is the next step)."""
+        """Pieces of the translation as tokens are produced: the sequence joins the model's continuous batch
+        and leaves it at the next step when the client cancels."""
         scope = Scope()
         start, code, tokens = time.perf_counter(), "OK", 0
         try:
             model = self.manager.get(request.model, task="translate")
             assert isinstance(model, TranslatorModel)
             scope.model = model.name
-            async for piece, tokens in model.stream(request.text, request.options.max_new_tokens or None,
-                                                    deadline_from(remaining(context))):
+            opts = request.options
+            async for piece, tokens in model.stream(request.text, opts.max_new_tokens or None,
+                                                    deadline_from(remaining(context)), opts.beam_size or None):
                 yield pb.TranslateStreamResponse(piece=piece, tokens=tokens)
             yield pb.TranslateStreamResponse(done=True, tokens=tokens)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (gRPC closes or cancels us)
             code = "CANCELLED"
             raise
         except Exception as e:

@@ -72,7 +72,8 @@ def test_translator_entry_decodes_like_pytorch(tmp_path: Path, tokenizer) -> Non
     report = export_translator_entry(model, tokenizer, ExportOptions(tmp_path, "t"), max_new_tokens=12)
     assert report["parity"]["tokens_equal"] is True and report["parity"]["max_abs_diff"] <= 1e-4
     assert report["attention"] == {"encoder": {"expected": 2, "fused": 2},
-                                   "decoder_step": {"expected": 4, "fused": 4}}
+                                   "decoder_step": {"expected": 4, "fused": 4},
+                                   "decoder_step_ragged": {"expected": 4, "fused": 4}}
     vdir = tmp_path / "t" / "1"
     seq2seq = ort_seq2seq(model, make_session(vdir / "encoder.onnx"), make_session(vdir / "decoder_step.onnx"))
     rows = [[5, 9, 2], [7, 8, 11, 12, 13, 2], [3, 2]]

@@ -1,0 +1,433 @@
+"""Continuous batching for translation: an iteration-level scheduler.
+
+Every step runs *one* ragged decoder step (``decoder_step_ragged``) for all
+active sequences at once; a request joins at the next step after it is
+admitted and leaves the moment it finishes, is cancelled, or its deadline
+passes — nobody waits for the longest sequence of a batch. Admitted requests
+are encoded together, grouped by source length so padding stays small. A
+greedy request is one row of the batch, a beam request ``beam_size`` rows
+advanced by :class:`~transerve.models.decoding.SourceBeams` — the object the
+offline search uses, so served and offline outputs agree token for token.
+
+Design note — caches and padding
+--------------------------------
+The self-attention cache is one array per layer and K/V, ``[N, H, P, D]``,
+*right-aligned*: each step appends one slot to every row, and the step's
+``present`` output is the next step's ``past`` as it is — no copy, no
+per-row growth. ONNX Runtime allocates ``present`` from its CPU arena, so the
+cache memory is pooled, not allocated from the system each step. A row that
+joins later starts with the older slots masked off (``past_mask``) and counts
+its own ``positions`` from 0, so late joiners carry padding on the *left*:
+that costs attention over masked slots and memory, Σ(P − len) slots. When
+every row has left the oldest slots behind and the dead prefix is at least
+half of P, one copy trims it (amortised: P never exceeds twice the longest
+live row by more than one step). The cross-attention K/V ``[N, H, S, D]`` is
+padded to the longest active source and masked; joining a longer source pads
+everyone once. Rows leaving (and beam reordering) are one ``np.take`` of the
+cache on the steps where it happens — the same copy the static path's beam
+search pays every step.
+
+Caps: ``max_active_sequences`` rows; ``max_cached_tokens`` bounds the tokens
+the admitted rows may cache (each row reserves its ``max_new_tokens`` on
+admission, so the cache can never outgrow the cap mid-decode); beyond that,
+requests wait in a queue of ``max_queue_size`` (full → ``QueueFull``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transerve.models.decoding import SourceBeams, strip_special
+from transerve.server.batching import DeadlineExceeded, QueueFull
+from transerve.server.runtime import GraphRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """What the scheduler needs to know of the graphs."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class SchedulerCaps:
+    max_active_sequences: int = 64
+    max_cached_tokens: int = 16_384
+    max_queue_size: int = 256
+    max_encode_batch: int = 32
+
+
+@dataclass
+class Event:
+    """What a request's consumer sees: new tokens (greedy), or the end (``final`` ids) or an error."""
+
+    tokens: list[int] = field(default_factory=list)
+    final: list[int] | None = None
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class SequenceRequest:
+    source: list[int]
+    max_new_tokens: int
+    beam_size: int
+    length_penalty: float
+    deadline: float | None
+    events: asyncio.Queue[Event]
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    # scheduler-thread state
+    tokens: list[int] = field(default_factory=list)
+    beams: SourceBeams | None = None
+    first_token_at: float | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.beam_size
+
+
+@dataclass
+class SchedulerStats:
+    """Gauges the metrics read (written by the scheduler thread, read anywhere)."""
+
+    active_sequences: int = 0
+    queued: int = 0
+    cached_tokens: int = 0
+    cache_slots: int = 0
+    tokens_per_second: float = 0.0
+
+
+class _Batch:
+    """The active rows and their arrays (scheduler thread only)."""
+
+    def __init__(self, layout: DecoderLayout) -> None:
+        self.layout = layout
+        self.owners: list[SequenceRequest] = []  # one entry per row; a beam request owns consecutive rows
+        self.last = np.zeros(0, np.int64)
+        self.positions = np.zeros(0, np.int64)
+        self.src_mask = np.zeros((0, 1), np.int64)
+        self.past_mask = np.zeros((0, 1), np.int64)
+        h, d = layout.num_heads, layout.head_dim
+        self.past = [np.zeros((0, h, 1, d), np.float32) for _ in range(2 * layout.num_layers)]
+        self.cross = [np.zeros((0, h, 1, d), np.float32) for _ in range(2 * layout.num_layers)]
+
+    def __len__(self) -> int:
+        return len(self.owners)
+
+    def join(self, owners: list[SequenceRequest], cross: list[np.ndarray], src_mask: np.ndarray) -> None:
+        """New rows start at position 0 with BOS, every existing cache slot masked off for them."""
+        n, p = len(owners), self.past_mask.shape[1]
+        s = max(self.src_mask.shape[1], src_mask.shape[1])
+        self.cross = [np.concatenate([_pad_axis(a, 2, s), _pad_axis(b, 2, s)])
+                      for a, b in zip(self.cross, cross, strict=True)]
+        self.src_mask = np.concatenate([_pad_axis(self.src_mask, 1, s), _pad_axis(src_mask, 1, s)])
+        self.past = [np.concatenate([a, np.zeros((n, *a.shape[1:]), np.float32)]) for a in self.past]
+        self.past_mask = np.concatenate([self.past_mask, np.zeros((n, p), np.int64)])
+        self.last = np.concatenate([self.last, np.full(n, self.layout.bos_id, np.int64)])
+        self.positions = np.concatenate([self.positions, np.zeros(n, np.int64)])
+        self.owners += owners
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {"input_ids": self.last, "positions": self.positions,
+                                        "attention_mask": self.src_mask, "past_mask": self.past_mask}
+        for i in range(self.layout.num_layers):
+            for j, kind in enumerate(("k", "v")):
+                feeds[f"past_{kind}_{i}"] = self.past[2 * i + j]
+                feeds[f"cross_{kind}_{i}"] = self.cross[2 * i + j]
+        return feeds
+
+    def advance(self, present: list[np.ndarray]) -> None:
+        """After a step: the new slot is real for every row."""
+        self.past = present
+        self.past_mask = np.concatenate([self.past_mask, np.ones((len(self), 1), np.int64)], axis=1)
+        self.positions = self.positions + 1
+
+    def take(self, rows: np.ndarray) -> None:
+        """Keep (and reorder) rows; then drop cache slots and source columns nobody needs any more."""
+        self.owners = [self.owners[r] for r in rows]
+        self.last, self.positions = self.last[rows], self.positions[rows]
+        self.past = [a[rows] for a in self.past]
+        self.cross = [a[rows] for a in self.cross]
+        self.past_mask, self.src_mask = self.past_mask[rows], self.src_mask[rows]
+        self._trim()
+
+    def _trim(self) -> None:
+        if not len(self):
+            self.__init__(self.layout)  # type: ignore[misc]  # back to the empty layout
+            return
+        p = self.past_mask.shape[1]
+        live = self.past_mask.any(axis=0)
+        dead = int(np.argmax(live)) if live.any() else p - 1
+        if dead >= max(1, p // 2):
+            self.past = [np.ascontiguousarray(a[:, :, dead:]) for a in self.past]
+            self.past_mask = np.ascontiguousarray(self.past_mask[:, dead:])
+        s = int(np.flatnonzero(self.src_mask.any(axis=0)).max()) + 1
+        if s < self.src_mask.shape[1]:
+            self.cross = [np.ascontiguousarray(a[:, :, :s]) for a in self.cross]
+            self.src_mask = np.ascontiguousarray(self.src_mask[:, :s])
+
+
+def _pad_axis(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+    if a.shape[axis] == size:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, size - a.shape[axis])
+    return np.pad(a, widths)
+
+
+class ContinuousScheduler:
+    """Owns one thread that admits, encodes and steps; requests talk to it through ``generate``."""
+
+    def __init__(self, encoder: GraphRunner, step: GraphRunner, layout: DecoderLayout, caps: SchedulerCaps,
+                 name: str = "", on_step: Callable[[int, float], None] | None = None,
+                 on_finish: Callable[[SequenceRequest], None] | None = None) -> None:
+        self.encoder, self.step_runner, self.layout, self.caps, self.name = encoder, step, layout, caps, name
+        self._on_step, self._on_finish = on_step, on_finish
+        self._waiting: deque[SequenceRequest] = deque()
+        self._cond = threading.Condition()
+        self._batch = _Batch(layout)
+        self._reserved = 0  # tokens the active rows may still cache, summed over rows (admission cap)
+        self._stopping = False
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = SchedulerStats()
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for tokens/s over a short window
+
+    # ---- event-loop side ----
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._thread_main, name=f"scheduler-{self.name}", daemon=True)
+        self._thread.start()
+
+    async def generate(self, source: list[int], max_new_tokens: int, beam_size: int = 1,
+                       length_penalty: float = 1.0, deadline: float | None = None) -> AsyncIterator[Event]:
+        """Events for one source until the final one. Leaving the iteration early cancels the request:
+        its rows leave the batch at the next step and their cache is freed then."""
+        rows = beam_size
+        if self._closing:
+            raise QueueFull(f"model {self.name!r} is shutting down")
+        if rows * (max_new_tokens + 1) > self.caps.max_cached_tokens or rows > self.caps.max_active_sequences:
+            raise QueueFull(f"model {self.name!r}: a request of {rows} rows × {max_new_tokens} tokens exceeds the "
+                            f"scheduler's caps ({self.caps.max_active_sequences} sequences, "
+                            f"{self.caps.max_cached_tokens} cached tokens)")
+        request = SequenceRequest(source, max_new_tokens, beam_size, length_penalty, deadline, asyncio.Queue())
+        with self._cond:
+            if len(self._waiting) >= self.caps.max_queue_size:
+                raise QueueFull(f"model {self.name!r}: queue full ({len(self._waiting)} of "
+                                f"{self.caps.max_queue_size} requests waiting)")
+            self._waiting.append(request)
+            self.stats.queued = len(self._waiting)
+            self._cond.notify()
+        finished = False
+        try:
+            while True:
+                event = await request.events.get()
+                if event.error is not None:
+                    finished = True
+                    raise event.error
+                finished = event.final is not None
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                request.cancelled = True
+                with self._cond:
+                    self._cond.notify()
+
+    async def run(self, source: list[int], max_new_tokens: int, beam_size: int = 1, length_penalty: float = 1.0,
+                  deadline: float | None = None) -> list[int]:
+        async for event in self.generate(source, max_new_tokens, beam_size, length_penalty, deadline):
+            if event.final is not None:
+                return event.final
+        raise RuntimeError("the scheduler ended a request without a result")
+
+    async def aclose(self, grace: float = 30.0) -> None:
+        """Refuse new requests, let admitted and queued ones finish (up to ``grace`` s), then stop."""
+        self._closing = True
+        end = time.monotonic() + grace
+        while (self._waiting or len(self._batch)) and time.monotonic() < end:
+            await asyncio.sleep(0.01)  # polling a drain that ends on its own; bounded by grace
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    # ---- scheduler thread ----
+
+    def _thread_main(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not len(self._batch) and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                admitted = self._admit()
+            outbox: list[tuple[SequenceRequest, Event]] = []
+            try:
+                if admitted:
+                    self._encode_and_join(admitted, outbox)
+                if len(self._batch):
+                    self._step(outbox)
+            except Exception as e:  # a failing step fails the requests in it, never the thread
+                log.exception("%s: decoder step failed", self.name)
+                outbox += [(r, Event(error=e)) for r in dict.fromkeys(self._batch.owners)]
+                self._batch = _Batch(self.layout)
+                self._reserved = 0
+            self._publish(outbox)
+        failed = [(r, Event(error=QueueFull(f"model {self.name!r} shut down")))
+                  for r in [*dict.fromkeys(self._batch.owners), *self._waiting]]
+        self._publish(failed)
+
+    def _admit(self) -> list[SequenceRequest]:
+        """Under the lock: queued requests that fit the caps, in arrival order (the head blocks the rest).
+        Cancelled heads are dropped; expired ones are returned too, to be failed outside the lock."""
+        admitted: list[SequenceRequest] = []
+        active, now = len(self._batch), time.monotonic()
+        while self._waiting:
+            head = self._waiting[0]
+            need = head.rows * (head.max_new_tokens + 1)
+            gone = head.cancelled or (head.deadline is not None and now > head.deadline)
+            if not gone and (active + head.rows > self.caps.max_active_sequences
+                             or self._reserved + need > self.caps.max_cached_tokens):
+                break
+            self._waiting.popleft()
+            if head.cancelled:
+                continue
+            admitted.append(head)
+            active += 0 if gone else head.rows
+            self._reserved += need
+        self.stats.queued = len(self._waiting)
+        return admitted
+
+    def _encode_and_join(self, admitted: list[SequenceRequest], outbox: list[tuple[SequenceRequest, Event]]) -> None:
+        now = time.monotonic()
+        live = []
+        for r in admitted:
+            if r.deadline is not None and now > r.deadline:
+                outbox.append((r, Event(error=DeadlineExceeded("deadline passed while queued"))))
+                self._reserved -= r.rows * (r.max_new_tokens + 1)
+            else:
+                live.append(r)
+        live.sort(key=lambda r: len(r.source))  # groups of similar length: little padding in the encoder
+        for start in range(0, len(live), self.caps.max_encode_batch):
+            group = live[start:start + self.caps.max_encode_batch]
+            width = len(group[-1].source)
+            ids = np.full((len(group), width), self.layout.pad_id, np.int64)
+            for i, r in enumerate(group):
+                ids[i, :len(r.source)] = r.source
+            mask = (np.arange(width)[None, :] < np.array([len(r.source) for r in group])[:, None]).astype(np.int64)
+            cross = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})
+            rows = np.repeat(np.arange(len(group)), [r.rows for r in group])
+            owners = [r for r in group for _ in range(r.rows)]
+            for r in group:
+                if r.beam_size > 1:
+                    r.beams = SourceBeams(r.beam_size, self.layout.bos_id, self.layout.eos_id, r.max_new_tokens,
+                                          r.length_penalty)
+            self._batch.join(owners, [c[rows] for c in cross], mask[rows])
+
+    def _step(self, outbox: list[tuple[SequenceRequest, Event]]) -> None:
+        batch = self._batch
+        logits, *present = self.step_runner.run(None, batch.feeds())
+        batch.advance(present)
+        now = time.monotonic()
+        keep: list[int] = []
+        next_tokens: list[int] = []
+        made = 0
+        row = 0
+        while row < len(batch):
+            request = batch.owners[row]
+            width = request.rows
+            expired = request.deadline is not None and now > request.deadline
+            if request.cancelled or expired:
+                if expired and not request.cancelled:
+                    outbox.append((request, Event(error=DeadlineExceeded("deadline passed while decoding"))))
+                self._release(request)
+                row += width
+                continue
+            if request.first_token_at is None:
+                request.first_token_at = now
+            done, rows, tokens = self._next(request, logits[row:row + width])
+            made += width
+            if done:
+                self._release(request)
+                outbox.append((request, Event(final=request.tokens)))
+            else:
+                keep += [row + r for r in rows]
+                next_tokens += tokens
+                if request.beams is None:
+                    outbox.append((request, Event(tokens=tokens)))
+            row += width
+        if len(keep) != len(batch) or keep != list(range(len(batch))):
+            batch.take(np.array(keep, np.int64))
+        batch.last = np.array(next_tokens, np.int64)
+        self._account(made)
+
+    def _next(self, request: SequenceRequest, logits: np.ndarray) -> tuple[bool, list[int], list[int]]:
+        """(done, rows of this request to keep — relative, tokens to feed next)."""
+        eos = self.layout.eos_id
+        if request.beams is None:
+            token = int(logits[0].argmax())
+            if token != eos:
+                request.tokens.append(token)
+            done = token == eos or len(request.tokens) >= request.max_new_tokens
+            return done, [0], [token]
+        beams = request.beams
+        rows = beams.advance(torch.from_numpy(logits).log_softmax(dim=-1))
+        if beams.done:
+            request.tokens = strip_special(beams.best().tokens, eos)
+            return True, [], []
+        return False, rows, beams.last_tokens()
+
+    def _release(self, request: SequenceRequest) -> None:
+        self._reserved -= request.rows * (request.max_new_tokens + 1)
+        if self._on_finish is not None:
+            self._on_finish(request)
+
+    def _account(self, tokens: int) -> None:
+        now = time.monotonic()
+        self._recent.append((now, tokens))
+        while self._recent and now - self._recent[0][0] > 2.0:
+            self._recent.popleft()
+        span = max(now - self._recent[0][0], 1e-3) if len(self._recent) > 1 else 1.0
+        batch = self._batch
+        self.stats.active_sequences = len(batch)
+        self.stats.cached_tokens = int(batch.past_mask.sum())
+        self.stats.cache_slots = batch.past_mask.size if len(batch) else 0
+        self.stats.tokens_per_second = sum(t for _, t in self._recent) / span
+        if self._on_step is not None:
+            self._on_step(tokens, now)
+
+    def _publish(self, outbox: list[tuple[SequenceRequest, Event]]) -> None:
+        """One hop to the event loop per step, whatever the number of requests."""
+        if not len(self._batch):
+            self.stats.active_sequences = self.stats.cached_tokens = self.stats.cache_slots = 0
+        if outbox and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_deliver, outbox)
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.stats.cached_tokens
+
+
+def _deliver(outbox: Sequence[tuple[SequenceRequest, Event]]) -> None:
+    for request, event in outbox:
+        request.events.put_nowait(event)

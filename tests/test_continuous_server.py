@@ -1,0 +1,158 @@
+"""Continuous batching through a real server on loopback: exact offline outputs, streaming, cancellation.
+
+The translator has random weights and a long budget (it never emits EOS in 200 tokens), so sequences of very
+different lengths share the batch and a stream cancelled after its first piece is really cancelled mid-way.
+Reference: PyTorch eager ``translate_ids`` on each source alone (greedy and beam), tokens identical.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+import yaml
+from conftest import ServerProcess, start_server
+from transerve.models.checkpoint import load_checkpoint
+from transerve.models.decoding import translate_ids
+from transerve.server.tensors import encode_bytes
+from transerve_client._proto import inference_pb2 as pb
+from transerve_client._proto import inference_pb2_grpc as pb_grpc
+from transerve_client._proto import transerve_pb2 as tpb
+from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+
+MODEL = "long-mt"
+TEXTS = ["seven", "three hundred and forty-two", "one thousand and one", "ninety-nine",
+         "two million four hundred thousand and twelve", "the first", "eighteen hundred and six", "zero"]
+
+
+@pytest.fixture(scope="module")
+def long_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transerve.export.exporter import ExportOptions, export_translator_entry
+    from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
+    from transerve.models.zoo.numbers import train_tokenizer
+    from transerve.models.zoo.numbers_data import NumbersDataConfig, make_split
+
+    repo = tmp_path_factory.mktemp("long-repo")
+    train, _ = make_split(NumbersDataConfig(cardinals=300, ordinals=50, test_cardinals=5, test_ordinals=5,
+                                            test_years=2))
+    tokenizer = train_tokenizer([t for pair in train for t in pair], 60)
+    torch.manual_seed(1)
+    mt = Seq2SeqTransformer(TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=16, num_heads=2,
+                                              num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, dropout=0.0,
+                                              max_len=256)).eval()
+    export_translator_entry(mt, tokenizer, ExportOptions(repo, MODEL, default=True), max_new_tokens=200)
+    config_file = repo / MODEL / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config["scheduler"].update(max_active_sequences=128, max_cached_tokens=128 * 256)  # room for 100 streams
+    config_file.write_text(yaml.safe_dump(config))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def long_server(long_repo: Path) -> Iterator[ServerProcess]:
+    proc = start_server(long_repo)
+    yield proc
+    assert proc.terminate() == 0, "".join(proc.output[-20:])
+
+
+@pytest.fixture(scope="module")
+def channel(long_server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(long_server.address) as ch:
+        yield ch
+
+
+def offline(repo: Path, text: str, budget: int, beam: int) -> str:
+    from tokenizers import Tokenizer
+
+    model, _ = load_checkpoint(repo / MODEL / "1" / "torch")
+    tokenizer = Tokenizer.from_file(str(repo / MODEL / "tokenizer.json"))
+    src = torch.tensor([[*tokenizer.encode(text).ids, model.config.eos_id]])
+    ids = translate_ids(model, src, torch.ones_like(src, dtype=torch.bool), budget, beam_size=beam)[0]
+    return tokenizer.decode(ids)
+
+
+def metric(server: ServerProcess, name: str, labels: str = f'model="{MODEL}"') -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    match = re.search(rf"^{name}{{{re.escape(labels)}}} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_concurrent_mixed_requests_equal_offline(channel: grpc.Channel, long_repo: Path) -> None:
+    stub = tpb_grpc.TranslatorStub(channel)
+    plan = [(TEXTS[i % len(TEXTS)], 5 + 13 * (i % 7), 1 + (i % 4 == 3) + (i % 8 == 7)) for i in range(24)]
+
+    def call(item: tuple[str, int, int]) -> str:
+        text, budget, beam = item
+        options = tpb.TranslateOptions(max_new_tokens=budget, beam_size=beam)
+        return stub.Translate(tpb.TranslateRequest(texts=[text], options=options), timeout=120).translations[0].text
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(call, plan))
+    assert got == [offline(long_repo, t, b, k) for t, b, k in plan]
+    several = stub.Translate(tpb.TranslateRequest(texts=TEXTS, options=tpb.TranslateOptions(max_new_tokens=30)))
+    assert [t.text for t in several.translations] == [offline(long_repo, t, 30, 1) for t in TEXTS]
+
+
+def test_stream_pieces_join_to_the_translation(channel: grpc.Channel, long_repo: Path) -> None:
+    stub = tpb_grpc.TranslatorStub(channel)
+    request = tpb.TranslateStreamRequest(text=TEXTS[1], options=tpb.TranslateOptions(max_new_tokens=40))
+    messages = list(stub.TranslateStream(request))
+    assert messages[-1].done and len(messages) > 5
+    assert "".join(m.piece for m in messages) == offline(long_repo, TEXTS[1], 40, 1)
+    beam = list(stub.TranslateStream(tpb.TranslateStreamRequest(
+        text=TEXTS[1], options=tpb.TranslateOptions(max_new_tokens=40, beam_size=3))))
+    assert "".join(m.piece for m in beam) == offline(long_repo, TEXTS[1], 40, 3)
+
+
+def test_model_stream_infer_streams_translation_pieces(channel: grpc.Channel, long_repo: Path) -> None:
+    request = pb.ModelInferRequest(model_name=MODEL, id="s-1")
+    request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(encode_bytes([TEXTS[4]]))
+    request.parameters["stream"].bool_param = True
+    responses = [r.infer_response for r in pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([request]))]
+    assert [r.parameters["triton_final_response"].bool_param for r in responses] == [False] * (len(responses) - 1) \
+        + [True]
+    pieces = [r.raw_output_contents[0][4:].decode() for r in responses[:-1]]  # BYTES: 4-byte length, then text
+    assert len(pieces) > 5 and "".join(pieces) == offline(long_repo, TEXTS[4], 200, 1)
+    assert responses[-1].parameters["tokens"].int64_param == 200 and responses[-1].id == "s-1"
+
+
+def test_hundred_cancelled_streams_leave_the_cache_empty(channel: grpc.Channel, long_server: ServerProcess,
+                                                          long_repo: Path) -> None:
+    stub = tpb_grpc.TranslatorStub(channel)
+    labels = f'code="CANCELLED",model="{MODEL}",rpc="TranslateStream"'
+    cancelled_before = metric(long_server, "transerve_requests_total", labels)
+    calls = [stub.TranslateStream(tpb.TranslateStreamRequest(text=TEXTS[i % len(TEXTS)])) for i in range(100)]
+    for call in calls:
+        assert next(call).tokens >= 1  # decoding: a first piece came back (the budget is 200 tokens)
+    assert metric(long_server, "transerve_cached_tokens") > 0
+    for call in calls:
+        call.cancel()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (metric(long_server, "transerve_cached_tokens") > 0
+                                           or metric(long_server, "transerve_active_sequences") > 0):
+        time.sleep(0.05)  # polling the server's own gauges until they settle (bounded)
+    assert metric(long_server, "transerve_cached_tokens") == 0
+    assert metric(long_server, "transerve_active_sequences") == 0
+    assert metric(long_server, "transerve_cache_slots") == 0
+    # every one was cancelled mid-decode, not finished
+    assert metric(long_server, "transerve_requests_total", labels) - cancelled_before == 100
+    text = tpb_grpc.TranslatorStub(channel).Translate(tpb.TranslateRequest(
+        texts=[TEXTS[2]], options=tpb.TranslateOptions(max_new_tokens=20))).translations[0].text
+    assert text == offline(long_repo, TEXTS[2], 20, 1)  # the loop survived
+
+
+def test_scheduler_metrics_are_exported(channel: grpc.Channel, long_server: ServerProcess) -> None:
+    tpb_grpc.TranslatorStub(channel).Translate(tpb.TranslateRequest(texts=TEXTS[:2]))
+    assert metric(long_server, "transerve_time_to_first_token_seconds_count") >= 2
+    assert metric(long_server, "transerve_request_tokens_sum") >= 400
+    text = urllib.request.urlopen(f"http://127.0.0.1:{long_server.metrics_port}/metrics", timeout=10).read().decode()
+    for name in ("transerve_tokens_per_second", "transerve_queue_length", "transerve_active_sequences"):
+        assert f'{name}{{model="{MODEL}"}}' in text
