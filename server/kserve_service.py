@@ -116,6 +116,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
         tokens = 0
         async for piece, tokens in model.stream(text, None, deadline_from(time_left)):
+            if not piece:
+                continue
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
             fill_response(response, {"translation": np.array([piece.encode()], dtype=np.object_)})
             response.parameters["tokens"].int64_param = tokens

@@ -265,7 +265,8 @@ class TranslatorModel(LoadedModel):
 
     async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None,
                      beam_size: int | None = None) -> AsyncIterator[tuple[str, int]]:
-        """(new text piece, tokens so far) as tokens are made; closing the iterator (a cancelled client) takes
+        """(new text piece, tokens so far) as tokens are made, the last one with the final count (its piece may be
+        empty); closing the iterator (a cancelled client) takes
         the sequence out of the batch at the next step. Beam search streams its result when it is final (a beam's
         tokens are not settled before). No piece ever splits a character (see :class:`Detokenizer`)."""
         budget, beam = self._options(max_new_tokens, beam_size)
@@ -277,7 +278,7 @@ class TranslatorModel(LoadedModel):
             tokens = self._scheduled_stream(source, budget, beam, deadline)
         async for ids, final in tokens:
             piece = pieces.update(ids, final)
-            if piece:
+            if piece or final:  # the final count goes out even when the last token added no text
                 yield piece, len(ids)
 
     async def _scheduled_stream(self, source: list[int], budget: int, beam: int, deadline: float | None

@@ -51,7 +51,8 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             opts = request.options
             async for piece, tokens in model.stream(request.text, opts.max_new_tokens or None,
                                                     deadline_from(remaining(context)), opts.beam_size or None):
-                yield pb.TranslateStreamResponse(piece=piece, tokens=tokens)
+                if piece:
+                    yield pb.TranslateStreamResponse(piece=piece, tokens=tokens)
             yield pb.TranslateStreamResponse(done=True, tokens=tokens)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away (gRPC closes or cancels us)
             code = "CANCELLED"

@@ -17,7 +17,6 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-import yaml
 from conftest import ServerProcess, start_server
 from transerve.models.checkpoint import load_checkpoint
 from transerve.models.decoding import translate_ids
@@ -30,29 +29,6 @@ from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
 MODEL = "long-mt"
 TEXTS = ["seven", "three hundred and forty-two", "one thousand and one", "ninety-nine",
          "two million four hundred thousand and twelve", "the first", "eighteen hundred and six", "zero"]
-
-
-@pytest.fixture(scope="module")
-def long_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transerve.export.exporter import ExportOptions, export_translator_entry
-    from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
-    from transerve.models.zoo.numbers import train_tokenizer
-    from transerve.models.zoo.numbers_data import NumbersDataConfig, make_split
-
-    repo = tmp_path_factory.mktemp("long-repo")
-    train, _ = make_split(NumbersDataConfig(cardinals=300, ordinals=50, test_cardinals=5, test_ordinals=5,
-                                            test_years=2))
-    tokenizer = train_tokenizer([t for pair in train for t in pair], 60)
-    torch.manual_seed(1)
-    mt = Seq2SeqTransformer(TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=16, num_heads=2,
-                                              num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, dropout=0.0,
-                                              max_len=256)).eval()
-    export_translator_entry(mt, tokenizer, ExportOptions(repo, MODEL, default=True), max_new_tokens=200)
-    config_file = repo / MODEL / "config.yaml"
-    config = yaml.safe_load(config_file.read_text())
-    config["scheduler"].update(max_active_sequences=128, max_cached_tokens=128 * 256)  # room for 100 streams
-    config_file.write_text(yaml.safe_dump(config))
-    return repo
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, start_server
 from PIL import Image
 
 
@@ -63,3 +63,20 @@ def test_refuses_remote_targets(url: str) -> None:
     out = subprocess.run([sys.executable, "-m", "transerve_client.loadtest", "--url", url, "--requests", "1"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "--allow-remote" in out.stderr
+
+
+def test_streamed_translation_with_mixed_budgets_reports_first_token(long_repo: Path, tmp_path: Path) -> None:
+    server = start_server(long_repo)  # its translator never stops early: output length = the drawn budget
+    try:
+        out = loadtest(server, "--task", "translate", "--stream", "--max-new-tokens", "3:9", "--concurrency", "2",
+                       "--requests", "20", "--json", str(tmp_path / "s.json"))
+        assert out.returncode == 0, out.stderr
+        step = json.loads((tmp_path / "s.json").read_text())["steps"][0]
+        ttft = step["extra"]["time_to_first_token_ms"]
+        assert step["errors"] == {} and 0 < ttft["p50"] <= step["latency_ms"]["p50"]
+        tokens = round(step["tokens_per_s"] * step["seconds"])
+        assert 3 * 20 <= tokens <= 9 * 20 and tokens not in (3 * 20, 9 * 20)  # budgets drawn from 3..9
+        bad = loadtest(server, "--task", "translate", "--max-new-tokens", "9:3")
+        assert bad.returncode == 2 and "LO <= HI" in bad.stderr
+    finally:
+        assert server.terminate() == 0

@@ -4,8 +4,9 @@ Closed loop (``--concurrency 1,2,4,8``): that many requests always in flight, on
 Open loop (``--rate R``): requests start at Poisson arrival times at R/s whatever the latency, so queueing
 shows up as latency (a closed loop would hide it). Every step: warm-up, then a ``--duration`` or
 ``--requests`` bound; throughput, p50/p90/p99/max latency, errors by status code and, for translation,
-generated tokens/s. Results: a live progress line, ``--json``, ``--csv`` and a ``--plot`` PNG of latency
-against throughput. Only loopback targets unless ``--allow-remote``.
+generated tokens/s (``--max-new-tokens LO:HI`` mixes output lengths; ``--stream`` uses TranslateStream and
+adds time-to-first-token percentiles). Results: a live progress line, ``--json``, ``--csv`` and a ``--plot``
+PNG of latency against throughput. Only loopback targets unless ``--allow-remote``.
 """
 
 from __future__ import annotations
@@ -64,18 +65,32 @@ def check_target(url: str, allow_remote: bool) -> None:
         raise SystemExit(f"error: {url} is not a loopback address; pass --allow-remote to load-test it")
 
 
+@dataclass(frozen=True)
+class TranslateLoad:
+    """What a translation request asks for: output budgets drawn uniformly from ``budget`` (mixed output
+    lengths), streamed or not (streaming measures time to first token)."""
+
+    budget: tuple[int, int] | None = None
+    stream: bool = False
+    seed: int = 0
+
+
 class Workload:
     """One request kind: builds the message once, sends it, counts what it produced."""
 
     def __init__(self, channel: grpc.aio.Channel, task: str, model: str | None, batch: int,
-                 metadata: list[tuple[str, str]], infer_inputs: dict[str, np.ndarray] | None = None) -> None:
+                 metadata: list[tuple[str, str]], infer_inputs: dict[str, np.ndarray] | None = None,
+                 translate: TranslateLoad = TranslateLoad()) -> None:
         self.metadata = metadata
         self.tokens = 0
+        self.first_token: list[float] = []  # streamed translation: seconds to the first piece
+        self.translate, self.rng, self.sent = translate, random.Random(translate.seed), 0
         if task == "translate":
-            stub = tpb_grpc.TranslatorStub(channel)
+            self.stub = tpb_grpc.TranslatorStub(channel)
             self.message = rq.translate_request([TEXTS[i % len(TEXTS)] for i in range(batch)], model, None, None)
-            self.method: Callable[..., Awaitable[Any]] = stub.Translate
+            self.method: Callable[..., Awaitable[Any]] = self.stub.Translate
             self.count = lambda r: sum(t.tokens for t in r.translations)
+            self.model = model
         elif task == "classify":
             self.message = rq.classify_request([DIGIT] * batch, model, 1)
             self.method = tpb_grpc.ClassifierStub(channel).Classify
@@ -90,26 +105,53 @@ class Workload:
             raise SystemExit(f"error: unknown task {task!r}")
         self.task = task
 
+    def _budget(self) -> int | None:
+        return None if self.translate.budget is None else self.rng.randint(*self.translate.budget)
+
     async def send(self, timeout: float) -> tuple[float, str]:
         start = time.perf_counter()
         try:
-            response = await self.method(self.message, timeout=timeout, metadata=self.metadata)
-            if self.task == "translate":
-                self.tokens += self.count(response)
+            if self.task == "translate" and (self.translate.stream or self.translate.budget):
+                await self._send_translation(start, timeout)
+            else:
+                response = await self.method(self.message, timeout=timeout, metadata=self.metadata)
+                if self.task == "translate":
+                    self.tokens += self.count(response)
             code = "OK"
         except grpc.RpcError as e:
             code = e.code().name
         return time.perf_counter() - start, code
 
+    async def _send_translation(self, start: float, timeout: float) -> None:
+        text, budget = TEXTS[self.sent % len(TEXTS)], self._budget()
+        self.sent += 1
+        if not self.translate.stream:
+            request = rq.translate_request([text], self.model, None, budget)
+            self.tokens += self.count(await self.stub.Translate(request, timeout=timeout, metadata=self.metadata))
+            return
+        request = rq.stream_request(text, self.model)
+        request.options.max_new_tokens = budget or 0
+        first = True
+        async for message in self.stub.TranslateStream(request, timeout=timeout, metadata=self.metadata):
+            if first and message.piece:
+                self.first_token.append(time.perf_counter() - start)
+                first = False
+            if message.done:
+                self.tokens += message.tokens
+
 
 def summarise(mode: str, load: float, samples: list[tuple[float, str]], seconds: float,
-              tokens: int | None) -> StepResult:
+              tokens: int | None, first_token: Sequence[float] = ()) -> StepResult:
     ok = np.array([lat for lat, code in samples if code == "OK"]) * 1e3
     pct = {f"p{q}": float(np.percentile(ok, q)) if len(ok) else float("nan") for q in (50, 90, 99)}
     pct["max"] = float(ok.max()) if len(ok) else float("nan")
     errors = dict(Counter(code for _, code in samples if code != "OK"))
+    extra: dict[str, Any] = {}
+    if len(first_token):
+        ttft = np.array(first_token) * 1e3
+        extra["time_to_first_token_ms"] = {f"p{q}": float(np.percentile(ttft, q)) for q in (50, 90, 99)}
     return StepResult(mode, load, len(samples), seconds, len(ok) / seconds, pct, errors,
-                      None if tokens is None else tokens / seconds)
+                      None if tokens is None else tokens / seconds, extra)
 
 
 class Progress:
@@ -136,7 +178,7 @@ async def closed_loop(work: Workload, concurrency: int, duration: float | None, 
     stop_at = time.perf_counter() + (duration or 1e9)
     budget = requests or 10**12
     progress = Progress(f"concurrency {concurrency}")
-    work.tokens = 0
+    work.tokens, work.first_token = 0, []
     start = time.perf_counter()
 
     issued = 0
@@ -151,7 +193,7 @@ async def closed_loop(work: Workload, concurrency: int, duration: float | None, 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     progress.close()
     return summarise("closed", concurrency, samples, time.perf_counter() - start,
-                     work.tokens if work.task == "translate" else None)
+                     work.tokens if work.task == "translate" else None, work.first_token)
 
 
 async def open_loop(work: Workload, rate: float, duration: float | None, requests: int | None, timeout: float,
@@ -160,7 +202,7 @@ async def open_loop(work: Workload, rate: float, duration: float | None, request
     count = requests or int(rate * (duration or 10))
     samples: list[tuple[float, str]] = []
     progress = Progress(f"rate {rate:g}/s")
-    work.tokens = 0
+    work.tokens, work.first_token = 0, []
     start = time.perf_counter()
     pending: list[asyncio.Task[None]] = []
 
@@ -178,7 +220,7 @@ async def open_loop(work: Workload, rate: float, duration: float | None, request
     await asyncio.gather(*pending)
     progress.close()
     return summarise("open", rate, samples, time.perf_counter() - start,
-                     work.tokens if work.task == "translate" else None)
+                     work.tokens if work.task == "translate" else None, work.first_token)
 
 
 async def infer_inputs(channel: grpc.aio.Channel, model: str | None, batch: int,
@@ -201,7 +243,8 @@ async def run(args: argparse.Namespace) -> list[StepResult]:
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
     async with grpc.aio.insecure_channel(args.url) as channel:
         inputs = await infer_inputs(channel, args.model, args.batch, metadata) if args.task == "infer" else None
-        work = Workload(channel, args.task, args.model, args.batch, metadata, inputs)
+        work = Workload(channel, args.task, args.model, args.batch, metadata, inputs,
+                        TranslateLoad(args.max_new_tokens, args.stream))
         for _ in range(args.warmup):
             _, code = await work.send(args.timeout)
             if code != "OK":
@@ -252,6 +295,17 @@ def write_plot(path: Path, results: Sequence[StepResult], title: str) -> None:
     plt.close(fig)
 
 
+def budget_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    try:
+        bounds = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or LO:HI") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= LO <= HI")
+    return bounds
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="transerve-loadtest", description=__doc__.splitlines()[0])
     p.add_argument("--url", default="127.0.0.1:8001", help="server host:port (default %(default)s)")
@@ -267,6 +321,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, help="requests per step (instead of --duration)")
     p.add_argument("--warmup", type=int, default=20, help="warm-up requests before measuring")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per request, seconds")
+    p.add_argument("--max-new-tokens", type=budget_range, metavar="N|LO:HI",
+                   help="translate: output budget per request, or drawn uniformly from LO..HI (mixed lengths)")
+    p.add_argument("--stream", action="store_true",
+                   help="translate: use TranslateStream and report time to first token")
     p.add_argument("--token", help="bearer token")
     p.add_argument("--json", type=Path, help="write results as JSON here")
     p.add_argument("--csv", type=Path, help="write results as CSV here")
@@ -285,7 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in results:
         print(f"{r.mode} {r.load:g}: {r.throughput_rps:.1f} req/s, p50 {r.latency_ms['p50']:.2f} ms, "
               f"p90 {r.latency_ms['p90']:.2f}, p99 {r.latency_ms['p99']:.2f}, max {r.latency_ms['max']:.2f}, "
-              f"errors {r.errors or 0}" + (f", {r.tokens_per_s:.0f} tokens/s" if r.tokens_per_s else ""))
+              f"errors {r.errors or 0}" + (f", {r.tokens_per_s:.0f} tokens/s" if r.tokens_per_s else "")
+              + (f", first token p50 {r.extra['time_to_first_token_ms']['p50']:.1f} ms"
+                 if "time_to_first_token_ms" in r.extra else ""))
     if args.json:
         steps = [asdict(r) for r in results]
         best = max(results, key=lambda r: r.throughput_rps)
