@@ -127,7 +127,8 @@ class Workload:
         self.sent += 1
         if not self.translate.stream:
             request = rq.translate_request([text], self.model, None, budget)
-            self.tokens += self.count(await self.stub.Translate(request, timeout=timeout, metadata=self.metadata))
+            response = await self.stub.Translate(request, timeout=timeout, metadata=self.metadata)
+            self.tokens += self.count(response)  # not `+= f(await …)`: that reads the total before awaiting
             return
         request = rq.stream_request(text, self.model)
         request.options.max_new_tokens = budget or 0
