@@ -12,20 +12,22 @@ offline search uses, so served and offline outputs agree token for token.
 Design note — caches and padding
 --------------------------------
 The self-attention cache is one array per layer and K/V, ``[N, H, P, D]``,
-*right-aligned*: each step appends one slot to every row, and the step's
-``present`` output is the next step's ``past`` as it is — no copy, no
-per-row growth. ONNX Runtime allocates ``present`` from its CPU arena, so the
-cache memory is pooled, not allocated from the system each step. A row that
+*right-aligned*: each step appends one slot to every row. The arrays live in
+a pool of two preallocated buffers per tensor (:class:`_CachePool`): a step
+reads ``past`` from one and ONNX Runtime writes ``present`` straight into the
+other through IOBinding, so steps allocate no cache memory; the buffers grow
+geometrically when the batch needs more and are kept for reuse. A row that
 joins later starts with the older slots masked off (``past_mask``) and counts
 its own ``positions`` from 0, so late joiners carry padding on the *left*:
 that costs attention over masked slots and memory, Σ(P − len) slots. When
 every row has left the oldest slots behind and the dead prefix is at least
-half of P, one copy trims it (amortised: P never exceeds twice the longest
-live row by more than one step). The cross-attention K/V ``[N, H, S, D]`` is
-padded to the longest active source and masked; joining a longer source pads
-everyone once. Rows leaving (and beam reordering) are one ``np.take`` of the
-cache on the steps where it happens — the same copy the static path's beam
-search pays every step.
+half of P, one copy trims it (amortised: P stays below twice the longest live
+row plus one). The cross-attention K/V ``[N, H, S, D]`` is padded to the
+longest active source and masked. Joining appends rows in place (no copy of
+the others); a row leaving is replaced by the last row (only moved rows are
+copied); a beam reorder copies that request's rows only. (The first version
+re-concatenated the whole cache on every join and leave: under Poisson load
+with mixed lengths that copy cost as much as the step itself.)
 
 Caps: ``max_active_sequences`` rows; ``max_cached_tokens`` bounds the tokens
 the admitted rows may cache (each row reserves its ``max_new_tokens`` on
@@ -42,12 +44,13 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from transerve.models.decoding import SourceBeams, strip_special
 from transerve.server.batching import DeadlineExceeded, QueueFull
-from transerve.server.runtime import GraphRunner
+from transerve.server.runtime import GraphRunner, run_into
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ class SequenceRequest:
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     # scheduler-thread state
+    row_ids: list[int] = field(default_factory=list)  # this request's rows in the batch (beam order)
     tokens: list[int] = field(default_factory=list)
     beams: SourceBeams | None = None
     first_token_at: float | None = None
@@ -112,69 +116,152 @@ class SchedulerStats:
     tokens_per_second: float = 0.0
 
 
+class _CachePool:
+    """Two buffers per cache tensor, used in turn: a step reads ``past`` from one and ONNX Runtime writes
+    ``present`` straight into the other (IOBinding). They grow geometrically when a step needs more and are
+    never given back, so in steady state no step allocates cache memory."""
+
+    def __init__(self, count: int) -> None:
+        self.sides = [[np.zeros(0, np.float32) for _ in range(count)] for _ in range(2)]
+        self.current = 0
+
+    def ensure(self, elements: int, used: int) -> None:
+        """Room for ``elements`` per tensor on both sides, keeping the ``used`` head of the current side."""
+        capacity = len(self.sides[0][0])
+        if elements <= capacity:
+            return
+        size = max(elements, capacity + capacity // 2, 1 << 16)
+        for side in range(2):
+            for i, old in enumerate(self.sides[side]):
+                new = np.empty(size, np.float32)
+                if side == self.current:
+                    new[:used] = old[:used]
+                self.sides[side][i] = new
+
+    def views(self, side: int, shape: tuple[int, ...]) -> list[np.ndarray]:
+        n = int(np.prod(shape))
+        return [flat[:n].reshape(shape) for flat in self.sides[side]]
+
+
 class _Batch:
-    """The active rows and their arrays (scheduler thread only)."""
+    """The active rows and their arrays (scheduler thread only).
+
+    Rows are ``[N, …]`` on the leading axis of every array; a request owns the rows in ``request.row_ids``
+    (any positions — rows move when others leave). Joining appends rows in place; leaving fills the holes with
+    the last rows (only the moved rows are copied); a beam reorder copies only that request's rows.
+    """
 
     def __init__(self, layout: DecoderLayout) -> None:
         self.layout = layout
-        self.owners: list[SequenceRequest] = []  # one entry per row; a beam request owns consecutive rows
+        self.requests: list[SequenceRequest] = []
+        self.owners: list[SequenceRequest] = []  # per row
         self.last = np.zeros(0, np.int64)
         self.positions = np.zeros(0, np.int64)
         self.src_mask = np.zeros((0, 1), np.int64)
         self.past_mask = np.zeros((0, 1), np.int64)
-        h, d = layout.num_heads, layout.head_dim
-        self.past = [np.zeros((0, h, 1, d), np.float32) for _ in range(2 * layout.num_layers)]
-        self.cross = [np.zeros((0, h, 1, d), np.float32) for _ in range(2 * layout.num_layers)]
+        self.heads = (layout.num_heads, layout.head_dim)
+        self.pool = _CachePool(2 * layout.num_layers)
+        self.past = self.pool.views(self.pool.current, (0, layout.num_heads, 1, layout.head_dim))
+        self.cross = [np.zeros((0, layout.num_heads, 1, layout.head_dim), np.float32)
+                      for _ in range(2 * layout.num_layers)]
 
     def __len__(self) -> int:
         return len(self.owners)
 
-    def join(self, owners: list[SequenceRequest], cross: list[np.ndarray], src_mask: np.ndarray) -> None:
+    def _shape(self, rows: int, slots: int) -> tuple[int, int, int, int]:
+        return (rows, self.heads[0], slots, self.heads[1])
+
+    def join(self, requests: list[SequenceRequest], cross: list[np.ndarray], src_mask: np.ndarray) -> None:
         """New rows start at position 0 with BOS, every existing cache slot masked off for them."""
-        n, p = len(owners), self.past_mask.shape[1]
+        n, old, p = len(src_mask), len(self), self.past_mask.shape[1]
+        self.pool.ensure(int(np.prod(self._shape(old + n, p + 1))), int(np.prod(self._shape(old, p))))
+        self.past = self.pool.views(self.pool.current, self._shape(old + n, p))
+        for a in self.past:
+            a[old:] = 0.0
         s = max(self.src_mask.shape[1], src_mask.shape[1])
         self.cross = [np.concatenate([_pad_axis(a, 2, s), _pad_axis(b, 2, s)])
                       for a, b in zip(self.cross, cross, strict=True)]
         self.src_mask = np.concatenate([_pad_axis(self.src_mask, 1, s), _pad_axis(src_mask, 1, s)])
-        self.past = [np.concatenate([a, np.zeros((n, *a.shape[1:]), np.float32)]) for a in self.past]
         self.past_mask = np.concatenate([self.past_mask, np.zeros((n, p), np.int64)])
         self.last = np.concatenate([self.last, np.full(n, self.layout.bos_id, np.int64)])
         self.positions = np.concatenate([self.positions, np.zeros(n, np.int64)])
-        self.owners += owners
+        row = old
+        for request in requests:
+            request.row_ids = list(range(row, row + request.rows))
+            row += request.rows
+            self.owners += [request] * request.rows
+        self.requests += requests
 
-    def feeds(self) -> dict[str, np.ndarray]:
+    def step(self, runner: Any) -> np.ndarray:
+        """One decoder step for every row: logits ``[N, V]``; the grown cache lands in the other buffer."""
+        n, p = len(self), self.past_mask.shape[1]
         feeds: dict[str, np.ndarray] = {"input_ids": self.last, "positions": self.positions,
                                         "attention_mask": self.src_mask, "past_mask": self.past_mask}
+        present = self.pool.views(1 - self.pool.current, self._shape(n, p + 1))
+        bound: dict[str, np.ndarray] = {}
         for i in range(self.layout.num_layers):
             for j, kind in enumerate(("k", "v")):
                 feeds[f"past_{kind}_{i}"] = self.past[2 * i + j]
                 feeds[f"cross_{kind}_{i}"] = self.cross[2 * i + j]
-        return feeds
-
-    def advance(self, present: list[np.ndarray]) -> None:
-        """After a step: the new slot is real for every row."""
+                bound[f"present_{kind}_{i}"] = present[2 * i + j]
+        logits = run_into(runner, feeds, bound)["logits"]
+        self.pool.current = 1 - self.pool.current
         self.past = present
-        self.past_mask = np.concatenate([self.past_mask, np.ones((len(self), 1), np.int64)], axis=1)
-        self.positions = self.positions + 1
+        self.past_mask = np.concatenate([self.past_mask, np.ones((n, 1), np.int64)], axis=1)
+        self.positions += 1
+        self.pool.ensure(int(np.prod(self._shape(n, p + 2))), int(np.prod(self._shape(n, p + 1))))
+        self.past = self.pool.views(self.pool.current, self._shape(n, p + 1))  # ensure may have moved it
+        return logits
 
-    def take(self, rows: np.ndarray) -> None:
-        """Keep (and reorder) rows; then drop cache slots and source columns nobody needs any more."""
-        self.owners = [self.owners[r] for r in rows]
-        self.last, self.positions = self.last[rows], self.positions[rows]
-        self.past = [a[rows] for a in self.past]
-        self.cross = [a[rows] for a in self.cross]
-        self.past_mask, self.src_mask = self.past_mask[rows], self.src_mask[rows]
+    def reorder(self, rows: list[int], picks: list[int]) -> None:
+        """Beam search: row ``rows[j]`` becomes a copy of row ``rows[picks[j]]`` (k rows copied)."""
+        if picks == list(range(len(rows))):
+            return
+        source = [rows[k] for k in picks]
+        for a in (*self.past, self.past_mask):
+            a[rows] = a[source]
+
+    def remove(self, leaving: list[SequenceRequest]) -> None:
+        """Drop the leaving requests' rows: the last rows move into the holes, then dead slots are trimmed."""
+        if not leaving:
+            return
+        gone = {r for request in leaving for r in request.row_ids}
+        keep = len(self) - len(gone)
+        holes = sorted(r for r in gone if r < keep)
+        movers = [r for r in range(keep, len(self)) if r not in gone]
+        for hole, mover in zip(holes, movers, strict=True):
+            owner = self.owners[mover]
+            owner.row_ids[owner.row_ids.index(mover)] = hole
+            self.owners[hole] = owner
+            for a in (*self.past, *self.cross, self.past_mask, self.src_mask, self.last, self.positions):
+                a[hole] = a[mover]
+        leaving_ids = {id(r) for r in leaving}
+        self.requests = [r for r in self.requests if id(r) not in leaving_ids]
+        self.owners = self.owners[:keep]
+        p = self.past_mask.shape[1]
+        self.past = self.pool.views(self.pool.current, self._shape(keep, p))
+        self.cross = [a[:keep] for a in self.cross]
+        self.past_mask, self.src_mask = self.past_mask[:keep], self.src_mask[:keep]
+        self.last, self.positions = self.last[:keep], self.positions[:keep]
         self._trim()
 
     def _trim(self) -> None:
         if not len(self):
-            self.__init__(self.layout)  # type: ignore[misc]  # back to the empty layout
+            pool = self.pool
+            self.__init__(self.layout)  # type: ignore[misc]  # back to the empty layout, keeping the pool
+            self.pool = pool
+            self.past = pool.views(pool.current, self._shape(0, 1))
             return
         p = self.past_mask.shape[1]
         live = self.past_mask.any(axis=0)
         dead = int(np.argmax(live)) if live.any() else p - 1
-        if dead >= max(1, p // 2):
-            self.past = [np.ascontiguousarray(a[:, :, dead:]) for a in self.past]
+        if dead >= max(1, p // 2):  # re-lay the cache without the dead prefix, into the other buffer
+            shape = self._shape(len(self), p - dead)
+            target = self.pool.views(1 - self.pool.current, shape)
+            for new, old in zip(target, self.past, strict=True):
+                new[...] = old[:, :, dead:]
+            self.pool.current = 1 - self.pool.current
+            self.past = target
             self.past_mask = np.ascontiguousarray(self.past_mask[:, dead:])
         s = int(np.flatnonzero(self.src_mask.any(axis=0)).max()) + 1
         if s < self.src_mask.shape[1]:
@@ -289,12 +376,12 @@ class ContinuousScheduler:
                     self._step(outbox)
             except Exception as e:  # a failing step fails the requests in it, never the thread
                 log.exception("%s: decoder step failed", self.name)
-                outbox += [(r, Event(error=e)) for r in dict.fromkeys(self._batch.owners)]
+                outbox += [(r, Event(error=e)) for r in self._batch.requests]
                 self._batch = _Batch(self.layout)
                 self._reserved = 0
             self._publish(outbox)
         failed = [(r, Event(error=QueueFull(f"model {self.name!r} shut down")))
-                  for r in [*dict.fromkeys(self._batch.owners), *self._waiting]]
+                  for r in [*self._batch.requests, *self._waiting]]
         self._publish(failed)
 
     def _admit(self) -> list[SequenceRequest]:
@@ -337,52 +424,44 @@ class ContinuousScheduler:
             mask = (np.arange(width)[None, :] < np.array([len(r.source) for r in group])[:, None]).astype(np.int64)
             cross = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})
             rows = np.repeat(np.arange(len(group)), [r.rows for r in group])
-            owners = [r for r in group for _ in range(r.rows)]
             for r in group:
                 if r.beam_size > 1:
                     r.beams = SourceBeams(r.beam_size, self.layout.bos_id, self.layout.eos_id, r.max_new_tokens,
                                           r.length_penalty)
-            self._batch.join(owners, [c[rows] for c in cross], mask[rows])
+            self._batch.join(group, [c[rows] for c in cross], mask[rows])
 
     def _step(self, outbox: list[tuple[SequenceRequest, Event]]) -> None:
         batch = self._batch
-        logits, *present = self.step_runner.run(None, batch.feeds())
-        batch.advance(present)
+        logits = batch.step(self.step_runner)
         now = time.monotonic()
-        keep: list[int] = []
-        next_tokens: list[int] = []
+        leaving: list[SequenceRequest] = []
         made = 0
-        row = 0
-        while row < len(batch):
-            request = batch.owners[row]
-            width = request.rows
+        for request in batch.requests:
             expired = request.deadline is not None and now > request.deadline
             if request.cancelled or expired:
                 if expired and not request.cancelled:
                     outbox.append((request, Event(error=DeadlineExceeded("deadline passed while decoding"))))
-                self._release(request)
-                row += width
+                leaving.append(request)
                 continue
             if request.first_token_at is None:
                 request.first_token_at = now
-            done, rows, tokens = self._next(request, logits[row:row + width])
-            made += width
+            done, picks, tokens = self._next(request, logits[request.row_ids])
+            made += request.rows
             if done:
-                self._release(request)
+                leaving.append(request)
                 outbox.append((request, Event(final=request.tokens)))
-            else:
-                keep += [row + r for r in rows]
-                next_tokens += tokens
-                if request.beams is None:
-                    outbox.append((request, Event(tokens=tokens)))
-            row += width
-        if len(keep) != len(batch) or keep != list(range(len(batch))):
-            batch.take(np.array(keep, np.int64))
-        batch.last = np.array(next_tokens, np.int64)
+                continue
+            batch.reorder(request.row_ids, picks)
+            batch.last[request.row_ids] = tokens
+            if request.beams is None:
+                outbox.append((request, Event(tokens=tokens)))
+        for request in leaving:
+            self._release(request)
+        batch.remove(leaving)
         self._account(made)
 
     def _next(self, request: SequenceRequest, logits: np.ndarray) -> tuple[bool, list[int], list[int]]:
-        """(done, rows of this request to keep — relative, tokens to feed next)."""
+        """(done, for each of its rows the row (relative) it continues, tokens to feed next)."""
         eos = self.layout.eos_id
         if request.beams is None:
             token = int(logits[0].argmax())

@@ -113,6 +113,7 @@ class GatedRunner:
     def __init__(self, inner: Any) -> None:
         self.inner, self.gate, self.entered = inner, threading.Event(), threading.Event()
         self.gate.set()
+        self.output_names = [o.name for o in inner.get_outputs()]  # no IOBinding: the scheduler's copying path
 
     def run(self, names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.entered.set()
