@@ -5,10 +5,12 @@ Usage: ``python bench/continuous_bench.py [--work /tmp/transerve-bench] [--secon
 
 1. Open-loop Poisson load (``transerve-loadtest``'s generator) with mixed output lengths — every request's
    ``max_new_tokens`` drawn uniformly from 8..64; the random model never stops early, so that is its length —
-   against the same export served twice: ``scheduler.mode: continuous`` (streamed, so time to first token is
-   measured) and ``static`` (request-level batching, ``max_batch_size`` 32). Per offered rate: throughput,
-   p50/p99 latency, TTFT. The comparison: the highest swept rate each mode sustains (≥ 95 % of the offered
-   rate served, no errors) with p99 under a latency bound, for several bounds.
+   against the same export served twice: ``scheduler.mode: continuous`` and ``static`` (request-level
+   batching, ``max_batch_size`` 32), the same unary ``Translate`` calls for both. Per offered rate:
+   throughput, p50/p99 latency. The comparison: the highest swept rate each mode sustains (≥ 90 % of the
+   offered rate served — a fixed request count ends with a drain tail — no errors) with p99 under a latency
+   bound, for several bounds. Time to first token: a second continuous pass with ``TranslateStream`` at a
+   few rates (static batching returns nothing before the whole batch ends: its TTFT is its latency).
 2. Saturation: served tokens/s (closed loop, 16 and 32 concurrent one-text requests of 20 source tokens, 32
    new tokens) vs the offline decode loop (``ct2_bench.TranserveLoop``) at batch 16 and 32, same run.
 Server and load generator share the 2 cores.
@@ -41,7 +43,7 @@ from server_bench import start
 
 MODEL = "opus-shaped"
 BUDGETS = (8, 64)
-BOUNDS_S = (2.0, 4.0, 8.0)
+BOUNDS_S = (1.0, 2.0, 4.0, 8.0)
 
 
 def variant(repo: Path, out: Path, mode: str) -> Path:
@@ -65,7 +67,7 @@ async def sweep(address: str, rates: list[float], seconds: float, stream: bool) 
             await work.send(60)
         for rate in rates:
             step = await open_loop(work, rate, seconds, None, timeout=60.0, seed=int(rate))
-            print(f"  {'continuous' if stream else 'static'} {rate:g}/s: {step.throughput_rps:.1f} req/s, "
+            print(f"  {'stream' if stream else 'unary'} {rate:g}/s: {step.throughput_rps:.1f} req/s, "
                   f"p99 {step.latency_ms['p99']:.0f} ms, errors {step.errors}", flush=True)
             results.append(step)
             if step.latency_ms["p99"] > 4 * max(BOUNDS_S) * 1e3:
@@ -74,7 +76,7 @@ async def sweep(address: str, rates: list[float], seconds: float, stream: bool) 
 
 
 def sustained(results: list[StepResult], bound_s: float) -> float:
-    ok = [r.load for r in results if not r.errors and r.throughput_rps >= 0.95 * r.load
+    ok = [r.load for r in results if not r.errors and r.throughput_rps >= 0.9 * r.load
           and r.latency_ms["p99"] <= bound_s * 1e3]
     return max(ok, default=0.0)
 
@@ -142,7 +144,7 @@ def plot(results: dict[str, list[StepResult]], path: Path) -> None:
         ax.plot([r.load for r in steps], [r.latency_ms["p99"] / 1e3 for r in steps], style, label=f"{mode} p99")
         ax.plot([r.load for r in steps], [r.latency_ms["p50"] / 1e3 for r in steps], style, alpha=0.4,
                 label=f"{mode} p50")
-    cont = [r for r in results["continuous"] if "time_to_first_token_ms" in r.extra]
+    cont = results["streamed"]
     ax.plot([r.load for r in cont], [r.extra["time_to_first_token_ms"]["p50"] / 1e3 for r in cont], "^:",
             label="continuous time to first token p50")
     ax.set_yscale("log")
@@ -162,6 +164,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per offered rate")
     parser.add_argument("--rates", type=lambda s: [float(v) for v in s.split(",")],
                         default=[2, 4, 6, 8, 12, 16, 20, 24, 28])
+    parser.add_argument("--ttft-rates", type=lambda s: [float(v) for v in s.split(",")], default=[4, 12, 20],
+                        help="rates of the streamed (time to first token) pass")
     parser.add_argument("--repeats", type=int, default=3, help="saturation repeats (median)")
     args = parser.parse_args()
     repo = exported(args.work)
@@ -169,7 +173,9 @@ def main() -> None:
     for mode in ("static", "continuous"):
         process, address = start(variant(repo, args.work / f"served-{mode}", mode))
         try:
-            results[mode] = asyncio.run(sweep(address, args.rates, args.seconds, stream=mode == "continuous"))
+            results[mode] = asyncio.run(sweep(address, args.rates, args.seconds, stream=False))
+            if mode == "continuous":
+                results["streamed"] = asyncio.run(sweep(address, args.ttft_rates, args.seconds, stream=True))
         finally:
             process.terminate()
             process.wait(120)
@@ -177,10 +183,12 @@ def main() -> None:
     for mode, steps in results.items():
         for r in steps:
             ttft = r.extra.get("time_to_first_token_ms", {}).get("p50")
-            load_rows.append({"mode": mode, "offered req/s": r.load, "served req/s": round(r.throughput_rps, 1),
+            load_rows.append({"mode": "continuous, streamed" if mode == "streamed" else mode,
+                              "offered req/s": r.load, "served req/s": round(r.throughput_rps, 1),
                               "tokens/s": round(r.tokens_per_s or 0), "p50 s": round(r.latency_ms["p50"] / 1e3, 2),
                               "p99 s": round(r.latency_ms["p99"] / 1e3, 2),
-                              "TTFT p50 ms": "= latency" if ttft is None else round(ttft),
+                              "TTFT p50 ms": {"static": "= latency", "continuous": "(unary)"}[mode]
+                              if ttft is None else round(ttft),
                               "errors": sum(r.errors.values())})
     compare = [{"p99 bound s": b, "static req/s": sustained(results["static"], b),
                 "continuous req/s": sustained(results["continuous"], b),
@@ -189,7 +197,7 @@ def main() -> None:
     sat = saturation(repo, args.work, 15.0, args.repeats)
     plot_path = Path(__file__).parent / "plots" / "continuous-vs-static.png"
     plot(results, plot_path)
-    text = (f"{markdown(compare)}\n\nHighest swept rate sustained (≥ 95 % served, no errors) with p99 under the "
+    text = (f"{markdown(compare)}\n\nHighest swept rate sustained (≥ 90 % served, no errors) with p99 under the "
             f"bound. Every step:\n\n{markdown(load_rows)}\n\n![latency vs load](plots/{plot_path.name})\n\n"
             f"Saturation, served vs the offline decode loop (median of {args.repeats}):\n\n{markdown(sat)}\n")
     print(text)

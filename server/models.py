@@ -31,6 +31,7 @@ from transerve.server.runtime import GraphRunner
 from transerve.server.scheduler import ContinuousScheduler, DecoderLayout, SchedulerCaps, SequenceRequest
 
 MAX_BEAM = 8
+MAX_LENGTH_PENALTY = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -226,66 +227,74 @@ class TranslatorModel(LoadedModel):
                                    f"{self.config.max_input_tokens}")
         return rows
 
-    def _run_batch(self, payloads: list[tuple[list[list[int]], int, int]]) -> list[list[list[int]]]:
-        """Payloads are (sources, max_new_tokens, beam_size); requests with the same beam size decode together."""
+    def _run_batch(self, payloads: list[tuple[list[list[int]], int, int, float]]) -> list[list[list[int]]]:
+        """Payloads are (sources, max_new_tokens, beam_size, length_penalty); requests with the same beam search
+        settings decode together."""
         results: dict[int, list[list[int]]] = {}
-        for beam in sorted({b for _, _, b in payloads}):
-            group = [i for i, p in enumerate(payloads) if p[2] == beam]
+        for beam, penalty in sorted({(p[2], p[3]) for p in payloads}):
+            group = [i for i, p in enumerate(payloads) if (p[2], p[3]) == (beam, penalty)]
             rows = [r for i in group for r in payloads[i][0]]
             ids, mask = pad_ids(rows, self.seq2seq.pad_id)
-            out = self.seq2seq.generate(ids, mask, max(payloads[i][1] for i in group), beam_size=beam)
+            out = self.seq2seq.generate(ids, mask, max(payloads[i][1] for i in group), beam_size=beam,
+                                        length_penalty=penalty)
             start = 0
             for i in group:  # each request keeps its own budget
-                sources, max_new, _ = payloads[i]
+                sources, max_new = payloads[i][:2]
                 results[i] = [row[:max_new] for row in out[start:start + len(sources)]]
                 start += len(sources)
         return [results[i] for i in range(len(payloads))]
 
-    def _options(self, max_new_tokens: int | None, beam_size: int | None) -> tuple[int, int]:
+    def _options(self, max_new_tokens: int | None, beam_size: int | None, length_penalty: float | None
+                 ) -> tuple[int, int, float]:
         budget = max_new_tokens or self.config.max_new_tokens
         if budget > self.config.max_new_tokens:
             raise RequestError(f"max_new_tokens: {budget} exceeds the model's limit of {self.config.max_new_tokens}")
         beam = beam_size or self.config.beam_size
         if beam > MAX_BEAM:
             raise RequestError(f"beam_size: {beam} exceeds the limit of {MAX_BEAM}")
-        return budget, beam
+        penalty = 1.0 if length_penalty is None else float(length_penalty)
+        if not 0.0 <= penalty <= MAX_LENGTH_PENALTY:
+            raise RequestError(f"length_penalty: {penalty} is outside 0 to {MAX_LENGTH_PENALTY}")
+        return budget, beam, penalty
 
     async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
-                        field: str = "texts", beam_size: int | None = None) -> list[TranslationResult]:
-        budget, beam = self._options(max_new_tokens, beam_size)
+                        field: str = "texts", beam_size: int | None = None, length_penalty: float | None = None
+                        ) -> list[TranslationResult]:
+        budget, beam, penalty = self._options(max_new_tokens, beam_size, length_penalty)
         sources = self.encode(texts, field)
         if self.scheduler is not None:
-            ids = await _all_or_cancel([self.scheduler.run(s, budget, beam, deadline=deadline) for s in sources])
+            ids = await _all_or_cancel([self.scheduler.run(s, budget, beam, penalty, deadline) for s in sources])
         else:
-            ids = await self.batcher.submit((sources, budget, beam), size=len(sources), deadline=deadline)
+            ids = await self.batcher.submit((sources, budget, beam, penalty), size=len(sources), deadline=deadline)
         return [TranslationResult(row, text) for row, text in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
 
     async def warm_up(self) -> None:
         await self.translate(["warm up"], 2, None)
 
     async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None,
-                     beam_size: int | None = None) -> AsyncIterator[tuple[str, int]]:
+                     beam_size: int | None = None, length_penalty: float | None = None
+                     ) -> AsyncIterator[tuple[str, int]]:
         """(new text piece, tokens so far) as tokens are made, the last one with the final count (its piece may be
         empty); closing the iterator (a cancelled client) takes
         the sequence out of the batch at the next step. Beam search streams its result when it is final (a beam's
         tokens are not settled before). No piece ever splits a character (see :class:`Detokenizer`)."""
-        budget, beam = self._options(max_new_tokens, beam_size)
+        budget, beam, penalty = self._options(max_new_tokens, beam_size, length_penalty)
         source = self.encode([text], "text")[0]
         pieces = Detokenizer(self.tokenizer)
         if self.scheduler is None:
             tokens = self._static_stream(source, budget, deadline)
         else:
-            tokens = self._scheduled_stream(source, budget, beam, deadline)
+            tokens = self._scheduled_stream(source, budget, beam, penalty, deadline)
         async for ids, final in tokens:
             piece = pieces.update(ids, final)
             if piece or final:  # the final count goes out even when the last token added no text
                 yield piece, len(ids)
 
-    async def _scheduled_stream(self, source: list[int], budget: int, beam: int, deadline: float | None
-                                ) -> AsyncIterator[tuple[list[int], bool]]:
+    async def _scheduled_stream(self, source: list[int], budget: int, beam: int, penalty: float,
+                                deadline: float | None) -> AsyncIterator[tuple[list[int], bool]]:
         assert self.scheduler is not None
         ids: list[int] = []
-        async for event in self.scheduler.generate(source, budget, beam, deadline=deadline):
+        async for event in self.scheduler.generate(source, budget, beam, penalty, deadline):
             if event.final is not None:
                 yield event.final, True
             else:

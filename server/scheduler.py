@@ -92,6 +92,7 @@ class SequenceRequest:
     length_penalty: float
     deadline: float | None
     events: asyncio.Queue[Event]
+    stream: bool = True  # False: only the final event is posted (one wake-up per request, not per token)
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     # scheduler-thread state
@@ -304,7 +305,8 @@ class ContinuousScheduler:
         self._thread.start()
 
     async def generate(self, source: list[int], max_new_tokens: int, beam_size: int = 1,
-                       length_penalty: float = 1.0, deadline: float | None = None) -> AsyncIterator[Event]:
+                       length_penalty: float = 1.0, deadline: float | None = None, stream: bool = True
+                       ) -> AsyncIterator[Event]:
         """Events for one source until the final one. Leaving the iteration early cancels the request:
         its rows leave the batch at the next step and their cache is freed then."""
         rows = beam_size
@@ -314,7 +316,8 @@ class ContinuousScheduler:
             raise QueueFull(f"model {self.name!r}: a request of {rows} rows × {max_new_tokens} tokens exceeds the "
                             f"scheduler's caps ({self.caps.max_active_sequences} sequences, "
                             f"{self.caps.max_cached_tokens} cached tokens)")
-        request = SequenceRequest(source, max_new_tokens, beam_size, length_penalty, deadline, asyncio.Queue())
+        request = SequenceRequest(source, max_new_tokens, beam_size, length_penalty, deadline, asyncio.Queue(),
+                                  stream)
         with self._cond:
             if len(self._waiting) >= self.caps.max_queue_size:
                 raise QueueFull(f"model {self.name!r}: queue full ({len(self._waiting)} of "
@@ -341,7 +344,8 @@ class ContinuousScheduler:
 
     async def run(self, source: list[int], max_new_tokens: int, beam_size: int = 1, length_penalty: float = 1.0,
                   deadline: float | None = None) -> list[int]:
-        async for event in self.generate(source, max_new_tokens, beam_size, length_penalty, deadline):
+        async for event in self.generate(source, max_new_tokens, beam_size, length_penalty, deadline,
+                                         stream=False):
             if event.final is not None:
                 return event.final
         raise RuntimeError("the scheduler ended a request without a result")
@@ -433,6 +437,7 @@ class ContinuousScheduler:
     def _step(self, outbox: list[tuple[SequenceRequest, Event]]) -> None:
         batch = self._batch
         logits = batch.step(self.step_runner)
+        best = logits.argmax(axis=1)  # every greedy row at once
         now = time.monotonic()
         leaving: list[SequenceRequest] = []
         made = 0
@@ -445,7 +450,7 @@ class ContinuousScheduler:
                 continue
             if request.first_token_at is None:
                 request.first_token_at = now
-            done, picks, tokens = self._next(request, logits[request.row_ids])
+            done, picks, tokens = self._next(request, logits, best)
             made += request.rows
             if done:
                 leaving.append(request)
@@ -453,24 +458,25 @@ class ContinuousScheduler:
                 continue
             batch.reorder(request.row_ids, picks)
             batch.last[request.row_ids] = tokens
-            if request.beams is None:
+            if request.beams is None and request.stream:
                 outbox.append((request, Event(tokens=tokens)))
         for request in leaving:
             self._release(request)
         batch.remove(leaving)
         self._account(made)
 
-    def _next(self, request: SequenceRequest, logits: np.ndarray) -> tuple[bool, list[int], list[int]]:
+    def _next(self, request: SequenceRequest, logits: np.ndarray, best: np.ndarray
+              ) -> tuple[bool, list[int], list[int]]:
         """(done, for each of its rows the row (relative) it continues, tokens to feed next)."""
         eos = self.layout.eos_id
         if request.beams is None:
-            token = int(logits[0].argmax())
+            token = int(best[request.row_ids[0]])
             if token != eos:
                 request.tokens.append(token)
             done = token == eos or len(request.tokens) >= request.max_new_tokens
             return done, [0], [token]
         beams = request.beams
-        rows = beams.advance(torch.from_numpy(logits).log_softmax(dim=-1))
+        rows = beams.advance(torch.from_numpy(logits[request.row_ids]).log_softmax(dim=-1))
         if beams.done:
             request.tokens = strip_special(beams.best().tokens, eos)
             return True, [], []

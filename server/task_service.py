@@ -31,7 +31,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             opts = request.options
             results = await model.translate(list(request.texts), opts.max_new_tokens or None,
                                             deadline_from(remaining(context)), field="texts",
-                                            beam_size=opts.beam_size or None)
+                                            beam_size=opts.beam_size or None, length_penalty=length_penalty(opts))
             self.metrics.generated_tokens.labels(model.name).inc(sum(len(r.ids) for r in results))
             return pb.TranslateResponse(model=model.name, model_version=model.version,
                                         translations=[pb.Translation(text=r.text, tokens=len(r.ids))
@@ -50,7 +50,8 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             scope.model = model.name
             opts = request.options
             async for piece, tokens in model.stream(request.text, opts.max_new_tokens or None,
-                                                    deadline_from(remaining(context)), opts.beam_size or None):
+                                                    deadline_from(remaining(context)), opts.beam_size or None,
+                                                    length_penalty(opts)):
                 if piece:
                     yield pb.TranslateStreamResponse(piece=piece, tokens=tokens)
             yield pb.TranslateStreamResponse(done=True, tokens=tokens)
@@ -104,6 +105,10 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                     raise RequestError(f"images[{i}].tensor: holds {len(one)} images; send one per Image")
                 arrays[i] = one[0]
         return np.stack([a for a in arrays if a is not None])
+
+
+def length_penalty(options: Any) -> float | None:
+    return float(options.length_penalty) if options.HasField("length_penalty") else None
 
 
 def tensor_array(tensor: Any, field: str) -> np.ndarray:

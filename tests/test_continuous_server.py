@@ -44,13 +44,14 @@ def channel(long_server: ServerProcess) -> Iterator[grpc.Channel]:
         yield ch
 
 
-def offline(repo: Path, text: str, budget: int, beam: int) -> str:
+def offline(repo: Path, text: str, budget: int, beam: int, penalty: float = 1.0) -> str:
     from tokenizers import Tokenizer
 
     model, _ = load_checkpoint(repo / MODEL / "1" / "torch")
     tokenizer = Tokenizer.from_file(str(repo / MODEL / "tokenizer.json"))
     src = torch.tensor([[*tokenizer.encode(text).ids, model.config.eos_id]])
-    ids = translate_ids(model, src, torch.ones_like(src, dtype=torch.bool), budget, beam_size=beam)[0]
+    ids = translate_ids(model, src, torch.ones_like(src, dtype=torch.bool), budget, beam_size=beam,
+                        length_penalty=penalty)[0]
     return tokenizer.decode(ids)
 
 
@@ -62,16 +63,17 @@ def metric(server: ServerProcess, name: str, labels: str = f'model="{MODEL}"') -
 
 def test_concurrent_mixed_requests_equal_offline(channel: grpc.Channel, long_repo: Path) -> None:
     stub = tpb_grpc.TranslatorStub(channel)
-    plan = [(TEXTS[i % len(TEXTS)], 5 + 13 * (i % 7), 1 + (i % 4 == 3) + (i % 8 == 7)) for i in range(24)]
+    plan = [(TEXTS[i % len(TEXTS)], 5 + 13 * (i % 7), 1 + (i % 4 == 3) + (i % 8 == 7), 0.5 if i % 6 == 5 else 1.0)
+            for i in range(24)]  # budgets 5..83, greedy and beams of 2 and 3, two length penalties
 
-    def call(item: tuple[str, int, int]) -> str:
-        text, budget, beam = item
-        options = tpb.TranslateOptions(max_new_tokens=budget, beam_size=beam)
+    def call(item: tuple[str, int, int, float]) -> str:
+        text, budget, beam, penalty = item
+        options = tpb.TranslateOptions(max_new_tokens=budget, beam_size=beam, length_penalty=penalty)
         return stub.Translate(tpb.TranslateRequest(texts=[text], options=options), timeout=120).translations[0].text
 
     with ThreadPoolExecutor(12) as pool:
         got = list(pool.map(call, plan))
-    assert got == [offline(long_repo, t, b, k) for t, b, k in plan]
+    assert got == [offline(long_repo, *item) for item in plan]
     several = stub.Translate(tpb.TranslateRequest(texts=TEXTS, options=tpb.TranslateOptions(max_new_tokens=30)))
     assert [t.text for t in several.translations] == [offline(long_repo, t, 30, 1) for t in TEXTS]
 
@@ -132,3 +134,13 @@ def test_scheduler_metrics_are_exported(channel: grpc.Channel, long_server: Serv
     text = urllib.request.urlopen(f"http://127.0.0.1:{long_server.metrics_port}/metrics", timeout=10).read().decode()
     for name in ("transerve_tokens_per_second", "transerve_queue_length", "transerve_active_sequences"):
         assert f'{name}{{model="{MODEL}"}}' in text
+
+
+def test_bad_decoding_options_name_the_field(channel: grpc.Channel) -> None:
+    stub = tpb_grpc.TranslatorStub(channel)
+    for options, words in ((tpb.TranslateOptions(length_penalty=11.0), "length_penalty: 11.0 is outside 0 to 10"),
+                           (tpb.TranslateOptions(beam_size=9), "beam_size: 9 exceeds the limit of 8"),
+                           (tpb.TranslateOptions(max_new_tokens=201), "max_new_tokens: 201 exceeds")):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Translate(tpb.TranslateRequest(texts=["seven"], options=options))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()

@@ -34,11 +34,13 @@ class Prediction:
 
 
 def translate_request(texts: Sequence[str], model: str | None, beam_size: int | None,
-                      max_new_tokens: int | None) -> Any:
+                      max_new_tokens: int | None, length_penalty: float | None = None) -> Any:
     if isinstance(texts, str):
         raise TypeError("translate() takes a list of texts; wrap a single text in a list")
-    return tpb.TranslateRequest(model=model or "", texts=list(texts), options=tpb.TranslateOptions(
-        beam_size=beam_size or 0, max_new_tokens=max_new_tokens or 0))
+    options = tpb.TranslateOptions(beam_size=beam_size or 0, max_new_tokens=max_new_tokens or 0)
+    if length_penalty is not None:
+        options.length_penalty = length_penalty
+    return tpb.TranslateRequest(model=model or "", texts=list(texts), options=options)
 
 
 def stream_request(text: str, model: str | None) -> Any:

@@ -109,10 +109,11 @@ class TranserveClient(_Base):
                 time.sleep(delay)
 
     def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
-                  max_new_tokens: int | None = None, timeout: float | None = None) -> list[str]:
+                  max_new_tokens: int | None = None, length_penalty: float | None = None,
+                  timeout: float | None = None) -> list[str]:
         """Translations of ``texts``, in order (``model=None``: the server's default translator)."""
         response = self._call(self._translator.Translate,
-                              rq.translate_request(texts, model, beam_size, max_new_tokens), timeout)
+                              rq.translate_request(texts, model, beam_size, max_new_tokens, length_penalty), timeout)
         return [t.text for t in response.translations]
 
     def translate_stream(self, text: str, *, model: str | None = None, timeout: float | None = None
@@ -190,9 +191,11 @@ class AsyncTranserveClient(_Base):
                 await asyncio.sleep(delay)
 
     async def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
-                        max_new_tokens: int | None = None, timeout: float | None = None) -> list[str]:
+                        max_new_tokens: int | None = None, length_penalty: float | None = None,
+                        timeout: float | None = None) -> list[str]:
         response = await self._call(self._translator.Translate,
-                                    rq.translate_request(texts, model, beam_size, max_new_tokens), timeout)
+                                    rq.translate_request(texts, model, beam_size, max_new_tokens, length_penalty),
+                                    timeout)
         return [t.text for t in response.translations]
 
     async def translate_stream(self, text: str, *, model: str | None = None, timeout: float | None = None

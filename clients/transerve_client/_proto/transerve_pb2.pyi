@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TranslateOptions(_message.Message):
-    __slots__ = ("beam_size", "max_new_tokens")
+    __slots__ = ("beam_size", "max_new_tokens", "length_penalty")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     max_new_tokens: int
-    def __init__(self, beam_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    length_penalty: float
+    def __init__(self, beam_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
     __slots__ = ("model", "texts", "options")
