@@ -5,8 +5,8 @@ Usage: ``python bench/continuous_bench.py [--work /tmp/transerve-bench] [--secon
 
 1. Open-loop Poisson load (``transerve-loadtest``'s generator) with mixed output lengths — every request's
    ``max_new_tokens`` drawn uniformly from 8..64; the random model never stops early, so that is its length —
-   against the same export served twice: ``scheduler.mode: continuous`` and ``static`` (request-level
-   batching, ``max_batch_size`` 32), the same unary ``Translate`` calls for both. Per offered rate:
+   against the same export served three times: ``scheduler.mode: continuous`` and ``static`` (request-level
+   batching) with ``max_batch_size`` 32 and 64, the same unary ``Translate`` calls for all. Per offered rate:
    throughput, p50/p99 latency. The comparison: the highest swept rate each mode sustains (≥ 90 % of the
    offered rate served — a fixed request count ends with a drain tail — no errors) with p99 under a latency
    bound, for several bounds. Time to first token: a second continuous pass with ``TranslateStream`` at a
@@ -46,7 +46,7 @@ BUDGETS = (8, 64)
 BOUNDS_S = (1.0, 2.0, 4.0, 8.0)
 
 
-def variant(repo: Path, out: Path, mode: str) -> Path:
+def variant(repo: Path, out: Path, mode: str, max_batch_size: int = 32) -> Path:
     """A repository with only the model, its scheduler mode set (and the int8 files left out)."""
     if out.exists():
         shutil.rmtree(out)
@@ -54,7 +54,7 @@ def variant(repo: Path, out: Path, mode: str) -> Path:
     shutil.copytree(repo / MODEL, entry, ignore=shutil.ignore_patterns("*.int8.onnx", "torch"))
     config = yaml.safe_load((entry / "config.yaml").read_text())
     config["scheduler"]["mode"] = mode
-    config["max_batch_size"] = 32
+    config["max_batch_size"] = max_batch_size
     (entry / "config.yaml").write_text(yaml.safe_dump(config))
     return out
 
@@ -139,7 +139,7 @@ def plot(results: dict[str, list[StepResult]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for mode, style in (("static", "s--"), ("continuous", "o-")):
+    for mode, style in (("static", "s--"), ("static-64", "d-."), ("continuous", "o-")):
         steps = results[mode]
         ax.plot([r.load for r in steps], [r.latency_ms["p99"] / 1e3 for r in steps], style, label=f"{mode} p99")
         ax.plot([r.load for r in steps], [r.latency_ms["p50"] / 1e3 for r in steps], style, alpha=0.4,
@@ -170,8 +170,9 @@ def main() -> None:
     args = parser.parse_args()
     repo = exported(args.work)
     results: dict[str, list[StepResult]] = {}
-    for mode in ("static", "continuous"):
-        process, address = start(variant(repo, args.work / f"served-{mode}", mode))
+    for mode in ("static", "static-64", "continuous"):
+        batch = 64 if mode == "static-64" else 32
+        process, address = start(variant(repo, args.work / f"served-{mode}", mode.split("-")[0], batch))
         try:
             results[mode] = asyncio.run(sweep(address, args.rates, args.seconds, stream=False))
             if mode == "continuous":
@@ -187,13 +188,17 @@ def main() -> None:
                               "offered req/s": r.load, "served req/s": round(r.throughput_rps, 1),
                               "tokens/s": round(r.tokens_per_s or 0), "p50 s": round(r.latency_ms["p50"] / 1e3, 2),
                               "p99 s": round(r.latency_ms["p99"] / 1e3, 2),
-                              "TTFT p50 ms": {"static": "= latency", "continuous": "(unary)"}[mode]
+                              "TTFT p50 ms": {"static": "= latency", "static-64": "= latency",
+                                              "continuous": "(unary)"}[mode]
                               if ttft is None else round(ttft),
                               "errors": sum(r.errors.values())})
-    compare = [{"p99 bound s": b, "static req/s": sustained(results["static"], b),
-                "continuous req/s": sustained(results["continuous"], b),
-                "ratio": round(sustained(results["continuous"], b) / max(sustained(results["static"], b), 1e-9), 2),
-                "target": "≥ 2"} for b in BOUNDS_S]
+    compare = []
+    for bound in BOUNDS_S:
+        static = max(sustained(results["static"], bound), sustained(results["static-64"], bound))
+        continuous = sustained(results["continuous"], bound)
+        compare.append({"p99 bound s": bound, "static req/s (best of 32, 64)": static, "continuous req/s": continuous,
+                        "ratio": round(continuous / static, 2) if static else "∞ (static sustains none swept)",
+                        "target": "≥ 2"})
     sat = saturation(repo, args.work, 15.0, args.repeats)
     plot_path = Path(__file__).parent / "plots" / "continuous-vs-static.png"
     plot(results, plot_path)

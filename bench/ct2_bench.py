@@ -1,7 +1,8 @@
 """Offline decode loop: transerve's exported graphs on ONNX Runtime vs CTranslate2, same checkpoint.
 
-Usage: ``python bench/ct2_bench.py [--work /tmp/transerve-bench] [--repeats 5]`` (needs ``pip install
-ctranslate2``; builds the opus-mt-en-de-shaped random checkpoint and its export on first use, ~2 min).
+Usage: ``python bench/ct2_bench.py [--work /tmp/transerve-bench] [--repeats 5]`` (needs ctranslate2:
+``pip install -e ".[bench]"``; builds the opus-mt-en-de-shaped random checkpoint and its export on first
+use, ~2 min).
 
 Protocol (the issue's): 16 sources × 20 tokens (19 random vocabulary pieces + EOS), exactly 32 generated
 tokens (EOS suppressed until then, ``min_decoding_length`` for CTranslate2), greedy, 2 threads for both, batch

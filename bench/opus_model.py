@@ -9,10 +9,7 @@ Used by ``ct2_bench.py`` and ``continuous_bench.py``; both build it on first use
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import torch
 
 VOCAB = 58_101
 SHAPE = {"d_model": 512, "encoder_layers": 6, "decoder_layers": 6, "encoder_attention_heads": 8,
@@ -24,32 +21,10 @@ def checkpoint(work: Path) -> Path:
     directory = work / "opus-shaped"
     if (directory / "config.json").is_file():
         return directory
-    import sentencepiece as spm
-    import transformers
-    from num2words import num2words
+    from transerve.models.importers.random_marian import write_random_marian
 
-    directory.mkdir(parents=True, exist_ok=True)
-    text = [num2words(i) for i in range(0, 20000, 7)] + [num2words(i, lang="de") for i in range(0, 20000, 7)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(directory / "sp"),
-                                   vocab_size=300, model_type="unigram", minloglevel=2)
-    processor = spm.SentencePieceProcessor(model_file=str(directory / "sp.model"))
-    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())
-              if processor.id_to_piece(i) not in ("<unk>", "<s>", "</s>")]
-    vocab = {"</s>": 0, "<unk>": 1, **{p: i + 2 for i, p in enumerate(pieces)}}
-    for i in range(len(vocab), VOCAB - 1):
-        vocab[f"▁w{i}"] = i  # filler entries: the real model's vocabulary size, the tokenizer's pieces
-    vocab["<pad>"] = VOCAB - 1
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = transformers.MarianTokenizer(vocab=str(directory / "vocab.json"),
-                                             source_spm=str(directory / "sp.model"),
-                                             target_spm=str(directory / "sp.model"))
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = transformers.MarianConfig(vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=VOCAB - 1,
-                                       decoder_start_token_id=VOCAB - 1, eos_token_id=0, forced_eos_token_id=None,
-                                       **SHAPE)
-    transformers.MarianMTModel(config).eval().save_pretrained(directory)
-    return directory
+    return write_random_marian(directory, numbers=range(0, 20000, 7), spm_vocab=300, vocab_size=VOCAB,
+                               max_position_embeddings=512, **SHAPE)
 
 
 def exported(work: Path, max_new_tokens: int = 64) -> Path:

@@ -7,13 +7,11 @@ logits within 1e-4, and token ids equal to ``MarianTokenizer``'s.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from num2words import num2words
 from transerve.export.exporter import ExportOptions, export_translator_entry
 from transerve.models.checkpoint import CheckpointError
 from transerve.models.importers.marian import import_hf_marian
@@ -30,32 +28,13 @@ def import_or_skip(module: str):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def marian_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    transformers = import_or_skip("transformers")
-    spm = import_or_skip("sentencepiece")
-    directory = tmp_path_factory.mktemp("marian")
-    text = [num2words(i) for i in range(0, 5000, 3)] + [num2words(i, lang="de") for i in range(0, 5000, 3)]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(directory / "sp"),
-                                   vocab_size=200, model_type="unigram", minloglevel=2)
-    processor = spm.SentencePieceProcessor(model_file=str(directory / "sp.model"))
-    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())
-              if processor.id_to_piece(i) not in ("<unk>", "<s>", "</s>")]
-    vocab = {"</s>": 0, "<unk>": 1, **{p: i + 2 for i, p in enumerate(pieces)}}
-    vocab["<pad>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = transformers.MarianTokenizer(vocab=str(directory / "vocab.json"),
-                                             source_spm=str(directory / "sp.model"),
-                                             target_spm=str(directory / "sp.model"))
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = transformers.MarianConfig(vocab_size=len(vocab), d_model=32, encoder_layers=2, decoder_layers=2,
-                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                       decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=vocab["<pad>"],
-                                       decoder_start_token_id=vocab["<pad>"], eos_token_id=0, forced_eos_token_id=None)
-    model = transformers.MarianMTModel(config).eval()
-    with torch.no_grad():
-        model.final_logits_bias.normal_()  # a non-zero bias, so mapping it matters
-    model.save_pretrained(directory)
-    return directory
+    import_or_skip("transformers")
+    import_or_skip("sentencepiece")
+    from transerve.models.importers.random_marian import write_random_marian
+
+    return write_random_marian(tmp_path_factory.mktemp("marian"), random_bias=True, d_model=32, encoder_layers=2,
+                               decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                               encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
 
 
 def reference(directory: Path):  # type: ignore[no-untyped-def]
