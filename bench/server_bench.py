@@ -167,7 +167,7 @@ def main() -> None:
         served = statistics.median(runs)
         rows.append({"check": f"(a) saturation img/s, {label}, vs best offline ORT batch 64", "served": round(served),
                      "anchor": round(anchor), "ratio": round(served / anchor, 2), "target": "≥ 0.90"})
-    rows.append({"check": "(a) offline anchors: 1 session × 2 threads | 2 sessions × 1 thread", "served": "",
+    rows.append({"check": "(a) offline anchors: 1 session × 2 threads, 2 sessions × 1 thread", "served": "",
                  "anchor": f"{round(offline_one)} / {round(offline_two)}", "ratio": "", "target": ""})
     p50 = statistics.median(lat)
     rows.append({"check": "(b) ms at concurrency 1: round trip vs offline run", "served": round(p50, 3),
