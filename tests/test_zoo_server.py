@@ -41,6 +41,27 @@ def test_translates_num2words_english(zoo_server: ServerProcess) -> None:
         assert decode_bytes(out.raw_output_contents[0], 1, "translation")[0] == b"dreihundertzweiundvierzig"
 
 
+def test_concurrent_translations_equal_the_offline_model(zoo_server: ServerProcess, zoo_dir: Path) -> None:
+    """Continuous batching on the trained translator: 16 clients, greedy and beam 4, PyTorch eager as reference."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from num2words import num2words
+    from transerve.models.translator import TextTranslator
+
+    texts = [num2words(n) for n in range(7, 5000, 97)] + [num2words(n, to="ordinal") for n in range(1, 60, 7)]
+    offline = TextTranslator.load(zoo_dir / "mt-en-de-numbers")
+    with grpc.insecure_channel(zoo_server.address) as channel:
+        stub = tpb_grpc.TranslatorStub(channel)
+        for beam in (1, 4):
+            def one(text: str, beam: int = beam) -> str:
+                options = tpb.TranslateOptions(beam_size=beam)
+                return stub.Translate(tpb.TranslateRequest(texts=[text], options=options)).translations[0].text
+
+            with ThreadPoolExecutor(16) as pool:
+                served = list(pool.map(one, texts))
+            assert served == offline.translate(texts, beam_size=beam)
+
+
 def test_stream_pieces_arrive_token_by_token(zoo_server: ServerProcess) -> None:
     with grpc.insecure_channel(zoo_server.address) as channel:
         messages = list(tpb_grpc.TranslatorStub(channel).TranslateStream(
