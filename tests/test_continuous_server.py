@@ -144,3 +144,17 @@ def test_bad_decoding_options_name_the_field(channel: grpc.Channel) -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.Translate(tpb.TranslateRequest(texts=["seven"], options=options))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()
+
+
+def test_torch_backend_runs_the_same_scheduler(long_repo: Path) -> None:
+    """``--backend torch`` (the reference): the scheduler over the PyTorch graphs, outputs equal to offline."""
+    server = start_server(long_repo, "--backend", "torch")
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            stub = tpb_grpc.TranslatorStub(ch)
+            for beam in (1, 2):
+                reply = stub.Translate(tpb.TranslateRequest(
+                    texts=TEXTS[:3], options=tpb.TranslateOptions(max_new_tokens=12, beam_size=beam)))
+                assert [t.text for t in reply.translations] == [offline(long_repo, t, 12, beam) for t in TEXTS[:3]]
+    finally:
+        assert server.terminate() == 0
