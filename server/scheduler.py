@@ -292,6 +292,7 @@ class ContinuousScheduler:
         self._reserved = 0  # tokens the active rows may still cache, summed over rows (admission cap)
         self._stopping = False
         self._closing = False
+        self._idle = asyncio.Event()  # set on the loop whenever a step ends with nothing active or queued
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = SchedulerStats()
@@ -352,10 +353,15 @@ class ContinuousScheduler:
 
     async def aclose(self, grace: float = 30.0) -> None:
         """Refuse new requests, let admitted and queued ones finish (up to ``grace`` s), then stop."""
-        self._closing = True
-        end = time.monotonic() + grace
-        while (self._waiting or len(self._batch)) and time.monotonic() < end:
-            await asyncio.sleep(0.01)  # polling a drain that ends on its own; bounded by grace
+        self._closing = True  # from here no request is added, so an idle signal stays true
+        if self._waiting or len(self._batch):
+            self._idle.clear()
+            with self._cond:
+                self._cond.notify()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                log.warning("%s: %d sequences still decoding after %.0f s grace", self.name, len(self._batch), grace)
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -503,16 +509,19 @@ class ContinuousScheduler:
 
     def _publish(self, outbox: list[tuple[SequenceRequest, Event]]) -> None:
         """One hop to the event loop per step, whatever the number of requests."""
+        idle = not len(self._batch) and not self._waiting
         if not len(self._batch):
             self.stats.active_sequences = self.stats.cached_tokens = self.stats.cache_slots = 0
-        if outbox and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_deliver, outbox)
+        if (outbox or idle) and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_deliver, outbox, self._idle if idle else None)
 
     @property
     def cached_tokens(self) -> int:
         return self.stats.cached_tokens
 
 
-def _deliver(outbox: Sequence[tuple[SequenceRequest, Event]]) -> None:
+def _deliver(outbox: Sequence[tuple[SequenceRequest, Event]], idle: asyncio.Event | None) -> None:
     for request, event in outbox:
         request.events.put_nowait(event)
+    if idle is not None:
+        idle.set()

@@ -176,3 +176,20 @@ def test_caps_queue_then_refuse(graphs: tuple[Seq2SeqTransformer, Any, Any]) -> 
         await s.aclose()
 
     run(main())
+
+
+def test_close_finishes_accepted_sequences_then_refuses(graphs: tuple[Seq2SeqTransformer, Any, Any]) -> None:
+    model = graphs[0]
+    srcs = sources(6, seed=21)
+
+    async def main() -> list[list[int]]:
+        s = scheduler(graphs, max_active_sequences=3)  # three decode, three wait in the queue
+        s.start()
+        pending = [asyncio.ensure_future(s.run(src, 25)) for src in srcs]
+        await asyncio.sleep(0)  # every request is submitted (queued) before the drain starts
+        await s.aclose(grace=30)
+        with pytest.raises(QueueFull, match="shutting down"):
+            await s.run(srcs[0], 5)
+        return [p.result() for p in pending]  # all done by the time the drain returned
+
+    assert run(main()) == [offline(model, src, 25, 1) for src in srcs]
