@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 from transerve.models.attention import KVCache
-from transerve.models.transformer import Seq2SeqTransformer
+from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
 from transerve.models.vit import ViT
 
 log = logging.getLogger(__name__)
@@ -110,25 +111,42 @@ class RaggedDecoderStepGraph(nn.Module):
         return logits, [t for kv in present for t in kv]
 
 
+@dataclass
+class _StepExample:
+    """What both decoder-step exports share: example caches (batch 2, source 5, cache 3) and dynamic dims."""
+
+    layers: int
+    batch: Dim
+    src: Dim
+    past: Dim
+    caches: tuple[list[Tensor], list[Tensor]]  # (past, cross) K/V, flattened as kv_names orders them
+    cache_shapes: dict[str, list[dict[int, Dim]]]
+
+
+def _step_example(cfg: TransformerConfig, past_min: int) -> _StepExample:
+    layers, heads, head_dim = cfg.num_decoder_layers, cfg.num_heads, cfg.d_model // cfg.num_heads
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    src = Dim("src_len", min=1, max=cfg.max_len)
+    past = Dim("past_len", min=past_min, max=cfg.max_len - 1)
+    caches = ([torch.randn(2, heads, 3, head_dim) for _ in range(2 * layers)],
+              [torch.randn(2, heads, 5, head_dim) for _ in range(2 * layers)])
+    shapes = {"past": [{0: batch, 2: past}] * (2 * layers), "cross": [{0: batch, 2: src}] * (2 * layers)}
+    return _StepExample(layers, batch, src, past, caches, shapes)
+
+
 def export_ragged_step(model: Seq2SeqTransformer, opset: int = OPSET) -> onnx.ModelProto:
     """``decoder_step_ragged``: ``input_ids, positions [N]``, ``attention_mask [N, S]``, ``past_mask [N, P]``,
     past/cross K/V → ``logits [N, V]``, present K/V ``[N, H, P + 1, D]`` — the step a continuous-batching
     scheduler runs over sequences of different lengths."""
     cfg = model.config
-    layers, heads, head_dim = cfg.num_decoder_layers, cfg.num_heads, cfg.d_model // cfg.num_heads
-    b, s, p = 2, 5, 3
-    batch = Dim("batch", min=1, max=MAX_BATCH)
-    src = Dim("src_len", min=1, max=cfg.max_len)
-    past = Dim("past_len", min=1, max=cfg.max_len - 1)
-    args = (torch.randint(4, cfg.vocab_size, (b,)), torch.tensor([3, 1]), torch.ones(b, s, dtype=torch.long),
-            torch.ones(b, p, dtype=torch.long), [torch.randn(b, heads, p, head_dim) for _ in range(2 * layers)],
-            [torch.randn(b, heads, s, head_dim) for _ in range(2 * layers)])
-    shapes = {"input_ids": {0: batch}, "positions": {0: batch}, "attention_mask": {0: batch, 1: src},
-              "past_mask": {0: batch, 1: past}, "past": [{0: batch, 2: past}] * (2 * layers),
-              "cross": [{0: batch, 2: src}] * (2 * layers)}
+    ex = _step_example(cfg, past_min=1)
+    args = (torch.randint(4, cfg.vocab_size, (2,)), torch.tensor([3, 1]), torch.ones(2, 5, dtype=torch.long),
+            torch.ones(2, 3, dtype=torch.long), *ex.caches)
+    shapes = {"input_ids": {0: ex.batch}, "positions": {0: ex.batch}, "attention_mask": {0: ex.batch, 1: ex.src},
+              "past_mask": {0: ex.batch, 1: ex.past}, **ex.cache_shapes}
     return _export(RaggedDecoderStepGraph(model), args, shapes,
-                   ["input_ids", "positions", "attention_mask", "past_mask", *kv_names("past", layers),
-                    *kv_names("cross", layers)], ["logits", *kv_names("present", layers)], opset)
+                   ["input_ids", "positions", "attention_mask", "past_mask", *kv_names("past", ex.layers),
+                    *kv_names("cross", ex.layers)], ["logits", *kv_names("present", ex.layers)], opset)
 
 
 def kv_names(prefix: str, layers: int) -> list[str]:
@@ -139,23 +157,16 @@ def kv_names(prefix: str, layers: int) -> list[str]:
 def export_translator(model: Seq2SeqTransformer, opset: int = OPSET) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(encoder, decoder_step) with dynamic batch, source length and cache length (opset: as export_vit)."""
     cfg = model.config
-    layers, heads, head_dim = cfg.num_decoder_layers, cfg.num_heads, cfg.d_model // cfg.num_heads
-    b, s, p = 2, 5, 3
-    batch = Dim("batch", min=1, max=MAX_BATCH)
-    src = Dim("src_len", min=1, max=cfg.max_len)
-    past = Dim("past_len", min=0, max=cfg.max_len - 1)
-    ids = torch.randint(4, cfg.vocab_size, (b, s))
-    mask = torch.ones(b, s, dtype=torch.long)
+    ex = _step_example(cfg, past_min=0)
+    ids = torch.randint(4, cfg.vocab_size, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
     encoder = _export(EncoderGraph(model), (ids, mask),
-                      {"input_ids": {0: batch, 1: src}, "attention_mask": {0: batch, 1: src}},
-                      ["input_ids", "attention_mask"], kv_names("cross", layers), opset)
-    past_t = [torch.randn(b, heads, p, head_dim) for _ in range(2 * layers)]
-    cross_t = [torch.randn(b, heads, s, head_dim) for _ in range(2 * layers)]
-    step_shapes = {"input_ids": {0: batch}, "attention_mask": {0: batch, 1: src},
-                   "past": [{0: batch, 2: past}] * (2 * layers), "cross": [{0: batch, 2: src}] * (2 * layers)}
-    decoder = _export(DecoderStepGraph(model), (ids[:, :1], mask, past_t, cross_t), step_shapes,
-                      ["input_ids", "attention_mask", *kv_names("past", layers), *kv_names("cross", layers)],
-                      ["logits", *kv_names("present", layers)], opset)
+                      {"input_ids": {0: ex.batch, 1: ex.src}, "attention_mask": {0: ex.batch, 1: ex.src}},
+                      ["input_ids", "attention_mask"], kv_names("cross", ex.layers), opset)
+    step_shapes = {"input_ids": {0: ex.batch}, "attention_mask": {0: ex.batch, 1: ex.src}, **ex.cache_shapes}
+    decoder = _export(DecoderStepGraph(model), (ids[:, :1], mask, *ex.caches), step_shapes,
+                      ["input_ids", "attention_mask", *kv_names("past", ex.layers), *kv_names("cross", ex.layers)],
+                      ["logits", *kv_names("present", ex.layers)], opset)
     return encoder, decoder
 
 
