@@ -35,9 +35,18 @@ def status_of(error: BaseException) -> grpc.StatusCode | None:
 class Scope:
     """Per-request facts filled in as the request is resolved (the model label for metrics)."""
 
+    __slots__ = ("model", "_request_id")
+
     def __init__(self) -> None:
         self.model = "-"
-        self.request_id = uuid.uuid4().hex[:12]
+        self._request_id: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        """Drawn when first logged: most requests never need one, and uuid4 costs a syscall."""
+        if self._request_id is None:
+            self._request_id = uuid.uuid4().hex[:12]
+        return self._request_id
 
 
 async def guarded(metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext,

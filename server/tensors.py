@@ -9,6 +9,7 @@ naming the tensor, the field and the limit, which the servicer turns into
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any, Final
@@ -47,10 +48,10 @@ def datatype_of(array: np.ndarray) -> str:
 
 
 def _shape(tensor: Any, max_elements: int) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in tensor.shape)
+    shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise TensorError(f"input {tensor.name!r}: shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     if count > max_elements:
         raise TensorError(f"input {tensor.name!r}: {count} elements exceed the limit of {max_elements}")
     return shape
@@ -86,7 +87,7 @@ def input_to_numpy(tensor: Any, raw: bytes | None, max_elements: int = 1 << 26) 
     if tensor.datatype not in DTYPES:
         raise TensorError(f"input {tensor.name!r}: datatype {tensor.datatype!r} is not one of {sorted(DTYPES)}")
     shape = _shape(tensor, max_elements)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     dtype = DTYPES[tensor.datatype]
     if raw is not None:
         if tensor.datatype == "BYTES":

@@ -76,8 +76,9 @@ def test_expired_request_is_dropped_before_compute(small_repo: Path, tmp_path: P
         assert server.terminate() == 0
 
 
-def test_sigterm_finishes_accepted_work_and_exits_zero(small_repo: Path, tmp_path: Path) -> None:
-    server = start_server(tuned_repo(small_repo, tmp_path, max_queue_delay_ms=800))
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_sigterm_finishes_accepted_work_and_exits_zero(small_repo: Path, tmp_path: Path, event_loop: str) -> None:
+    server = start_server(tuned_repo(small_repo, tmp_path, max_queue_delay_ms=800), "--event-loop", event_loop)
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
