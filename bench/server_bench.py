@@ -3,7 +3,8 @@
 Usage: ``python bench/server_bench.py [--repo repo] [--seconds 8] [--repeats 3]`` (needs ``make serve``'s
 repository, or ``transerve zoo build --repo repo``). Model: ``vit-digits``. The server runs as its own
 process on 127.0.0.1 with ORT at 2 intra-op threads (uvloop, the server's default loop); the load comes from one
-grpc.aio client process on uvloop on the same 2 cores (so the client's CPU is part of what is measured). Figures are medians over ``--repeats``.
+grpc.aio client process on uvloop on the same 2 cores (so the client's CPU is part of what is measured).
+Figures are medians over ``--repeats``.
 
 (a) saturation throughput through gRPC at batch 64 (requests of 64 images, 4 in flight) vs offline ORT
     on the same graph at batch 64. Both sides get their best configuration on this CPU: offline, the faster

@@ -35,7 +35,7 @@ def status_of(error: BaseException) -> grpc.StatusCode | None:
 class Scope:
     """Per-request facts filled in as the request is resolved (the model label for metrics)."""
 
-    __slots__ = ("model", "_request_id")
+    __slots__ = ("_request_id", "model")
 
     def __init__(self) -> None:
         self.model = "-"
