@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -14,6 +13,7 @@ from transerve.server.batching import DeadlineExceeded, QueueFull
 from transerve.server.manager import ModelNotFound
 from transerve.server.metrics import Metrics
 from transerve.server.models import RequestError
+from transerve.server.request_log import REQUEST_ID_HEADER, Scope, log_access
 from transerve.server.tensors import TensorError
 
 log = logging.getLogger(__name__)
@@ -32,27 +32,10 @@ def status_of(error: BaseException) -> grpc.StatusCode | None:
     return next((code for kind, code in CODES if isinstance(error, kind)), None)
 
 
-class Scope:
-    """Per-request facts filled in as the request is resolved (the model label for metrics)."""
-
-    __slots__ = ("_request_id", "model")
-
-    def __init__(self) -> None:
-        self.model = "-"
-        self._request_id: str | None = None
-
-    @property
-    def request_id(self) -> str:
-        """Drawn when first logged: most requests never need one, and uuid4 costs a syscall."""
-        if self._request_id is None:
-            self._request_id = uuid.uuid4().hex[:12]
-        return self._request_id
-
-
 async def guarded(metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext,
                   handler: Callable[[Scope], Awaitable[T]]) -> T:
     """Run ``handler``; known errors leave as their status with the message, others as INTERNAL."""
-    scope, start = Scope(), time.perf_counter()
+    scope, start = Scope(context), time.perf_counter()
     code = "OK"
     try:
         return await handler(scope)
@@ -62,16 +45,25 @@ async def guarded(metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext,
     except Exception as e:
         status = status_of(e)
         if status is None:
-            log.exception("request %s (%s on %s) failed", scope.request_id, rpc, scope.model)
+            log.exception("request %s (%s on %s) failed", scope.request_id, rpc, scope.model,
+                          extra={"request_id": scope.request_id, "rpc": rpc, "model": scope.model})
             status, message = grpc.StatusCode.INTERNAL, f"internal error (request id {scope.request_id})"
         else:
             message = str(e)
-            log.info("request %s (%s on %s): %s %s", scope.request_id, rpc, scope.model, status.name, message)
+            log.info("request %s (%s on %s): %s %s", scope.request_id, rpc, scope.model, status.name, message,
+                     extra={"request_id": scope.request_id, "rpc": rpc, "model": scope.model, "code": status.name})
         code = status.name
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, scope.request_id),))
         await context.abort(status, message)
         raise  # abort raises; this keeps type checkers aware
     finally:
-        metrics.on_request(scope.model, rpc, code, time.perf_counter() - start)
+        finish(metrics, scope, rpc, code, time.perf_counter() - start)
+
+
+def finish(metrics: Metrics, scope: Scope, rpc: str, code: str, seconds: float) -> None:
+    """Count a finished RPC once, and write its access-log line."""
+    metrics.on_request(scope.model, rpc, code, seconds)
+    log_access(scope, rpc, code, seconds)
 
 
 def remaining(context: grpc.aio.ServicerContext) -> float | None:

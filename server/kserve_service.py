@@ -7,12 +7,13 @@ Every model is reachable through ModelInfer: classifiers take ``images``
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 from transerve.server.batching import DeadlineExceeded, QueueFull
-from transerve.server.errors import Scope, guarded, remaining, status_of
+from transerve.server.errors import Scope, finish, guarded, remaining, status_of
 from transerve.server.manager import ModelManager, ModelNotFound
 from transerve.server.metrics import Metrics
 from transerve.server.models import ClassifierModel, LoadedModel, RequestError, TranslatorModel, deadline_from
@@ -87,7 +88,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         parameter ``tokens`` — and then an empty response with ``triton_final_response: true``.
         """
         async for request in request_iterator:
-            scope = Scope()
+            scope, start = Scope(context, request.id), time.perf_counter()
             try:
                 if _wants_stream(request):
                     async for response in self._stream_translation(request, scope, remaining(context)):
@@ -95,10 +96,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 else:
                     response = await self._infer(request, scope, deadline_from(remaining(context)))
                     yield pb.ModelStreamInferResponse(infer_response=response)
-                self.metrics.on_request(scope.model, "ModelStreamInfer", "OK", 0.0)
+                finish(self.metrics, scope, "ModelStreamInfer", "OK", time.perf_counter() - start)
             except (TensorError, RequestError, ModelNotFound, QueueFull, DeadlineExceeded) as e:
                 code = status_of(e)
-                self.metrics.on_request(scope.model, "ModelStreamInfer", code.name if code else "UNKNOWN", 0.0)
+                finish(self.metrics, scope, "ModelStreamInfer", code.name if code else "UNKNOWN",
+                       time.perf_counter() - start)
                 yield pb.ModelStreamInferResponse(error_message=f"{code.name if code else 'ERROR'}: {e}",
                                                   infer_response=pb.ModelInferResponse(id=request.id))
 

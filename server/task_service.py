@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import numpy as np
-from transerve.server.errors import Scope, guarded, remaining, status_of
+from transerve.server.errors import Scope, finish, guarded, remaining, status_of
 from transerve.server.manager import ModelManager
 from transerve.server.metrics import Metrics
 from transerve.server.models import ClassifierModel, RequestError, TranslatorModel, deadline_from
+from transerve.server.request_log import REQUEST_ID_HEADER
 from transerve_client._proto import transerve_pb2 as pb
 from transerve_client._proto import transerve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
 
@@ -42,7 +46,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
     async def TranslateStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
         """Pieces of the translation as tokens are produced: the sequence joins the model's continuous batch
         and leaves it at the next step when the client cancels."""
-        scope = Scope()
+        scope = Scope(context)
         start, code, tokens = time.perf_counter(), "OK", 0
         try:
             model = self.manager.get(request.model, task="translate")
@@ -61,9 +65,14 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         except Exception as e:
             status = status_of(e) or grpc.StatusCode.INTERNAL
             code = status.name
-            await context.abort(status, str(e) if status != grpc.StatusCode.INTERNAL else "internal error")
+            if status == grpc.StatusCode.INTERNAL:
+                log.exception("request %s (TranslateStream on %s) failed", scope.request_id, scope.model,
+                              extra={"request_id": scope.request_id, "rpc": "TranslateStream", "model": scope.model})
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, scope.request_id),))
+            await context.abort(status, str(e) if status != grpc.StatusCode.INTERNAL
+                                else f"internal error (request id {scope.request_id})")
         finally:
-            self.metrics.on_request(scope.model, "TranslateStream", code, time.perf_counter() - start)
+            finish(self.metrics, scope, "TranslateStream", code, time.perf_counter() - start)
             if tokens and scope.model != "-":
                 self.metrics.generated_tokens.labels(scope.model).inc(tokens)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import re
 import shutil
 import time
@@ -197,3 +198,40 @@ def test_broken_entry_is_unavailable_not_fatal(small_repo: Path, tmp_path: Path)
             assert infer(stub) == grpc.StatusCode.OK
     finally:
         assert server.terminate() == 0
+
+
+def test_json_access_log_carries_request_ids(small_repo: Path) -> None:
+    """--log-format json --access-log: one JSON line per RPC; the client's x-request-id is used, an unusable one
+    is replaced, and a failed request returns the id it was logged under in its trailing metadata."""
+    server = start_server(small_repo, "--log-format", "json", "--access-log")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = pb.ModelInferRequest(model_name="tiny-vit")
+            request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 8, 8])
+            request.raw_input_contents.append(np.zeros((1, 3, 8, 8), "<f4").tobytes())
+            stub.ModelInfer(request, metadata=(("x-request-id", "trace-42"),))
+            stub.ModelInfer(request, metadata=(("x-request-id", "has spaces; and more"),))
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.ModelInfer(pb.ModelInferRequest(model_name="no-such-model"))
+        error_id = dict(failed.value.trailing_metadata() or ())["x-request-id"]
+        lines = wait_for_access_lines(server, 3)
+        assert all(line["logger"] == "transerve.access" and line["rpc"] == "ModelInfer" and line["ms"] > 0
+                   for line in lines)
+        ok_given, ok_drawn, not_found = lines
+        assert (ok_given["request_id"], ok_given["model"], ok_given["code"]) == ("trace-42", "tiny-vit", "OK")
+        assert ok_drawn["code"] == "OK" and re.fullmatch(r"[0-9a-f]{16}", ok_drawn["request_id"])
+        assert (not_found["request_id"], not_found["code"]) == (error_id, "NOT_FOUND")
+    finally:
+        server.terminate()
+
+
+def wait_for_access_lines(server: ServerProcess, count: int, timeout: float = 10) -> list[dict[str, object]]:
+    """The server's JSON access-log lines, once ``count`` have been written (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [json.loads(line) for line in list(server.output) if '"transerve.access"' in line]
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} access-log lines:\n{''.join(server.output[-20:])}")

@@ -18,6 +18,11 @@ class EventLoopChoice(StrEnum):
     asyncio = "asyncio"
 
 
+class LogFormatChoice(StrEnum):
+    text = "text"
+    json = "json"
+
+
 class BackendChoice(StrEnum):
     auto = "auto"
     onnxruntime = "onnxruntime"
@@ -49,10 +54,17 @@ def serve_command(
     event_loop: Annotated[EventLoopChoice, typer.Option(help="uvloop spends ~20 % less CPU per RPC than the "
                                                         "standard asyncio loop (see bench/RESULTS.md).")]
     = EventLoopChoice.uvloop,
+    log_format: Annotated[LogFormatChoice, typer.Option(help="json: one JSON object per log line (time, level, "
+                                                        "logger, message, and request_id/rpc/model/code/ms "
+                                                        "on request lines).")] = LogFormatChoice.text,
+    access_log: Annotated[bool, typer.Option(help="Log one line per finished RPC with its request id (the "
+                                             "client's x-request-id metadata when sent), model, status and "
+                                             "time.")] = False,
 ) -> None:
     """Serve every model of REPO over gRPC: KServe v2 (Triton-compatible), transerve.v1 Translator and
     Classifier, grpc.health.v1 and reflection; Prometheus metrics on --metrics-port. SIGTERM drains."""
     from transerve.server.app import ServeOptions, serve
+    from transerve.server.request_log import configure_logging
 
     if (tls_cert is None) != (tls_key is None):
         raise fail("--tls-cert and --tls-key go together")
@@ -68,6 +80,7 @@ def serve_command(
                            tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
                            max_message_mb=max_message_mb, grace_seconds=grace, threads=threads,
                            ort_spinning=ort_spinning)
+    configure_logging(log_format.value, access_log)  # type: ignore[arg-type]
     try:
         with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
             runner.run(serve(options))
