@@ -61,8 +61,9 @@ def log_access(scope: Scope, rpc: str, code: str, seconds: float) -> None:
                                "ms": ms})
 
 
-def configure_logging(log_format: LogFormat, access: bool) -> None:
-    """Format every handler of the root logger; turn the access log on or off."""
+def configure_logging(log_format: LogFormat, access: bool, level: str = "info") -> None:
+    """Format every handler of the root logger; set transerve's own level (the root keeps its own, so
+    libraries stay quiet); turn the access log on or off."""
     if log_format == "json":
         formatter: logging.Formatter = JsonFormatter(
             "%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -70,4 +71,6 @@ def configure_logging(log_format: LogFormat, access: bool) -> None:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(formatter)
     # the root logger may stay at WARNING: records propagate to its handlers whatever its own level
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # -v (DEBUG everywhere) wins
+        logging.getLogger("transerve").setLevel(level.upper())
     access_log.setLevel(logging.INFO if access else logging.WARNING)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -219,6 +220,15 @@ def test_statistics_and_metrics_count_requests(channel: grpc.Channel, server: Se
         text = r.read().decode()
     assert 'transerve_requests_total{code="OK",model="tiny-vit",rpc="ModelInfer"}' in text
     assert "transerve_batch_size_bucket" in text and "transerve_queue_seconds_count" in text
+
+
+def test_default_log_names_the_backend_and_writes_no_access_lines(channel: grpc.Channel,
+                                                                   server: ServerProcess) -> None:
+    """`--backend auto` says which backend it picked and why; without --access-log requests are not logged."""
+    kserve(channel).ModelInfer(image_request(np.zeros((1, 3, 8, 8), np.float32)))
+    output = "".join(server.output)
+    assert re.search(r"INFO transerve\.server\.runtime: \S+tiny-vit/1: backend onnxruntime \(.+\)", output)
+    assert "ready on onnxruntime" in output and "transerve.access" not in output
 
 
 def test_reflection_lists_the_services(channel: grpc.Channel) -> None:

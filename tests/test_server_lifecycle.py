@@ -235,3 +235,22 @@ def wait_for_access_lines(server: ServerProcess, count: int, timeout: float = 10
             return lines
         time.sleep(0.05)
     raise AssertionError(f"fewer than {count} access-log lines:\n{''.join(server.output[-20:])}")
+
+
+def test_message_size_limit_is_configurable_and_named(small_repo: Path) -> None:
+    """--max-message-mb 1: a 2 MiB request is refused with RESOURCE_EXHAUSTED naming both sizes; the server
+    keeps answering requests under the limit."""
+    server = start_server(small_repo, "--max-message-mb", "1")
+    try:
+        with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            big = pb.ModelInferRequest(model_name="tiny-vit")
+            big.inputs.add(name="images", datatype="FP32", shape=[2731, 3, 8, 8])
+            big.raw_input_contents.append(np.zeros((2731, 3, 8, 8), "<f4").tobytes())  # 2 MiB
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(big)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert re.search(r"larger than max \(\d+ vs\. 1048576\)", refused.value.details() or "")
+            assert infer(stub) == grpc.StatusCode.OK
+    finally:
+        server.terminate()

@@ -18,6 +18,13 @@ class EventLoopChoice(StrEnum):
     asyncio = "asyncio"
 
 
+class LogLevelChoice(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
 class LogFormatChoice(StrEnum):
     text = "text"
     json = "json"
@@ -60,6 +67,9 @@ def serve_command(
     access_log: Annotated[bool, typer.Option(help="Log one line per finished RPC with its request id (the "
                                              "client's x-request-id metadata when sent), model, status and "
                                              "time.")] = False,
+    log_level: Annotated[LogLevelChoice, typer.Option(help="transerve's log level: info shows model loading, "
+                                                      "the backend chosen and why, failed requests.")]
+    = LogLevelChoice.info,
 ) -> None:
     """Serve every model of REPO over gRPC: KServe v2 (Triton-compatible), transerve.v1 Translator and
     Classifier, grpc.health.v1 and reflection; Prometheus metrics on --metrics-port. SIGTERM drains."""
@@ -80,7 +90,7 @@ def serve_command(
                            tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
                            max_message_mb=max_message_mb, grace_seconds=grace, threads=threads,
                            ort_spinning=ort_spinning)
-    configure_logging(log_format.value, access_log)  # type: ignore[arg-type]
+    configure_logging(log_format.value, access_log, log_level.value)  # type: ignore[arg-type]
     try:
         with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
             runner.run(serve(options))
