@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -75,6 +76,8 @@ def test_errors_carry_code_and_message(client: TranserveClient, call, code: str,
     with pytest.raises(TranserveError) as info:
         call(client)
     assert info.value.code.name == code and words in info.value.message
+    assert re.fullmatch(r"[0-9a-f]{16}", info.value.request_id or "")  # the id the server logged it under
+    assert info.value.request_id in str(info.value)
 
 
 def test_deadline_exceeded(client: TranserveClient) -> None:
@@ -95,7 +98,7 @@ def test_streaming_pieces_join_to_the_translation(client: TranserveClient, serve
     assert "".join(asyncio.run(main())) == client.translate([TEXTS[0]])[0]
     with pytest.raises(TranserveError) as info:
         list(client.translate_stream("x" * 5000))
-    assert info.value.code.name == "INVALID_ARGUMENT"
+    assert info.value.code.name == "INVALID_ARGUMENT" and info.value.request_id
 
 
 def test_async_client(server: ServerProcess, small_repo: Path) -> None:
@@ -110,7 +113,7 @@ def test_async_client(server: ServerProcess, small_repo: Path) -> None:
             assert out["logits"].shape == (1, 10)
             with pytest.raises(TranserveError) as info:
                 await c.classify([PIXELS], model="tiny-mt")
-            assert info.value.code.name == "NOT_FOUND"
+            assert info.value.code.name == "NOT_FOUND" and info.value.request_id
 
     asyncio.run(main())
 

@@ -37,11 +37,12 @@ T = TypeVar("T")
 
 
 class TranserveError(Exception):
-    """A failed call: ``code`` is the ``grpc.StatusCode``, ``message`` the server's explanation."""
+    """A failed call: ``code`` is the ``grpc.StatusCode``, ``message`` the server's explanation, and
+    ``request_id`` the id the server logged the request under (quote it when reporting a problem)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code, self.message = code, message
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code.name}: {message}" + (f" [request id {request_id}]" if request_id else ""))
+        self.code, self.message, self.request_id = code, message, request_id
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,9 @@ class _Base:
 
 
 def _error(e: grpc.RpcError) -> TranserveError:
-    return TranserveError(e.code(), e.details() or "")
+    trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    request_id = next((str(v) for k, v in trailing or () if k == "x-request-id"), None)
+    return TranserveError(e.code(), e.details() or "", request_id)
 
 
 class TranserveClient(_Base):
