@@ -12,6 +12,9 @@ $(BIN)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ./clients -e '.[dev]'
+	# timm: the timm-vit importer's reference model in the tests. Without its dependencies: its torchvision
+	# pin resolves to a CUDA-only wheel for torch 2.13 (tests/test_importers_vit.py explains the stub).
+	$(BIN)/python -m pip install --quiet --no-deps 'timm>=1.0.29,<1.1'
 	touch $@
 
 install: $(BIN)/.installed
