@@ -337,10 +337,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when it is installed (it is with the server package): less CPU per request, so one load-test
+    process drives more load; asyncio's own loop otherwise (``pip install ./clients`` alone)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_target(args.url, args.allow_remote)
-    results = asyncio.run(run(args))
+    with asyncio.Runner(loop_factory=fast_loop_factory()) as runner:
+        results = runner.run(run(args))
     for r in results:
         print(f"{r.mode} {r.load:g}: {r.throughput_rps:.1f} req/s, p50 {r.latency_ms['p50']:.2f} ms, "
               f"p90 {r.latency_ms['p90']:.2f}, p99 {r.latency_ms['p99']:.2f}, max {r.latency_ms['max']:.2f}, "
