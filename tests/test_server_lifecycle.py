@@ -38,12 +38,17 @@ def tuned_repo(small_repo: Path, tmp_path: Path, **batching: float) -> Path:
     return repo
 
 
-def infer(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float | None = None) -> grpc.StatusCode:
+def zeros_request(images: int = 1) -> pb.ModelInferRequest:
+    """KServe ModelInfer of ``images`` blank 8×8 images for the small repository's ViT."""
     request = pb.ModelInferRequest(model_name="tiny-vit")
-    request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 8, 8])
-    request.raw_input_contents.append(np.zeros((1, 3, 8, 8), "<f4").tobytes())
+    request.inputs.add(name="images", datatype="FP32", shape=[images, 3, 8, 8])
+    request.raw_input_contents.append(np.zeros((images, 3, 8, 8), "<f4").tobytes())
+    return request
+
+
+def infer(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float | None = None) -> grpc.StatusCode:
     try:
-        stub.ModelInfer(request, timeout=timeout)
+        stub.ModelInfer(zeros_request(), timeout=timeout)
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK
@@ -83,9 +88,7 @@ def test_sigterm_finishes_accepted_work_and_exits_zero(small_repo: Path, tmp_pat
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            request = pb.ModelInferRequest(model_name="tiny-vit")
-            request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 8, 8])
-            request.raw_input_contents.append(np.zeros((1, 3, 8, 8), "<f4").tobytes())
+            request = zeros_request()
             pending = [stub.ModelInfer.future(request) for _ in range(8)]  # held ~0.8 s in the batcher
             wait_until_queued(server, "tiny-vit", 8)  # accepted: all eight are in the model's queue
             assert server.terminate() == 0
@@ -207,9 +210,7 @@ def test_json_access_log_carries_request_ids(small_repo: Path) -> None:
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            request = pb.ModelInferRequest(model_name="tiny-vit")
-            request.inputs.add(name="images", datatype="FP32", shape=[1, 3, 8, 8])
-            request.raw_input_contents.append(np.zeros((1, 3, 8, 8), "<f4").tobytes())
+            request = zeros_request()
             stub.ModelInfer(request, metadata=(("x-request-id", "trace-42"),))
             stub.ModelInfer(request, metadata=(("x-request-id", "has spaces; and more"),))
             with pytest.raises(grpc.RpcError) as failed:
@@ -244,11 +245,8 @@ def test_message_size_limit_is_configurable_and_named(small_repo: Path) -> None:
     try:
         with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            big = pb.ModelInferRequest(model_name="tiny-vit")
-            big.inputs.add(name="images", datatype="FP32", shape=[2731, 3, 8, 8])
-            big.raw_input_contents.append(np.zeros((2731, 3, 8, 8), "<f4").tobytes())  # 2 MiB
             with pytest.raises(grpc.RpcError) as refused:
-                stub.ModelInfer(big)
+                stub.ModelInfer(zeros_request(2731))  # 2 MiB
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert re.search(r"larger than max \(\d+ vs\. 1048576\)", refused.value.details() or "")
             assert infer(stub) == grpc.StatusCode.OK
