@@ -53,8 +53,8 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
 
 
 def export_plain(model: ViT, opset: int) -> onnx.ModelProto:
-    """The exporter's own graph (its onnxscript clean-up included), nothing of ours."""
-    return graphs.export_vit(model, opset)
+    """The exporter's own graph of ``forward`` (its onnxscript clean-up included), nothing of ours."""
+    return graphs.export_vit(model, opset, class_token_only=False)
 
 
 def ort_transformers(plain: onnx.ModelProto, cfg: ViTConfig) -> onnx.ModelProto:

@@ -1,6 +1,7 @@
 """torch → ONNX: the graphs the server runs.
 
-* ViT → ``model.onnx``: ``images [N, 3, H, W] → logits [N, classes]``.
+* ViT → ``model.onnx``: ``images [N, 3, H, W] → logits [N, classes]``, traced from
+  ``ViT.forward_class_token`` (the last block computed for the class token only).
 * Translator → ``encoder.onnx``: ``input_ids, attention_mask [N, S] →
   cross_k_i, cross_v_i [N, H, S, D]`` — the cross-attention K/V of every
   decoder layer, computed once per source, so no decoder step repeats them;
@@ -58,12 +59,26 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes: dict, input_names: l
         return onnx.load_model(str(path))
 
 
-def export_vit(model: ViT, opset: int = OPSET) -> onnx.ModelProto:
-    """``opset`` other than 23 is for comparisons (bench/): the passes expect opset 23."""
+class ClassTokenGraph(nn.Module):
+    """The ViT as served: ``forward_class_token`` (the last block only for the token the head reads)."""
+
+    def __init__(self, model: ViT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model.forward_class_token(images)
+
+
+def export_vit(model: ViT, opset: int = OPSET, class_token_only: bool = True) -> onnx.ModelProto:
+    """``opset`` other than 23 is for comparisons (bench/): the passes expect opset 23. ``class_token_only``
+    exports ``ViT.forward_class_token`` — the same logits with ~5/6 of the last block's work skipped;
+    False exports ``forward`` as written (the benchmark's plain-exporter pipelines)."""
     cfg = model.config
     images = torch.randn(2, cfg.in_chans, cfg.image_size, cfg.image_size)  # batch ≥ 2: torch specialises 0 and 1
     batch = Dim("batch", min=1, max=MAX_BATCH)
-    return _export(model, (images,), {"images": {0: batch}}, ["images"], ["logits"], opset)
+    graph = ClassTokenGraph(model) if class_token_only else model
+    return _export(graph, (images,), {"images": {0: batch}}, ["images"], ["logits"], opset)
 
 
 class EncoderGraph(nn.Module):

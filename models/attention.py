@@ -119,6 +119,18 @@ class SelfAttention(nn.Module):
         out = merge_heads(self.attend(q, k, v, mask))  # [B, T, C]
         return self.dropout(self.proj(out)), (k, v)
 
+    def forward_first(self, first: Tensor, x: Tensor) -> Tensor:
+        """The output at position 0 only, ``[B, 1, C]`` (``first`` is ``x[:, :1]``), attending over every
+        position of ``x``: what a classifier head that reads the first token needs from the last block (no
+        queries, output projection or softmax rows for the other positions). ``first`` comes in separately so
+        that whatever produced it (a norm) feeds projections only — the form BatchNorm folding needs."""
+        dim = x.shape[-1]
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(first, weight[:dim], None if bias is None else bias[:dim])  # [B, 1, C]
+        k, v = F.linear(x, weight[dim:], None if bias is None else bias[dim:]).chunk(2, dim=-1)  # 2 × [B, T, C]
+        q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))
+        return self.dropout(self.proj(merge_heads(self.attend(q, k, v, None))))
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention of decoder queries over encoder memory.

@@ -91,6 +91,12 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))[0]
         return x + self.mlp(self.norm2(x))
 
+    def forward_first(self, x: Tensor) -> Tensor:
+        """The block's output at position 0 only, ``[B, 1, C]`` (every norm here acts on each token alone)."""
+        first = x[:, :1]
+        first = first + self.attn.forward_first(self.norm1(first), self.norm1(x))
+        return first + self.mlp(self.norm2(first))
+
 
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
@@ -103,15 +109,29 @@ class ViT(nn.Module):
         self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
-    def forward_features(self, images: Tensor) -> Tensor:
-        """[B, 3, H, W] → token states [B, 1 + N, C] (class token first)."""
+    def embed(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] → input tokens [B, 1 + N, C] (class token first, positions added)."""
         x = self.patch_embed(images)  # [B, N, C]
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # [B, 1, C]
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # [B, 1 + N, C]
-        return self.norm(self.blocks(x))
+        return torch.cat([cls, x], dim=1) + self.pos_embed  # [B, 1 + N, C]
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] → token states [B, 1 + N, C] (class token first)."""
+        return self.norm(self.blocks(self.embed(images)))
 
     def forward_head(self, features: Tensor) -> Tensor:
         return self.head(features[:, 0])  # [B, classes]
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))
+
+    def forward_class_token(self, images: Tensor) -> Tensor:
+        """The same logits as ``forward``, with the last block computed only where the head reads (the class
+        token): its queries, output projection, MLP and final norm for one position instead of 1 + N. Exact
+        math, not an approximation; what the exported graph runs (``transerve.export.graphs.export_vit``)."""
+        *body, last = self.blocks
+        x = self.embed(images)
+        for block in body:
+            x = block(x)
+        assert isinstance(last, Block)
+        return self.forward_head(self.norm(last.forward_first(x)))

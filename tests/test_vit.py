@@ -55,6 +55,21 @@ def test_sdpa_and_explicit_attention_agree(norm: str) -> None:
     torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["layer", "batch", "group"])
+@pytest.mark.parametrize("impl", ["sdpa", "explicit"])
+def test_class_token_path_equals_the_full_forward(norm: str, impl: str) -> None:
+    """forward_class_token computes the last block for the class token only; the logits must not change
+    (fp32, 1e-5 — only the GEMM shapes differ)."""
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=16, patch_size=4, dim=32, depth=3, num_heads=4, norm=norm,  # type: ignore[arg-type]
+                          attn_impl=impl)).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        for p in model.parameters():  # nothing left at its zero/one initialisation
+            p.add_(0.1 * torch.randn_like(p))
+        images = torch.randn(5, 3, 16, 16)
+        torch.testing.assert_close(model.forward_class_token(images), model(images), atol=1e-5, rtol=1e-5)
+
+
 def test_batch_variant_puts_every_batchnorm_right_after_a_linear_or_conv() -> None:
     """What makes BN folding possible: each BN follows a Conv/Linear (stem, MLP) or feeds one (pre-norm)."""
     model = tiny("batch")
