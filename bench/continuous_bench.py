@@ -37,7 +37,7 @@ from transerve_client.loadtest import StepResult, TranslateLoad, Workload, open_
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ct2_bench import TranserveLoop
-from export_bench import markdown, write_section
+from export_bench import command_line, markdown, write_section
 from opus_model import exported
 from server_bench import start
 
@@ -210,7 +210,7 @@ def main() -> None:
     write_section(Path(__file__).with_name("RESULTS.md"), heading,
                   f"{heading}: {MODEL} (random weights), open-loop Poisson, output lengths uniform "
                   f"{BUDGETS[0]}..{BUDGETS[1]} tokens, {args.seconds:g} s per rate; server and load generator on "
-                  f"the same 2 cores\n\nCommand: `{' '.join(['python', *sys.argv])}`\n\n{text}")
+                  f"the same 2 cores\n\n{command_line()}\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -139,8 +139,13 @@ def main() -> None:
     table = markdown(rows)
     print(table)
     section = (f"## Export: images/s by pipeline (median of {repeats}; torch {torch.__version__}, "
-               f"{THREADS} threads)\n\nCommand: `{' '.join(['python', *sys.argv])}`\n\n{table}\n")
+               f"{THREADS} threads)\n\n{command_line()}\n\n{table}\n")
     write_section(RESULTS, "## Export:", section)
+
+
+def command_line() -> str:
+    """The line every RESULTS.md section carries: how to reproduce it."""
+    return f"Command: `{' '.join(['python', *sys.argv])}`"
 
 
 def write_section(path: Path, heading: str, section: str) -> None:

@@ -29,7 +29,7 @@ from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.vit import ViT
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_bench import markdown, median_ms, write_section
+from export_bench import command_line, markdown, median_ms, write_section
 
 Feeds = Callable[[int], dict[str, np.ndarray]]
 
@@ -105,7 +105,7 @@ def main() -> None:
     print(table)
     write_section(Path(__file__).with_name("RESULTS.md"), "## Fusion",
                   f"## Fusion never costs speed: zoo graphs, ms per call (median of {args.repeats}, ORT 2 threads)"
-                  f"\n\nCommand: `{' '.join(['python', *sys.argv])}`\n\n{table}\n")
+                  f"\n\n{command_line()}\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_bench import markdown, write_section
+from export_bench import command_line, markdown, write_section
 from server_bench import start
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     print(table)
     write_section(Path(__file__).with_name("RESULTS.md"), "## Load generator",
                   f"## Load generator: one transerve-loadtest process, trivial requests (ServerLive)\n\n"
-                  f"Command: `{' '.join(['python', *sys.argv])}`\n\nPeak {best} requests/s "
+                  f"{command_line()}\n\nPeak {best} requests/s "
                   f"({'≥' if best >= 5000 else '<'} the 5 000/s target), server and client on the same 2 cores.\n\n"
                   f"{table}\n")
 

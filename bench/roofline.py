@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_bench import THREADS, markdown, write_section
+from export_bench import THREADS, command_line, markdown, write_section
 from transerve.models.vit import ViT, ViTConfig
 
 CONFIGS = {  # the export benchmark's two models
@@ -81,8 +81,7 @@ def main() -> None:
     print(table)
     heading = "## Roofline: eager vs this CPU's fp32 GEMM peak"
     write_section(Path(__file__).with_name("RESULTS.md"), heading,
-                  f"{heading} ({THREADS} threads, median of {args.repeats})\n\nCommand: "
-                  f"`{' '.join(['python', *sys.argv])}`\n\n{table}\n")
+                  f"{heading} ({THREADS} threads, median of {args.repeats})\n\n{command_line()}\n\n{table}\n")
 
 
 if __name__ == "__main__":

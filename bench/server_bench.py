@@ -41,7 +41,7 @@ from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_bench import markdown, median_ms, write_section
+from export_bench import command_line, markdown, median_ms, write_section
 
 MODEL = "vit-digits"
 
@@ -193,7 +193,7 @@ def main() -> None:
     heading = f"## Server ({setting})"
     write_section(Path(__file__).with_name("RESULTS.md"), heading,
                   f"{heading}: gRPC serving of {MODEL} (median of {args.repeats} runs of {args.seconds:g} s; "
-                  f"server and client share the 2 cores)\n\nCommand: `{' '.join(['python', *sys.argv])}`\n\n"
+                  f"server and client share the 2 cores)\n\n{command_line()}\n\n"
                   f"{table}\n")
 
 
