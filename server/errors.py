@@ -43,21 +43,28 @@ async def guarded(metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext,
         code = "CANCELLED"
         raise
     except Exception as e:
-        status = status_of(e)
-        if status is None:
-            log.exception("request %s (%s on %s) failed", scope.request_id, rpc, scope.model,
-                          extra={"request_id": scope.request_id, "rpc": rpc, "model": scope.model})
-            status, message = grpc.StatusCode.INTERNAL, f"internal error (request id {scope.request_id})"
-        else:
-            message = str(e)
-            log.info("request %s (%s on %s): %s %s", scope.request_id, rpc, scope.model, status.name, message,
-                     extra={"request_id": scope.request_id, "rpc": rpc, "model": scope.model, "code": status.name})
+        status, message = failure(context, scope, rpc, e)
         code = status.name
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, scope.request_id),))
         await context.abort(status, message)
         raise  # abort raises; this keeps type checkers aware
     finally:
         finish(metrics, scope, rpc, code, time.perf_counter() - start)
+
+
+def failure(context: Any, scope: Scope, rpc: str, error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message a failed RPC answers with — known errors as themselves, anything else as INTERNAL
+    naming only the request id — after logging it and putting the id in the trailing metadata."""
+    status = status_of(error)
+    fields = {"request_id": scope.request_id, "rpc": rpc, "model": scope.model}
+    if status is None:
+        log.exception("request %s (%s on %s) failed", scope.request_id, rpc, scope.model, extra=fields)
+        status, message = grpc.StatusCode.INTERNAL, f"internal error (request id {scope.request_id})"
+    else:
+        message = str(error)
+        log.info("request %s (%s on %s): %s %s", scope.request_id, rpc, scope.model, status.name, message,
+                 extra={**fields, "code": status.name})
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, scope.request_id),))
+    return status, message
 
 
 def finish(metrics: Metrics, scope: Scope, rpc: str, code: str, seconds: float) -> None:

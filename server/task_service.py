@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import numpy as np
-from transerve.server.errors import Scope, finish, guarded, remaining, status_of
+from transerve.server.errors import Scope, failure, finish, guarded, remaining
 from transerve.server.manager import ModelManager
 from transerve.server.metrics import Metrics
 from transerve.server.models import ClassifierModel, RequestError, TranslatorModel, deadline_from
-from transerve.server.request_log import REQUEST_ID_HEADER
 from transerve_client._proto import transerve_pb2 as pb
 from transerve_client._proto import transerve_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
 
@@ -63,14 +58,9 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             code = "CANCELLED"
             raise
         except Exception as e:
-            status = status_of(e) or grpc.StatusCode.INTERNAL
+            status, message = failure(context, scope, "TranslateStream", e)
             code = status.name
-            if status == grpc.StatusCode.INTERNAL:
-                log.exception("request %s (TranslateStream on %s) failed", scope.request_id, scope.model,
-                              extra={"request_id": scope.request_id, "rpc": "TranslateStream", "model": scope.model})
-            context.set_trailing_metadata(((REQUEST_ID_HEADER, scope.request_id),))
-            await context.abort(status, str(e) if status != grpc.StatusCode.INTERNAL
-                                else f"internal error (request id {scope.request_id})")
+            await context.abort(status, message)
         finally:
             finish(self.metrics, scope, "TranslateStream", code, time.perf_counter() - start)
             if tokens and scope.model != "-":
