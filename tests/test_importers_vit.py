@@ -188,6 +188,16 @@ def test_mismatched_checkpoint_names_the_tensor(tmp_path: Path) -> None:
         VIT_IMPORTERS["hf-vit"](tmp_path / "ckpt")
 
 
+def test_timm_average_pooling_is_refused_not_misread(tmp_path: Path) -> None:
+    timm_vit(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["global_pool"] == "token"  # what timm wrote for the class-token model
+    config["global_pool"] = "avg"
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="global_pool 'avg' is not supported"):
+        VIT_IMPORTERS["timm-vit"](tmp_path / "ckpt")
+
+
 def test_wrong_architecture_is_named(tmp_path: Path) -> None:
     torchvision_vit(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="missing"):

@@ -189,6 +189,9 @@ def import_timm_vit(directory: Path) -> tuple[ViT, dict[str, Any]]:
     cfg = ViTConfig(image_size=grid_image_size(get("pos_embed"), patch), patch_size=patch, in_chans=conv.shape[1],
                     num_classes=get("head.weight").shape[0], dim=dim, depth=block_count(state, "blocks."),
                     num_heads=heads, mlp_ratio=get("blocks.0.mlp.fc1.weight").shape[0] / dim, norm_eps=1e-6)
+    pool = config.get("global_pool", "token")
+    if pool not in ("token", None):  # our ViT (and its class-token export) classifies the class token
+        raise CheckpointError(f"{directory}: timm global_pool {pool!r} is not supported (class-token pooling only)")
     unsupported = [k for k in state if k.startswith(("fc_norm.", "norm_pre.")) or ".ls1." in k or "reg_token" in k]
     if unsupported:
         raise CheckpointError(f"{directory}: timm variant with {unsupported[0]!r} is not supported (plain ViT only)")
