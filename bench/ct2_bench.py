@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from transerve.export.ort_translator import OrtSeq2Seq, make_session
+from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_bench import command_line, markdown, write_section
@@ -36,19 +36,18 @@ class TranserveLoop:
 
     def __init__(self, vdir: Path, config: dict, suffix: str = "") -> None:
         d = config["decoder"]
+        layout = DecoderLayout(d["num_layers"], d["num_heads"], d["head_dim"], d["bos_id"], d["eos_id"], d["pad_id"])
         self.s2s = OrtSeq2Seq(make_session(vdir / f"encoder{suffix}.onnx", THREADS),
-                              make_session(vdir / f"decoder_step{suffix}.onnx", THREADS),
-                              num_layers=d["num_layers"], num_heads=d["num_heads"], head_dim=d["head_dim"],
-                              bos_id=d["bos_id"], eos_id=d["eos_id"], pad_id=d["pad_id"])
+                              make_session(vdir / f"decoder_step_ragged{suffix}.onnx", THREADS), layout)
 
     def __call__(self, sources: np.ndarray) -> np.ndarray:
         s2s = self.s2s
         mask = np.ones_like(sources)
         cross = s2s.encode(sources, mask)
-        past, last, out = s2s.empty_cache(len(sources)), np.full(len(sources), s2s.bos_id), []
+        past, last, out = s2s.empty_cache(len(sources)), np.full(len(sources), s2s.layout.bos_id), []
         for _ in range(NEW_TOKENS):
             logits, past = s2s.step(last, mask, past, cross)
-            logits[:, s2s.eos_id] = -np.inf
+            logits[:, s2s.layout.eos_id] = -np.inf
             last = logits.argmax(-1)
             out.append(last)
         return np.stack(out, 1)

@@ -33,9 +33,9 @@ import numpy as np
 import onnx
 import torch
 from transerve.export import graphs, precision
-from transerve.export.ort_translator import make_session
 from transerve.export.passes import optimize
 from transerve.models.vit import ViT, ViTConfig
+from transerve.server.seq2seq import make_session
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 THREADS = 2

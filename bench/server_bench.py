@@ -36,7 +36,7 @@ import grpc
 import numpy as np
 import uvloop
 import yaml
-from transerve.export.ort_translator import make_session
+from transerve.server.seq2seq import make_session
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 

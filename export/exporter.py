@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 from tokenizers import Tokenizer
 from transerve.export import graphs, precision, repository
-from transerve.export.ort_translator import OrtSeq2Seq, make_session
 from transerve.export.passes import PassResult, Target, op_counts, optimize
 from transerve.export.verify import FP32_TOLERANCE, run_vit, verify_translator, verify_vit
 from transerve.models.checkpoint import save_checkpoint
 from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.vit import ViT
+from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, make_session
 
 from transerve import __version__
 
@@ -41,6 +41,7 @@ class ExportOptions:
     int8: bool = False
     fp16: bool = False
     default: bool = False
+    torch_checkpoint: bool = False  # also write <version>/torch for the `torch` reference backend
     source: str = "transerve"
     on_status: Callable[[str], None] = field(default=lambda message: None)
 
@@ -90,7 +91,8 @@ def export_vit_entry(model: ViT, opts: ExportOptions, *, labels: Sequence[str], 
                                    num_classes=cfg.num_classes, preprocessing=preprocessing, default=opts.default)
     vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"labels.txt": "\n".join(labels) + "\n"})
     graphs.save_model(fused, vdir / "model.onnx")
-    save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
+    if opts.torch_checkpoint:
+        save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
     report["variants"] = _vit_variants(fused, vdir, opts, eval_images, eval_labels, report)
     report["export_seconds"] = round(time.perf_counter() - start, 1)
     _check(report, vdir)
@@ -131,14 +133,15 @@ def _variant_metrics(model: onnx.ModelProto, probe: np.ndarray, reference: np.nd
 def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opts: ExportOptions, *,
                             eval_pairs: Sequence[tuple[str, str]] | None = None,
                             max_new_tokens: int = 64) -> dict[str, Any]:
-    """Export the translator's encoder and decoder step to ``REPO/NAME`` and return the report."""
+    """Export the translator's encoder and decoder step to ``REPO/NAME`` and return the report.
+
+    One decoder graph, ``decoder_step_ragged``: it serves continuous batching and decodes a uniform batch
+    for request-level batching too, so the decoder's weights are stored (and loaded) once."""
     start = time.perf_counter()
     cfg, report = model.config, _base_report(opts, "transformer")
-    opts.on_status(f"{opts.name}: exporting encoder, decoder_step and decoder_step_ragged (opset {graphs.OPSET})")
-    raw = dict(zip(("encoder", "decoder_step"), graphs.export_translator(model.eval()), strict=True))
-    raw["decoder_step_ragged"] = graphs.export_ragged_step(model.eval())  # continuous batching's step
-    expected = {"encoder": cfg.num_encoder_layers, "decoder_step": 2 * cfg.num_decoder_layers,
-                "decoder_step_ragged": 2 * cfg.num_decoder_layers}
+    opts.on_status(f"{opts.name}: exporting encoder and decoder_step_ragged (opset {graphs.OPSET})")
+    raw = {"encoder": graphs.export_encoder(model.eval()), "decoder_step_ragged": graphs.export_ragged_step(model)}
+    expected = {"encoder": cfg.num_encoder_layers, "decoder_step_ragged": 2 * cfg.num_decoder_layers}
     fused: dict[str, onnx.ModelProto] = {}
     for graph, proto in raw.items():
         opts.on_status(f"{opts.name}: graph passes on {graph} (target {opts.target})")
@@ -149,7 +152,7 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
                                       "fused": results[-2].changed.get("attention_blocks", 0)}
     opts.on_status(f"{opts.name}: verifying against PyTorch")
     seq2seq = ort_seq2seq(model, make_session(fused["encoder"].SerializeToString()),
-                          make_session(fused["decoder_step"].SerializeToString()))
+                          make_session(fused["decoder_step_ragged"].SerializeToString()))
     report.update(_verify_translation(model, tokenizer, seq2seq, eval_pairs, max_new_tokens))
     config = repository.translator_config(
         opts.name, num_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads, head_dim=cfg.d_model // cfg.num_heads,
@@ -158,7 +161,8 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
     vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"tokenizer.json": tokenizer.to_str()})
     for graph, proto in fused.items():
         graphs.save_model(proto, vdir / f"{graph}.onnx")
-    save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
+    if opts.torch_checkpoint:
+        save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
     report["variants"] = _translator_variants(model, tokenizer, fused, vdir, opts, eval_pairs, max_new_tokens)
     report["export_seconds"] = round(time.perf_counter() - start, 1)
     _check(report, vdir)
@@ -167,8 +171,9 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
 
 def ort_seq2seq(model: Seq2SeqTransformer, encoder: Any, decoder: Any) -> OrtSeq2Seq:
     cfg = model.config
-    return OrtSeq2Seq(encoder, decoder, num_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads,
-                      head_dim=cfg.d_model // cfg.num_heads, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id)
+    layout = DecoderLayout(cfg.num_decoder_layers, cfg.num_heads, cfg.d_model // cfg.num_heads, cfg.bos_id,
+                           cfg.eos_id, cfg.pad_id)
+    return OrtSeq2Seq(encoder, decoder, layout)
 
 
 def _verify_translation(model: Seq2SeqTransformer, tokenizer: Tokenizer, seq2seq: OrtSeq2Seq,
@@ -197,7 +202,7 @@ def _translator_variants(model: Seq2SeqTransformer, tokenizer: Tokenizer, fused:
         entry: dict[str, Any] = {"files": {g: f"{g}.{variant}.onnx" for g in protos}}
         try:
             seq2seq = ort_seq2seq(model, make_session(protos["encoder"].SerializeToString()),
-                                  make_session(protos["decoder_step"].SerializeToString()))
+                                  make_session(protos["decoder_step_ragged"].SerializeToString()))
             checks = _verify_translation(model, tokenizer, seq2seq, eval_pairs, max_new_tokens)
             entry.update(runs_on_cpu=True, token_agreement_vs_pytorch=1.0 - checks["parity"]["sequences_differing"]
                          / max(1, checks["parity"]["sequences_compared"]), **checks)

@@ -5,9 +5,13 @@
 * Translator → ``encoder.onnx``: ``input_ids, attention_mask [N, S] →
   cross_k_i, cross_v_i [N, H, S, D]`` — the cross-attention K/V of every
   decoder layer, computed once per source, so no decoder step repeats them;
-  and ``decoder_step.onnx``: ``input_ids [N, 1], attention_mask [N, S],
-  past_k_i/past_v_i [N, H, P, D] (P may be 0), cross_k_i/cross_v_i →
-  logits [N, V], present_k_i/present_v_i [N, H, P + 1, D]``.
+  and ``decoder_step_ragged.onnx``: ``input_ids, positions [N], attention_mask
+  [N, S], past_mask [N, P], past_k_i/past_v_i [N, H, P, D] (P ≥ 1),
+  cross_k_i/cross_v_i → logits [N, V], present_k_i/present_v_i [N, H, P + 1, D]``
+  — rows at different lengths for continuous batching, and a uniform batch
+  (one masked slot to start) for request-level batching, so the decoder is
+  stored once. ``export_translator`` still makes the plain ``decoder_step``
+  (no positions, no cache mask) for comparisons.
 
 Opset 23, deliberately: torch's exporter turns each
 ``F.scaled_dot_product_attention`` into one ONNX ``Attention`` node, which
@@ -159,7 +163,7 @@ def export_ragged_step(model: Seq2SeqTransformer, opset: int = OPSET) -> onnx.Mo
             torch.ones(2, 3, dtype=torch.long), *ex.caches)
     shapes = {"input_ids": {0: ex.batch}, "positions": {0: ex.batch}, "attention_mask": {0: ex.batch, 1: ex.src},
               "past_mask": {0: ex.batch, 1: ex.past}, **ex.cache_shapes}
-    return _export(RaggedDecoderStepGraph(model), args, shapes,
+    return _export(RaggedDecoderStepGraph(model.eval()), args, shapes,
                    ["input_ids", "positions", "attention_mask", "past_mask", *kv_names("past", ex.layers),
                     *kv_names("cross", ex.layers)], ["logits", *kv_names("present", ex.layers)], opset)
 
@@ -169,15 +173,25 @@ def kv_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("k", "v")]
 
 
-def export_translator(model: Seq2SeqTransformer, opset: int = OPSET) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """(encoder, decoder_step) with dynamic batch, source length and cache length (opset: as export_vit)."""
+def export_encoder(model: Seq2SeqTransformer, opset: int = OPSET) -> onnx.ModelProto:
+    """``encoder`` with dynamic batch and source length (opset: as export_vit)."""
     cfg = model.config
     ex = _step_example(cfg, past_min=0)
     ids = torch.randint(4, cfg.vocab_size, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.long)
-    encoder = _export(EncoderGraph(model), (ids, mask),
-                      {"input_ids": {0: ex.batch, 1: ex.src}, "attention_mask": {0: ex.batch, 1: ex.src}},
-                      ["input_ids", "attention_mask"], kv_names("cross", ex.layers), opset)
+    return _export(EncoderGraph(model.eval()), (ids, mask),
+                   {"input_ids": {0: ex.batch, 1: ex.src}, "attention_mask": {0: ex.batch, 1: ex.src}},
+                   ["input_ids", "attention_mask"], kv_names("cross", ex.layers), opset)
+
+
+def export_translator(model: Seq2SeqTransformer, opset: int = OPSET) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(encoder, decoder_step) with dynamic batch, source length and cache length: the plain step (no positions,
+    no cache mask), for comparisons in bench/ and tests; repositories carry ``decoder_step_ragged`` only."""
+    cfg = model.config
+    ex = _step_example(cfg, past_min=0)
+    ids = torch.randint(4, cfg.vocab_size, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    encoder = export_encoder(model, opset)
     step_shapes = {"input_ids": {0: ex.batch}, "attention_mask": {0: ex.batch, 1: ex.src}, **ex.cache_shapes}
     decoder = _export(DecoderStepGraph(model), (ids[:, :1], mask, *ex.caches), step_shapes,
                       ["input_ids", "attention_mask", *kv_names("past", ex.layers), *kv_names("cross", ex.layers)],

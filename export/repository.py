@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import yaml
+from transerve.server.model_config import latest_version
 
 REPORT_FILE: Final = "export_report.json"
 CONFIG_FILE: Final = "config.yaml"
@@ -23,14 +24,6 @@ CONFIG_FILE: Final = "config.yaml"
 
 def version_dir(repo: Path, name: str, version: int) -> Path:
     return repo / name / str(version)
-
-
-def latest_version(entry: Path) -> Path:
-    """The highest numbered version folder of an entry (what the server serves by default)."""
-    versions = sorted((int(p.name), p) for p in entry.iterdir() if p.is_dir() and p.name.isdigit())
-    if not versions:
-        raise FileNotFoundError(f"{entry}: no numbered version folder (expected {entry}/1/)")
-    return versions[-1][1]
 
 
 def batching_defaults(max_batch_size: int) -> dict[str, Any]:
@@ -68,8 +61,7 @@ def translator_config(name: str, *, num_layers: int, num_heads: int, head_dim: i
         "inputs": [{"name": "text", "datatype": "BYTES", "dims": [-1]}],
         "outputs": [{"name": "translation", "datatype": "BYTES", "dims": [-1]}],
         "tokenizer": "tokenizer.json",
-        "files": {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx",
-                  "decoder_step_ragged": "decoder_step_ragged.onnx"},
+        "files": {"encoder": "encoder.onnx", "decoder_step_ragged": "decoder_step_ragged.onnx"},
         "tensorrt": {"profiles": {"input_ids": {"min": [1, 1], "opt": [max_batch_size // 2 or 1, 32],
                                                 "max": [max_batch_size, max_len]}}},
     }

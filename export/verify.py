@@ -13,9 +13,9 @@ from typing import Any, Final
 import numpy as np
 import onnxruntime as ort
 import torch
-from transerve.export.ort_translator import OrtSeq2Seq, pad_ids
 from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.vit import ViT
+from transerve.server.seq2seq import OrtSeq2Seq, pad_ids
 
 FP32_TOLERANCE: Final = 1e-4
 

@@ -11,7 +11,6 @@ from typing import Any
 from transerve.export.exporter import ExportOptions, export_translator_entry, export_vit_entry
 from transerve.export.repository import REPORT_FILE
 from transerve.models.checkpoint import load_checkpoint
-from transerve.models.preprocessing import ImagePreprocessing
 from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.translator import TextTranslator
 from transerve.models.vit import ViT
@@ -19,6 +18,8 @@ from transerve.models.zoo.build import zoo_entries
 from transerve.models.zoo.digits import DigitsRecipe, split_digits
 from transerve.models.zoo.numbers import NumbersRecipe
 from transerve.models.zoo.numbers_data import make_split
+
+from transerve.preprocessing import ImagePreprocessing
 
 DEFAULTS = {"vit-digits": True, "vit-digits-bn": False, "mt-en-de-numbers": True}
 
@@ -66,7 +67,7 @@ def export_zoo(zoo_dir: Path, repo: Path, force: bool = False, int8: bool = True
 
 def _export_digits(model: ViT, extra: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
     meta = extra["report"]
-    prep_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()}
+    prep_fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()}
     _, _, test_images, test_labels = split_digits(DigitsRecipe())
     images = ImagePreprocessing(**prep_fields).apply(test_images)
     return export_vit_entry(model, opts, labels=meta["labels"], preprocessing=meta["preprocessing"],

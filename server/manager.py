@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from transerve.export.repository import latest_version
 from transerve.server.metrics import Metrics
-from transerve.server.model_config import ConfigError, load_model_config
+from transerve.server.model_config import ConfigError, latest_version, load_model_config
 from transerve.server.models import ClassifierModel, Limits, LoadedModel, TranslatorModel
 from transerve.server.runtime import BackendError, BackendName, load_runners
 

@@ -102,3 +102,11 @@ def load_model_config(entry: Path) -> ModelConfig:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+
+
+def latest_version(entry: Path) -> Path:
+    """The highest numbered version folder of an entry (what the server serves unless config pins one)."""
+    versions = sorted((int(p.name), p) for p in entry.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise FileNotFoundError(f"{entry}: no numbered version folder (expected {entry}/1/)")
+    return versions[-1][1]

@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer
-from transerve.export.ort_translator import OrtSeq2Seq, pad_ids
-from transerve.models.preprocessing import ImagePreprocessing
 from transerve.server.batching import BatchStats, DeadlineExceeded, DynamicBatcher
 from transerve.server.metrics import Metrics
 from transerve.server.model_config import ModelConfig
 from transerve.server.runtime import GraphRunner
-from transerve.server.scheduler import ContinuousScheduler, DecoderLayout, SchedulerCaps, SequenceRequest
+from transerve.server.scheduler import ContinuousScheduler, SchedulerCaps, SequenceRequest
+from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, pad_ids
+
+from transerve.preprocessing import ImagePreprocessing
 
 MAX_BEAM = 8
 MAX_LENGTH_PENALTY = 10.0
@@ -158,9 +159,9 @@ class TranslatorModel(LoadedModel):
         assert config.decoder is not None and config.tokenizer is not None  # checked by ModelConfig
         self.tokenizer = Tokenizer.from_file(str(entry / config.tokenizer))
         d = config.decoder
-        self.seq2seq = OrtSeq2Seq(runners["encoder"], runners["decoder_step"], num_layers=d.num_layers,
-                                  num_heads=d.num_heads, head_dim=d.head_dim, bos_id=d.bos_id, eos_id=d.eos_id,
-                                  pad_id=d.pad_id)
+        self.layout = DecoderLayout(d.num_layers, d.num_heads, d.head_dim, d.bos_id, d.eos_id, d.pad_id)
+        step = runners.get("decoder_step_ragged") or runners["decoder_step"]  # the ragged step decodes both ways
+        self.seq2seq = OrtSeq2Seq(runners["encoder"], step, self.layout)
         self.limits = limits
         self.scheduler: ContinuousScheduler | None = None
         if config.scheduler.mode == "continuous":
@@ -171,9 +172,7 @@ class TranslatorModel(LoadedModel):
                             "batching instead of continuous batching", self.name)
 
     def _make_scheduler(self, metrics: Metrics | None) -> ContinuousScheduler:
-        c, d = self.config, self.config.decoder
-        assert d is not None
-        layout = DecoderLayout(d.num_layers, d.num_heads, d.head_dim, d.bos_id, d.eos_id, d.pad_id)
+        c, layout = self.config, self.layout
         caps = SchedulerCaps(c.scheduler.max_active_sequences, c.scheduler.max_cached_tokens,
                              c.batching.max_queue_size, c.scheduler.max_encode_batch)
 
@@ -219,7 +218,7 @@ class TranslatorModel(LoadedModel):
             if len(text) > self.limits.max_text_chars:
                 raise RequestError(f"{field}[{i}]: {len(text)} characters exceed the limit of "
                                    f"{self.limits.max_text_chars}")
-        eos = self.seq2seq.eos_id
+        eos = self.layout.eos_id
         rows = [[*e.ids, eos] for e in self.tokenizer.encode_batch(texts)]
         for i, row in enumerate(rows):
             if len(row) > self.config.max_input_tokens:
@@ -234,7 +233,7 @@ class TranslatorModel(LoadedModel):
         for beam, penalty in sorted({(p[2], p[3]) for p in payloads}):
             group = [i for i, p in enumerate(payloads) if (p[2], p[3]) == (beam, penalty)]
             rows = [r for i in group for r in payloads[i][0]]
-            ids, mask = pad_ids(rows, self.seq2seq.pad_id)
+            ids, mask = pad_ids(rows, self.layout.pad_id)
             out = self.seq2seq.generate(ids, mask, max(payloads[i][1] for i in group), beam_size=beam,
                                         length_penalty=penalty)
             start = 0
@@ -305,15 +304,15 @@ class TranslatorModel(LoadedModel):
                              ) -> AsyncIterator[tuple[list[int], bool]]:
         """Greedy, one sequence stepped alone (request-level mode has no shared step to join)."""
         s2s, loop = self.seq2seq, asyncio.get_running_loop()
-        ids, mask = pad_ids([source], s2s.pad_id)
+        ids, mask = pad_ids([source], self.layout.pad_id)
         cross = await loop.run_in_executor(None, s2s.encode, ids, mask)
-        past, last, tokens = s2s.empty_cache(1), np.array([s2s.bos_id]), []
+        past, last, tokens = s2s.empty_cache(1), np.array([self.layout.bos_id]), []
         for _ in range(budget):
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("deadline passed while decoding")
             logits, past = await loop.run_in_executor(None, s2s.step, last, mask, past, cross)
             token = int(logits[0].argmax())
-            if token == s2s.eos_id:
+            if token == self.layout.eos_id:
                 break
             tokens.append(token)
             last = np.array([token])

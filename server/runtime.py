@@ -3,12 +3,14 @@
 A *graph runner* runs one graph of a repository entry with the signature of
 ``onnxruntime.InferenceSession.run`` — ``run(output_names | None, feeds) ->
 list[np.ndarray]`` — so the decoding code written against ORT sessions
-(``transerve.export.ort_translator``) drives every backend unchanged.
+(``transerve.server.seq2seq``) drives every backend unchanged.
 
 * ``onnxruntime`` — CPU by default; CUDA / TensorRT execution providers when
   onnxruntime-gpu provides them.
 * ``tensorrt`` — native engines (``<graph>.plan`` from ``transerve engine build``), GPU only.
-* ``torch`` — the reference: the PyTorch checkpoint the export wrote to ``<version>/torch``.
+* ``torch`` — the reference: the PyTorch checkpoint ``transerve export --torch-checkpoint`` wrote to
+  ``<version>/torch``. The only backend that imports torch (and ``transerve.models``/``export``), lazily, so the
+  base install (no ``export`` extra) serves everything else.
 
 ``auto`` picks tensorrt when every plan exists and TensorRT + a GPU are
 present, else onnxruntime with the best provider it has, and logs why.
@@ -44,7 +46,7 @@ class GraphRunner(Protocol):
 class OrtRunner:
     def __init__(self, path: Path, threads: int, providers: list[str], spinning: bool = False) -> None:
         import onnxruntime as ort
-        from transerve.export.ort_translator import session_options
+        from transerve.server.seq2seq import session_options
 
         self.session = ort.InferenceSession(str(path), session_options(threads, spinning=spinning),
                                             providers=providers)
@@ -190,6 +192,8 @@ def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], thread
 
 
 def torch_runners(vdir: Path, files: dict[str, str]) -> dict[str, GraphRunner]:
+    if importlib.util.find_spec("torch") is None:
+        raise BackendError("backend torch needs PyTorch: pip install 'transerve[export]'")
     from transerve.export.graphs import DecoderStepGraph, EncoderGraph, RaggedDecoderStepGraph, kv_names
     from transerve.models.checkpoint import CheckpointError, load_checkpoint
 
@@ -203,12 +207,12 @@ def torch_runners(vdir: Path, files: dict[str, str]) -> dict[str, GraphRunner]:
     caches = [*kv_names("past", layers), *kv_names("cross", layers)]
     outputs = ["logits", *kv_names("present", layers)]
     runners: dict[str, GraphRunner] = {
-        "encoder": TorchRunner(EncoderGraph(model), ["input_ids", "attention_mask"], kv_names("cross", layers), 0),
-        "decoder_step": TorchRunner(DecoderStepGraph(model), ["input_ids", "attention_mask", *caches], outputs,
-                                    2 * layers),
-    }
-    if "decoder_step_ragged" in files:
+        "encoder": TorchRunner(EncoderGraph(model), ["input_ids", "attention_mask"], kv_names("cross", layers), 0)}
+    if "decoder_step_ragged" in files:  # the one step both scheduler modes run
         runners["decoder_step_ragged"] = TorchRunner(
             RaggedDecoderStepGraph(model), ["input_ids", "positions", "attention_mask", "past_mask", *caches],
             outputs, 2 * layers, leading=4)
+    else:
+        runners["decoder_step"] = TorchRunner(DecoderStepGraph(model), ["input_ids", "attention_mask", *caches],
+                                              outputs, 2 * layers)
     return runners

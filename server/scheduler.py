@@ -6,8 +6,9 @@ admitted and leaves the moment it finishes, is cancelled, or its deadline
 passes — nobody waits for the longest sequence of a batch. Admitted requests
 are encoded together, grouped by source length so padding stays small. A
 greedy request is one row of the batch, a beam request ``beam_size`` rows
-advanced by :class:`~transerve.models.decoding.SourceBeams` — the object the
-offline search uses, so served and offline outputs agree token for token.
+advanced by :class:`~transerve.search.SourceBeams` — the numpy search the
+static path and export verification run too; tests hold it to the offline
+PyTorch search token for token.
 
 Design note — caches and padding
 --------------------------------
@@ -47,24 +48,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from transerve.models.decoding import SourceBeams, strip_special
 from transerve.server.batching import DeadlineExceeded, QueueFull
 from transerve.server.runtime import GraphRunner, run_into
+from transerve.server.seq2seq import DecoderLayout
+
+from transerve.search import SourceBeams, log_softmax, strip_special
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DecoderLayout:
-    """What the scheduler needs to know of the graphs."""
-
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
 
 
 @dataclass(frozen=True)
@@ -482,7 +472,7 @@ class ContinuousScheduler:
             done = token == eos or len(request.tokens) >= request.max_new_tokens
             return done, [0], [token]
         beams = request.beams
-        rows = beams.advance(torch.from_numpy(logits[request.row_ids]).log_softmax(dim=-1))
+        rows = beams.advance(log_softmax(logits[request.row_ids]))
         if beams.done:
             request.tokens = strip_special(beams.best().tokens, eos)
             return True, [], []

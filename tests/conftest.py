@@ -38,10 +38,12 @@ class ServerProcess:
             raise
 
 
-def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0) -> ServerProcess:
-    """``transerve serve`` on a loopback port (0: ephemeral); returns once it says it is serving."""
-    cmd = [sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", "0", *extra]
+def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0,
+                 launcher: list[str] | None = None) -> ServerProcess:
+    """``transerve serve`` on a loopback port (0: ephemeral); returns once it says it is serving. ``launcher``
+    replaces ``python -m transerve`` (another interpreter, or one with modules blocked)."""
+    cmd = [*(launcher or [sys.executable, "-m", "transerve"]), "serve", "--repo", str(repo), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", "0", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output: list[str] = []
@@ -78,7 +80,8 @@ def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     torch.manual_seed(0)
     vit = ViT(ViTConfig(image_size=8, patch_size=4, dim=16, depth=2, num_heads=2, norm="batch")).eval()
-    export_vit_entry(vit, ExportOptions(repo, "tiny-vit", default=True), labels=[f"class-{i}" for i in range(10)],
+    export_vit_entry(vit, ExportOptions(repo, "tiny-vit", default=True, torch_checkpoint=True),
+                     labels=[f"class-{i}" for i in range(10)],
                      preprocessing={"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "resample": "bilinear"})
     train, _ = make_split(NumbersDataConfig(cardinals=300, ordinals=50, test_cardinals=5, test_ordinals=5,
                                             test_years=2))
@@ -86,7 +89,8 @@ def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mt = Seq2SeqTransformer(TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=16, num_heads=2,
                                               num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, dropout=0.0,
                                               max_len=48)).eval()
-    export_translator_entry(mt, tokenizer, ExportOptions(repo, "tiny-mt", default=True), max_new_tokens=16)
+    export_translator_entry(mt, tokenizer, ExportOptions(repo, "tiny-mt", default=True, torch_checkpoint=True),
+                            max_new_tokens=16)
     return repo
 
 
@@ -107,7 +111,8 @@ def long_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mt = Seq2SeqTransformer(TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=16, num_heads=2,
                                               num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, dropout=0.0,
                                               max_len=256)).eval()
-    export_translator_entry(mt, tokenizer, ExportOptions(repo, "long-mt", default=True), max_new_tokens=200)
+    export_translator_entry(mt, tokenizer, ExportOptions(repo, "long-mt", default=True, torch_checkpoint=True),
+                            max_new_tokens=200)
     config_file = repo / "long-mt" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
     config["scheduler"].update(max_active_sequences=128, max_cached_tokens=128 * 256)  # room for 100 streams

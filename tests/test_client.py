@@ -18,8 +18,9 @@ import pytest
 from conftest import ServerProcess, start_server
 from PIL import Image
 from test_server import TEXTS, offline_logits, offline_translations
-from transerve.models.preprocessing import ImagePreprocessing
 from transerve_client import AsyncTranserveClient, RetryPolicy, TranserveClient, TranserveError
+
+from transerve.preprocessing import ImagePreprocessing
 
 PIXELS = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
 

@@ -14,7 +14,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from transerve.export.graphs import export_translator, export_vit
-from transerve.export.ort_translator import make_session
 from transerve.export.passes import (
     cleanup,
     count_attention,
@@ -26,6 +25,7 @@ from transerve.export.passes import (
 )
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
 from transerve.models.vit import ViT, ViTConfig
+from transerve.server.seq2seq import make_session
 
 TOL = 1e-5
 RNG = np.random.default_rng(0)

@@ -6,7 +6,8 @@ import io
 
 import numpy as np
 from PIL import Image
-from transerve.models.preprocessing import ImagePreprocessing
+
+from transerve.preprocessing import ImagePreprocessing
 
 
 def test_modes_agree() -> None:

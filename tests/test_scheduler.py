@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 from transerve.export.graphs import export_ragged_step, export_translator
-from transerve.export.ort_translator import make_session
 from transerve.export.passes import optimize
 from transerve.models.decoding import translate_ids
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
 from transerve.server.batching import DeadlineExceeded, QueueFull
 from transerve.server.scheduler import ContinuousScheduler, DecoderLayout, SchedulerCaps
+from transerve.server.seq2seq import make_session
 
 VOCAB = 48
 

@@ -16,14 +16,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from transerve.export.exporter import ort_seq2seq
-from transerve.export.ort_translator import make_session, pad_ids
 from transerve.models.checkpoint import load_checkpoint
-from transerve.models.preprocessing import ImagePreprocessing
-from transerve.server.tensors import decode_bytes, encode_bytes
+from transerve.server.seq2seq import make_session, pad_ids
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+from transerve_client.codec import decode_bytes, encode_bytes
+
+from transerve.preprocessing import ImagePreprocessing
 
 TEXTS = ["three hundred and forty-two", "seven", "one thousand and one"]
 
@@ -58,7 +59,7 @@ def offline_translations(repo: Path, texts: list[str]) -> list[str]:
     model, _ = load_checkpoint(repo / "tiny-mt" / "1" / "torch")
     tok = Tokenizer.from_file(str(repo / "tiny-mt" / "tokenizer.json"))
     vdir = repo / "tiny-mt" / "1"
-    seq2seq = ort_seq2seq(model, make_session(vdir / "encoder.onnx"), make_session(vdir / "decoder_step.onnx"))
+    seq2seq = ort_seq2seq(model, make_session(vdir / "encoder.onnx"), make_session(vdir / "decoder_step_ragged.onnx"))
     ids, mask = pad_ids([[*e.ids, 2] for e in tok.encode_batch(texts)], 0)
     return tok.decode_batch(seq2seq.generate(ids, mask, 16))
 

@@ -190,14 +190,15 @@ def test_mutual_tls(small_repo: Path, tmp_path: Path) -> None:
 
 def test_broken_entry_is_unavailable_not_fatal(small_repo: Path, tmp_path: Path) -> None:
     repo = tuned_repo(small_repo, tmp_path)
-    (repo / "tiny-mt" / "1" / "decoder_step.onnx").write_bytes(b"corrupt")
+    (repo / "tiny-mt" / "1" / "decoder_step_ragged.onnx").write_bytes(b"corrupt")
     server = start_server(repo)
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
             assert index["tiny-vit"].state == "READY" and index["tiny-mt"].state == "UNAVAILABLE"
-            assert "decoder_step.onnx" in index["tiny-mt"].reason or "INVALID_PROTOBUF" in index["tiny-mt"].reason
+            reason = index["tiny-mt"].reason
+            assert "decoder_step_ragged.onnx" in reason or "INVALID_PROTOBUF" in reason
             assert infer(stub) == grpc.StatusCode.OK
     finally:
         assert server.terminate() == 0

@@ -56,7 +56,7 @@ def test_translator_profiles_cover_cache_and_source(tmp_path: Path) -> None:
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(12)}, unk_token="w3"))
     export_translator_entry(model, tok, ExportOptions(tmp_path, "t"), max_new_tokens=8)
     config = yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())
-    step = onnx.load_model(str(tmp_path / "t" / "1" / "decoder_step.onnx"))
+    step = onnx.load_model(str(tmp_path / "t" / "1" / "decoder_step_ragged.onnx"))
     shapes = profile_shapes(step, dim_ranges(config))
     assert shapes["past_k_0"] == ([1, 2, 0, 4], [16, 2, 8, 4], [32, 2, 8, 4])
     assert shapes["attention_mask"] == ([1, 1], [16, 32], [32, 32])
@@ -93,7 +93,7 @@ def test_missing_tensorrt_is_a_clear_error(vit_entry: Path) -> None:
 @pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and a CUDA GPU")
 def test_engine_matches_onnxruntime_within_fp16(vit_entry: Path, tmp_path: Path) -> None:
     import tensorrt as trt
-    from transerve.export.ort_translator import make_session
+    from transerve.server.seq2seq import make_session
 
     results = build_engines(EngineRequest(vit_entry, precision="fp16", timing_cache=tmp_path / "timing.cache"))
     assert results["model"]["cached"] is False

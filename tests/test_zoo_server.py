@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from conftest import ServerProcess, start_server
 from transerve.models.zoo.digits import DigitsRecipe, split_digits
-from transerve.server.tensors import decode_bytes, encode_bytes
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+from transerve_client.codec import decode_bytes, encode_bytes
 
 pytestmark = pytest.mark.slow
 

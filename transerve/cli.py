@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from transerve import __version__
-from transerve.cli_common import console, fail
+from transerve.cli_common import console, fail, require_export_stack
 from transerve.cli_export import engine_build_command, export_command, inspect_command
 from transerve.cli_serve import serve_command
 
@@ -65,6 +65,7 @@ def zoo_build(
     from OUT, so a second build is instant. Metrics go to OUT/zoo_report.json.
     With --repo the zoo is exported to REPO/NAME (skipped when already current).
     """
+    require_export_stack("zoo build")
     import torch
 
     from transerve.models.zoo.build import build_zoo
@@ -107,6 +108,7 @@ def _export_zoo(out: Path, repo: Path, force: bool) -> None:
 @checkpoint_app.command("show")
 def checkpoint_show(directory: Annotated[Path, typer.Argument(help="A checkpoint directory.")]) -> None:
     """Load a checkpoint and print its architecture, config and size."""
+    require_export_stack("checkpoint show")
     from transerve.models.checkpoint import CheckpointError, load_checkpoint
 
     try:
@@ -131,6 +133,7 @@ def checkpoint_translate(
     max_new_tokens: Annotated[int, typer.Option(min=1, max=1024, help="Generation budget per text.")] = 64,
 ) -> None:
     """Translate with the PyTorch model directly (the offline reference the server is compared to)."""
+    require_export_stack("checkpoint translate")
     from transerve.models.checkpoint import CheckpointError
     from transerve.models.translator import TextTranslator
 

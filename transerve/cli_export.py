@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from transerve.cli_common import console, fail
+from transerve.cli_common import console, fail, require_export_stack
 
 
 class Source(StrEnum):
@@ -42,15 +42,20 @@ def export_command(
     = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 variant (for GPUs).")] = False,
     version: Annotated[int, typer.Option(min=1, help="Version folder to write.")] = 1,
+    torch_checkpoint: Annotated[bool, typer.Option("--torch-checkpoint", help="Also write the PyTorch checkpoint "
+                                                   "that only `serve --backend torch` (the reference) reads.")]
+    = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Translators: generation budget in config.yaml.")] = 64,
 ) -> None:
     """Export a checkpoint to ONNX, fold BatchNorm, fuse attention, verify parity, write REPO/NAME."""
+    require_export_stack("export")
     from transerve.export.exporter import ExportError, ExportOptions, export_translator_entry, export_vit_entry
     from transerve.export.passes import PassError
     from transerve.models.checkpoint import CheckpointError
 
     opts = ExportOptions(repo=repo, name=name or checkpoint.resolve().name, version=version,
-                         target=target.value, int8=int8, fp16=fp16, source=f"{source.value}:{checkpoint}",
+                         target=target.value, int8=int8, fp16=fp16, torch_checkpoint=torch_checkpoint,
+                         source=f"{source.value}:{checkpoint}",
                          on_status=lambda message: console.print(f"[dim]…[/] {message}", highlight=False))
     try:
         if source in (Source.transformer, Source.hf_marian):
@@ -168,6 +173,7 @@ def engine_build_command(
     config.yaml; an engine whose (ONNX, TensorRT version, GPU, flags) hash is
     unchanged is reused.
     """
+    require_export_stack("engine build", ("onnx",))
     from transerve.export.tensorrt_engine import EngineBuildError, EngineRequest, build_engines
 
     request = EngineRequest(entry, precision.value, workspace_gb, timing_cache, force,  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from transerve.cli_common import fail
+from transerve.cli_common import fail, require_export_stack
 
 
 class EventLoopChoice(StrEnum):
@@ -83,6 +83,8 @@ def serve_command(
     for path in (p for p in (tls_cert, tls_key, tls_client_ca, auth_token_file) if p is not None):
         if not path.is_file():
             raise fail(f"{path}: no such file")
+    if backend is BackendChoice.torch:
+        require_export_stack("serve --backend torch", ("torch", "safetensors"))
     if not repo.is_dir():
         raise fail(f"{repo}: no such model repository (build one with `transerve zoo build --repo {repo}`)")
     options = ServeOptions(repo=repo, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +13,10 @@ import numpy as np
 
 from transerve_client._proto import inference_pb2 as ipb
 from transerve_client._proto import transerve_pb2 as tpb
+from transerve_client.codec import TensorError, add_tensor, tensors_to_numpy
 
 ImageLike = str | os.PathLike[str] | bytes | np.ndarray | Any  # Any: a PIL.Image.Image
 
-_DATATYPES = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "UINT8", np.dtype(np.uint16): "UINT16",
-              np.dtype(np.uint32): "UINT32", np.dtype(np.uint64): "UINT64", np.dtype(np.int8): "INT8",
-              np.dtype(np.int16): "INT16", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
-              np.dtype(np.float16): "FP16", np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64"}
-_NUMPY = {v: k for k, v in _DATATYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -93,55 +88,15 @@ def predictions(response: Any) -> list[list[Prediction]]:
     return [[Prediction(p.label, p.index, p.score) for p in result.predictions] for result in response.results]
 
 
-def _encode_bytes(values: np.ndarray) -> bytes:
-    parts = []
-    for value in values.reshape(-1):
-        data = value if isinstance(value, bytes) else str(value).encode()
-        parts += [struct.pack("<I", len(data)), data]
-    return b"".join(parts)
-
-
 def infer_request(model: str, inputs: dict[str, np.ndarray], version: str = "") -> Any:
     request = ipb.ModelInferRequest(model_name=model, model_version=version)
     for name, array in inputs.items():
-        array = np.asarray(array)
-        if array.dtype.kind in ("U", "S", "O"):
-            request.inputs.add(name=name, datatype="BYTES", shape=list(array.shape))
-            request.raw_input_contents.append(_encode_bytes(array))
-            continue
-        if array.dtype not in _DATATYPES:
-            raise TypeError(f"input {name!r}: dtype {array.dtype} has no KServe datatype")
-        request.inputs.add(name=name, datatype=_DATATYPES[array.dtype], shape=list(array.shape))
-        request.raw_input_contents.append(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"))
-                                          .tobytes())
+        try:
+            add_tensor(request.inputs, request.raw_input_contents, name, np.asarray(array))
+        except TensorError as e:
+            raise TypeError(f"input {name!r}: {e}") from None
     return request
 
 
-def _decode_bytes(raw: bytes, count: int) -> np.ndarray:
-    out, offset = [], 0
-    for _ in range(count):
-        (length,) = struct.unpack_from("<I", raw, offset)
-        out.append(raw[offset + 4:offset + 4 + length])
-        offset += 4 + length
-    return np.array(out, dtype=np.object_)
-
-
 def infer_outputs(response: Any) -> dict[str, np.ndarray]:
-    outputs: dict[str, np.ndarray] = {}
-    raws = list(response.raw_output_contents)
-    for i, tensor in enumerate(response.outputs):
-        shape = [int(d) for d in tensor.shape]
-        count = int(np.prod(shape)) if shape else 1
-        if tensor.datatype == "BYTES":
-            values = _decode_bytes(raws[i], count) if raws else np.array(list(tensor.contents.bytes_contents),
-                                                                          dtype=np.object_)
-            outputs[tensor.name] = values.reshape(shape)
-        elif raws:
-            outputs[tensor.name] = np.frombuffer(raws[i], _NUMPY[tensor.datatype].newbyteorder("<")).reshape(shape)
-        else:
-            field = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents",
-                     "BOOL": "bool_contents", "UINT64": "uint64_contents"}.get(tensor.datatype)
-            values = getattr(tensor.contents, field or ("int_contents" if tensor.datatype.startswith("INT")
-                                                         else "uint_contents"))
-            outputs[tensor.name] = np.asarray(values, dtype=_NUMPY[tensor.datatype]).reshape(shape)
-    return outputs
+    return tensors_to_numpy(response.outputs, response.raw_output_contents, field="raw_output_contents")

@@ -18,9 +18,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
-from transerve.models.preprocessing import ImagePreprocessing
 from transerve.models.vit import ViT, ViTConfig
 from transerve.models.zoo.training import TrainConfig, seed_everything, train
+
+from transerve.preprocessing import ImagePreprocessing
 
 LABELS = [str(d) for d in range(10)]
 

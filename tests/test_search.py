@@ -1,0 +1,116 @@
+"""Serving's numpy search (``transerve.search``) against the offline PyTorch search, token for token.
+
+Reference: ``transerve.models.decoding`` (PyTorch eager, KV-cached, each source alone). The numpy search
+runs (a) over the same PyTorch model (only the search differs), (b) over the exported graphs on ONNX
+Runtime in both scheduler modes: request-level (``OrtSeq2Seq.generate``, what ``scheduler.mode: static``
+runs) and continuous (``ContinuousScheduler``). Greedy and beam sizes 1–5, length penalties 0.5–2, mixed
+source lengths. Tolerance: none — token ids must be identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_transformer import ragged_sources, random_model
+from transerve.export.exporter import ort_seq2seq
+from transerve.export.graphs import export_encoder, export_ragged_step
+from transerve.export.passes import optimize
+from transerve.models.decoding import SourceBeams as TorchBeams
+from transerve.models.decoding import model_step, select_rows, translate_ids
+from transerve.server.scheduler import ContinuousScheduler, SchedulerCaps
+from transerve.server.seq2seq import make_session, pad_ids
+
+from transerve.search import SourceBeams, beam_search, greedy_search, log_softmax, strip_special
+
+BEAMS = [1, 2, 3, 4, 5]
+PENALTIES = [0.5, 1.0, 2.0]
+LENGTHS = [3, 9, 6, 1, 12]
+
+
+def numpy_translate(model: Any, src: torch.Tensor, keep: torch.Tensor, max_new: int, beam: int,
+                    penalty: float) -> list[list[int]]:
+    """The numpy search driving the PyTorch model's cached decode (state: the model's KV cache, as arrays)."""
+    cfg = model.config
+    rows = torch.arange(src.shape[0]).repeat_interleave(beam)
+    memory_kv = select_rows(model.memory_kv(model.encode(src, keep)), rows)
+    torch_step = model_step(model, memory_kv, keep.index_select(0, rows))
+
+    def step(last: np.ndarray, state: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        past = None if state is None else [(torch.from_numpy(state[2 * i]), torch.from_numpy(state[2 * i + 1]))
+                                           for i in range(len(state) // 2)]
+        with torch.no_grad():
+            log_probs, present = torch_step(torch.from_numpy(last), past)
+        return log_probs.numpy(), [t.numpy() for kv in present for t in kv]
+
+    if beam == 1:
+        return greedy_search(step, None, src.shape[0], cfg.bos_id, cfg.eos_id, max_new, cfg.pad_id)
+    best = beam_search(step, None, src.shape[0], beam, cfg.bos_id, cfg.eos_id, max_new, penalty)
+    return [strip_special(h.tokens, cfg.eos_id) for h in best]
+
+
+@pytest.mark.parametrize("beam", BEAMS)
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_numpy_search_equals_torch_search_on_the_model(beam: int, penalty: float) -> None:
+    model = random_model(seed=0)
+    src, keep = ragged_sources(LENGTHS, seed=beam)
+    expected = translate_ids(model, src, keep, 14, beam_size=beam, length_penalty=penalty)
+    assert numpy_translate(model, src, keep, 14, beam, penalty) == expected
+    assert len({tuple(t) for t in expected}) > 1  # the sources really decode differently
+
+
+def test_source_beams_agree_step_by_step_on_random_scores() -> None:
+    """Both SourceBeams fed the same log-probabilities pick the same rows and tokens at every step."""
+    rng = np.random.default_rng(0)
+    for k, penalty in ((1, 1.0), (3, 0.5), (5, 2.0)):
+        ours, theirs = SourceBeams(k, 1, 2, 20, penalty), TorchBeams(k, 1, 2, 20, penalty)
+        while not ours.done:
+            scores = log_softmax(rng.standard_normal((k, 30)).astype(np.float32) * 3)
+            assert ours.advance(scores) == theirs.advance(torch.from_numpy(scores))
+            assert ours.last_tokens() == theirs.last_tokens() and ours.done == theirs.done
+        assert ours.best().tokens == theirs.best().tokens
+        assert ours.best().score == pytest.approx(theirs.best().score, abs=1e-6)
+
+
+def test_log_softmax_matches_torch() -> None:
+    x = np.random.default_rng(1).standard_normal((4, 50)).astype(np.float32) * 10
+    np.testing.assert_allclose(log_softmax(x), torch.from_numpy(x).log_softmax(-1).numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def exported() -> tuple[Any, Any, Any]:
+    """The PyTorch model and its fused encoder / ragged step on ONNX Runtime (as a repository entry holds)."""
+    model = random_model(seed=0)
+    encoder, step = export_encoder(model), export_ragged_step(model)
+    optimize(encoder, "onnxruntime", expected_attention=2)
+    optimize(step, "onnxruntime", expected_attention=4)
+    return model, make_session(encoder.SerializeToString()), make_session(step.SerializeToString())
+
+
+@pytest.mark.parametrize("beam", BEAMS)
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_both_scheduler_modes_decode_like_pytorch(exported: tuple[Any, Any, Any], beam: int,
+                                                  penalty: float) -> None:
+    model, encoder, step = exported
+    src, keep = ragged_sources(LENGTHS, seed=beam)
+    expected = [translate_ids(model, src[i:i + 1, :int(keep[i].sum())], keep[i:i + 1, :int(keep[i].sum())], 14,
+                              beam_size=beam, length_penalty=penalty)[0] for i in range(len(LENGTHS))]
+    rows = [src[i, :int(keep[i].sum())].tolist() for i in range(len(LENGTHS))]
+    ids, mask = pad_ids(rows, model.config.pad_id)
+    static = ort_seq2seq(model, encoder, step).generate(ids, mask, 14, beam_size=beam, length_penalty=penalty)
+    assert static == expected  # request-level batching: one padded batch through the ragged step
+
+    seq2seq = ort_seq2seq(model, encoder, step)
+
+    async def continuous() -> list[list[int]]:
+        scheduler = ContinuousScheduler(encoder, step, seq2seq.layout, SchedulerCaps(), name="search")
+        scheduler.start()
+        try:
+            return list(await asyncio.gather(*(scheduler.run(r, 14, beam, penalty) for r in rows)))
+        finally:
+            await scheduler.aclose()
+
+    assert asyncio.run(asyncio.wait_for(continuous(), 60)) == expected
