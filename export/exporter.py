@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from transerve.export import graphs, precision, repository
 from transerve.export.passes import PassResult, Target, op_counts, optimize
 from transerve.export.verify import FP32_TOLERANCE, run_vit, verify_translator, verify_vit
+from transerve.export.weights_file import save_graphs
 from transerve.models.checkpoint import save_checkpoint
 from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.vit import ViT
@@ -90,7 +91,7 @@ def export_vit_entry(model: ViT, opts: ExportOptions, *, labels: Sequence[str], 
     config = repository.vit_config(opts.name, image_size=cfg.image_size, in_chans=cfg.in_chans,
                                    num_classes=cfg.num_classes, preprocessing=preprocessing, default=opts.default)
     vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"labels.txt": "\n".join(labels) + "\n"})
-    graphs.save_model(fused, vdir / "model.onnx")
+    save_graphs(vdir, {"model": fused})
     if opts.torch_checkpoint:
         save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
     report["variants"] = _vit_variants(fused, vdir, opts, eval_images, eval_labels, report)
@@ -109,7 +110,7 @@ def _vit_variants(fused: onnx.ModelProto, vdir: Path, opts: ExportOptions, image
     for variant in [v for v in ("int8", "fp16") if getattr(opts, v)]:
         opts.on_status(f"{opts.name}: {variant} variant")
         model = builders[variant](fused)
-        graphs.save_model(model, vdir / f"model.{variant}.onnx")
+        save_graphs(vdir, {"model": model}, f".{variant}")
         variants[variant] = {"file": f"model.{variant}.onnx", **_variant_metrics(model, probe, reference, labels)}
     return variants
 
@@ -159,8 +160,7 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
         vocab_size=cfg.vocab_size, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, max_len=cfg.max_len,
         max_new_tokens=max_new_tokens, default=opts.default)
     vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"tokenizer.json": tokenizer.to_str()})
-    for graph, proto in fused.items():
-        graphs.save_model(proto, vdir / f"{graph}.onnx")
+    save_graphs(vdir, fused)  # one weights.bin: the embedding the encoder and decoder share is stored once
     if opts.torch_checkpoint:
         save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
     report["variants"] = _translator_variants(model, tokenizer, fused, vdir, opts, eval_pairs, max_new_tokens)
@@ -197,8 +197,7 @@ def _translator_variants(model: Seq2SeqTransformer, tokenizer: Tokenizer, fused:
     for variant in [v for v in ("int8", "fp16") if getattr(opts, v)]:
         opts.on_status(f"{opts.name}: {variant} variant")
         protos = {g: builders[variant](p) for g, p in fused.items()}
-        for graph, proto in protos.items():
-            graphs.save_model(proto, vdir / f"{graph}.{variant}.onnx")
+        save_graphs(vdir, protos, f".{variant}")
         entry: dict[str, Any] = {"files": {g: f"{g}.{variant}.onnx" for g in protos}}
         try:
             seq2seq = ort_seq2seq(model, make_session(protos["encoder"].SerializeToString()),

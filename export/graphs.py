@@ -197,9 +197,3 @@ def export_translator(model: Seq2SeqTransformer, opset: int = OPSET) -> tuple[on
                       ["input_ids", "attention_mask", *kv_names("past", ex.layers), *kv_names("cross", ex.layers)],
                       ["logits", *kv_names("present", ex.layers)], opset)
     return encoder, decoder
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
-    return path

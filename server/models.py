@@ -182,8 +182,8 @@ class TranslatorModel(LoadedModel):
                 if request.first_token_at is not None:
                     metrics.time_to_first_token.labels(self.name).observe(request.first_token_at - request.enqueued)
 
-        scheduler = ContinuousScheduler(self.runners["encoder"], self.runners["decoder_step_ragged"], layout, caps,
-                                        name=self.name, on_finish=finished)
+        scheduler = ContinuousScheduler.over_graphs(self.runners["encoder"], self.runners["decoder_step_ragged"],
+                                                    layout, caps, name=self.name, on_finish=finished)
         if metrics is not None:
             stats = scheduler.stats
             metrics.active_sequences.labels(self.name).set_function(lambda: stats.active_sequences)

@@ -107,8 +107,9 @@ def test_continuous_batching_scheduler_decodes_marian_like_generate(marian_dir: 
     export_translator_entry(ours.model, ours.tokenizer, ExportOptions(tmp_path, "marian"), max_new_tokens=12)
     vdir, c = tmp_path / "marian" / "1", ours.model.config
     layout = DecoderLayout(c.num_decoder_layers, c.num_heads, c.d_model // c.num_heads, c.bos_id, c.eos_id, c.pad_id)
-    scheduler = ContinuousScheduler(make_session(vdir / "encoder.onnx"),
-                                    make_session(vdir / "decoder_step_ragged.onnx"), layout, SchedulerCaps())
+    scheduler = ContinuousScheduler.over_graphs(make_session(vdir / "encoder.onnx"),
+                                                make_session(vdir / "decoder_step_ragged.onnx"), layout,
+                                                SchedulerCaps())
     sources = [hf_tok(s)["input_ids"] for s in SOURCES]
 
     async def serve() -> list[list[int]]:

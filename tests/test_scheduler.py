@@ -43,7 +43,7 @@ def scheduler(graphs: tuple[Seq2SeqTransformer, Any, Any], **caps: Any) -> Conti
     model, encoder, step = graphs
     c = model.config
     layout = DecoderLayout(c.num_decoder_layers, c.num_heads, c.d_model // c.num_heads, c.bos_id, c.eos_id, c.pad_id)
-    return ContinuousScheduler(encoder, step, layout, SchedulerCaps(**caps), name="test")
+    return ContinuousScheduler.over_graphs(encoder, step, layout, SchedulerCaps(**caps), name="test")
 
 
 def offline(model: Seq2SeqTransformer, source: list[int], max_new: int, beam: int) -> list[int]:

@@ -106,7 +106,7 @@ def test_both_scheduler_modes_decode_like_pytorch(exported: tuple[Any, Any, Any]
     seq2seq = ort_seq2seq(model, encoder, step)
 
     async def continuous() -> list[list[int]]:
-        scheduler = ContinuousScheduler(encoder, step, seq2seq.layout, SchedulerCaps(), name="search")
+        scheduler = ContinuousScheduler.over_graphs(encoder, step, seq2seq.layout, SchedulerCaps(), name="search")
         scheduler.start()
         try:
             return list(await asyncio.gather(*(scheduler.run(r, 14, beam, penalty) for r in rows)))
