@@ -52,8 +52,16 @@ async def guarded(metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext,
 
 
 def failure(context: Any, scope: Scope, rpc: str, error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status and message a failed RPC answers with — known errors as themselves, anything else as INTERNAL
-    naming only the request id — after logging it and putting the id in the trailing metadata."""
+    """:func:`describe`, and the request id in the trailing metadata: how a failed RPC ends."""
+    status, message = describe(scope, rpc, error)
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, scope.request_id),))
+    return status, message
+
+
+def describe(scope: Scope, rpc: str, error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and message for a failed request — known errors as themselves, anything else as INTERNAL
+    naming only the request id — after logging it. Every RPC, unary or streaming, maps its errors here
+    (a failed message inside ``ModelStreamInfer`` is answered in the stream with this status and message)."""
     status = status_of(error)
     fields = {"request_id": scope.request_id, "rpc": rpc, "model": scope.model}
     if status is None:
@@ -63,7 +71,6 @@ def failure(context: Any, scope: Scope, rpc: str, error: Exception) -> tuple[grp
         message = str(error)
         log.info("request %s (%s on %s): %s %s", scope.request_id, rpc, scope.model, status.name, message,
                  extra={**fields, "code": status.name})
-    context.set_trailing_metadata(((REQUEST_ID_HEADER, scope.request_id),))
     return status, message
 
 

@@ -7,17 +7,17 @@ Every model is reachable through ModelInfer: classifiers take ``images``
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from transerve.server.batching import DeadlineExceeded, QueueFull
-from transerve.server.errors import Scope, finish, guarded, remaining, status_of
+from transerve.server.errors import Scope, describe, finish, guarded, remaining
 from transerve.server.manager import ModelManager, ModelNotFound
 from transerve.server.metrics import Metrics
 from transerve.server.models import ClassifierModel, LoadedModel, RequestError, TranslatorModel, deadline_from
-from transerve.server.tensors import TensorError, fill_response, request_inputs, tensor_metadata
+from transerve.server.tensors import fill_response, request_inputs, tensor_metadata
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 
@@ -97,11 +97,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     response = await self._infer(request, scope, deadline_from(remaining(context)))
                     yield pb.ModelStreamInferResponse(infer_response=response)
                 finish(self.metrics, scope, "ModelStreamInfer", "OK", time.perf_counter() - start)
-            except (TensorError, RequestError, ModelNotFound, QueueFull, DeadlineExceeded) as e:
-                code = status_of(e)
-                finish(self.metrics, scope, "ModelStreamInfer", code.name if code else "UNKNOWN",
-                       time.perf_counter() - start)
-                yield pb.ModelStreamInferResponse(error_message=f"{code.name if code else 'ERROR'}: {e}",
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+                finish(self.metrics, scope, "ModelStreamInfer", "CANCELLED", time.perf_counter() - start)
+                raise
+            except Exception as e:  # answered in the stream, which stays open for the next request
+                status, message = describe(scope, "ModelStreamInfer", e)
+                finish(self.metrics, scope, "ModelStreamInfer", status.name, time.perf_counter() - start)
+                yield pb.ModelStreamInferResponse(error_message=f"{status.name}: {message}",
                                                   infer_response=pb.ModelInferResponse(id=request.id))
 
     async def _stream_translation(self, request: Any, scope: Scope, time_left: float | None) -> AsyncIterator[Any]:
