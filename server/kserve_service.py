@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 from transerve.server.errors import Scope, describe, finish, guarded, remaining
@@ -23,6 +23,7 @@ from transerve_client._proto import inference_pb2_grpc as pb_grpc
 
 from transerve import __version__
 
+Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}
 
 
@@ -30,24 +31,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, manager: ModelManager, metrics: Metrics, is_ready: Any) -> None:
         self.manager, self.metrics, self.is_ready = manager, metrics, is_ready
 
-    async def ServerLive(self, request: Any, context: Any) -> Any:
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Any, context: Any) -> Any:
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=bool(self.is_ready()))
 
-    async def ModelReady(self, request: Any, context: Any) -> Any:
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         try:
             self.manager.get(request.name, request.version)
         except ModelNotFound:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=bool(self.is_ready()))
 
-    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="transerve", version=__version__,
                                          extensions=["model_repository", "statistics", "binary_tensor_data"])
 
-    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         async def handle(scope: Scope) -> Any:
             model = self.manager.get(request.name, request.version)
             scope.model = model.name
@@ -59,13 +60,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await guarded(self.metrics, "ModelMetadata", context, handle)
 
-    async def ModelInfer(self, request: Any, context: Any) -> Any:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         async def handle(scope: Scope) -> Any:
             return await self._infer(request, scope, deadline_from(remaining(context)))
 
         return await guarded(self.metrics, "ModelInfer", context, handle)
 
-    async def _infer(self, request: Any, scope: Scope, deadline: float | None) -> Any:
+    async def _infer(self, request: pb.ModelInferRequest, scope: Scope, deadline: float | None
+                     ) -> pb.ModelInferResponse:
         if not request.model_name:
             raise RequestError("model_name: required")
         model = self.manager.get(request.model_name, request.model_version)
@@ -80,7 +82,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         fill_response(response, {k: v for k, v in outputs.items() if not wanted or k in wanted})
         return response
 
-    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request answered in order; an error is reported in the stream, which stays open.
 
         A translator request with the parameter ``stream: true`` (Triton's decoupled convention) is answered
@@ -106,7 +109,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(error_message=f"{status.name}: {message}",
                                                   infer_response=pb.ModelInferResponse(id=request.id))
 
-    async def _stream_translation(self, request: Any, scope: Scope, time_left: float | None) -> AsyncIterator[Any]:
+    async def _stream_translation(self, request: pb.ModelInferRequest, scope: Scope, time_left: float | None
+                                  ) -> AsyncIterator[pb.ModelInferResponse]:
         model = self.manager.get(request.model_name, request.model_version)
         scope.model = model.name
         if not isinstance(model, TranslatorModel):
@@ -119,11 +123,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         text = texts.reshape(-1)[0]
         text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
         tokens = 0
-        async for piece, tokens in model.stream(text, None, deadline_from(time_left)):
-            if not piece:
+        async for piece in model.stream(text, None, deadline_from(time_left)):
+            tokens = piece.tokens
+            if not piece.text:
                 continue
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-            fill_response(response, {"translation": np.array([piece.encode()], dtype=np.object_)})
+            fill_response(response, {"translation": np.array([piece.text.encode()], dtype=np.object_)})
             response.parameters["tokens"].int64_param = tokens
             response.parameters["triton_final_response"].bool_param = False
             yield response
@@ -132,7 +137,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         final.parameters["triton_final_response"].bool_param = True
         yield final
 
-    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         async def handle(scope: Scope) -> Any:
             names = [request.name] if request.name else sorted(self.manager.models)
             stats = []
@@ -143,7 +148,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await guarded(self.metrics, "ModelStatistics", context, handle)
 
-    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         models = []
         for name in self.manager.entry_names():
             state = self.manager.states.get(name)
@@ -153,7 +158,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                                                 reason=state.reason))
         return pb.RepositoryIndexResponse(models=models)
 
-    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
+                                  ) -> pb.RepositoryModelLoadResponse:
         async def handle(scope: Scope) -> Any:
             scope.model = request.model_name
             state = await self.manager.load(request.model_name)
@@ -163,7 +169,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await guarded(self.metrics, "RepositoryModelLoad", context, handle)
 
-    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
+                                    ) -> pb.RepositoryModelUnloadResponse:
         async def handle(scope: Scope) -> Any:
             scope.model = request.model_name
             await self.manager.unload(request.model_name)
@@ -192,14 +199,14 @@ async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline:
     return {"translation": np.array([r.text.encode() for r in results], dtype=np.object_).reshape(texts.shape)}
 
 
-def _wants_stream(request: Any) -> bool:
+def _wants_stream(request: pb.ModelInferRequest) -> bool:
     return "stream" in request.parameters and bool(request.parameters["stream"].bool_param)
 
 
-def model_statistics(model: LoadedModel, metrics: Metrics) -> Any:
+def model_statistics(model: LoadedModel, metrics: Metrics) -> pb.ModelStatistics:
     c = metrics.counters[model.name]
 
-    def duration(d: Any) -> Any:
+    def duration(d: Any) -> pb.StatisticDuration:
         return pb.StatisticDuration(count=d.count, ns=d.ns)
 
     return pb.ModelStatistics(

@@ -148,6 +148,37 @@ class TranslationResult:
     text: str
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """A request's decoding settings, validated against the model's limits."""
+
+    max_new_tokens: int
+    beam_size: int
+    length_penalty: float
+
+
+@dataclass(frozen=True)
+class TranslateJob:
+    """One request's sources for request-level batching (``scheduler.mode: static``)."""
+
+    sources: list[list[int]]
+    options: DecodeOptions
+
+
+@dataclass(frozen=True)
+class StreamPiece:
+    """New text of a streamed translation and the tokens made so far (the last piece may be empty)."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class TokenProgress:
+    ids: list[int]  # every token so far
+    final: bool
+
+
 class TranslatorModel(LoadedModel):
     """Continuous batching through :class:`ContinuousScheduler` (``scheduler.mode: continuous``, the default when
     the entry has ``decoder_step_ragged``), else request-level batching: sources of concurrent requests decoded
@@ -226,25 +257,25 @@ class TranslatorModel(LoadedModel):
                                    f"{self.config.max_input_tokens}")
         return rows
 
-    def _run_batch(self, payloads: list[tuple[list[list[int]], int, int, float]]) -> list[list[list[int]]]:
-        """Payloads are (sources, max_new_tokens, beam_size, length_penalty); requests with the same beam search
-        settings decode together."""
+    def _run_batch(self, payloads: list[TranslateJob]) -> list[list[list[int]]]:
+        """Requests with the same beam search settings decode together; each keeps its own budget."""
         results: dict[int, list[list[int]]] = {}
-        for beam, penalty in sorted({(p[2], p[3]) for p in payloads}):
-            group = [i for i, p in enumerate(payloads) if (p[2], p[3]) == (beam, penalty)]
-            rows = [r for i in group for r in payloads[i][0]]
+        for beam, penalty in sorted({(p.options.beam_size, p.options.length_penalty) for p in payloads}):
+            group = [i for i, p in enumerate(payloads)
+                     if (p.options.beam_size, p.options.length_penalty) == (beam, penalty)]
+            rows = [r for i in group for r in payloads[i].sources]
             ids, mask = pad_ids(rows, self.layout.pad_id)
-            out = self.seq2seq.generate(ids, mask, max(payloads[i][1] for i in group), beam_size=beam,
-                                        length_penalty=penalty)
+            out = self.seq2seq.generate(ids, mask, max(payloads[i].options.max_new_tokens for i in group),
+                                        beam_size=beam, length_penalty=penalty)
             start = 0
-            for i in group:  # each request keeps its own budget
-                sources, max_new = payloads[i][:2]
-                results[i] = [row[:max_new] for row in out[start:start + len(sources)]]
-                start += len(sources)
+            for i in group:
+                job = payloads[i]
+                results[i] = [row[:job.options.max_new_tokens] for row in out[start:start + len(job.sources)]]
+                start += len(job.sources)
         return [results[i] for i in range(len(payloads))]
 
     def _options(self, max_new_tokens: int | None, beam_size: int | None, length_penalty: float | None
-                 ) -> tuple[int, int, float]:
+                 ) -> DecodeOptions:
         budget = max_new_tokens or self.config.max_new_tokens
         if budget > self.config.max_new_tokens:
             raise RequestError(f"max_new_tokens: {budget} exceeds the model's limit of {self.config.max_new_tokens}")
@@ -254,17 +285,18 @@ class TranslatorModel(LoadedModel):
         penalty = 1.0 if length_penalty is None else float(length_penalty)
         if not 0.0 <= penalty <= MAX_LENGTH_PENALTY:
             raise RequestError(f"length_penalty: {penalty} is outside 0 to {MAX_LENGTH_PENALTY}")
-        return budget, beam, penalty
+        return DecodeOptions(budget, beam, penalty)
 
     async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
                         field: str = "texts", beam_size: int | None = None, length_penalty: float | None = None
                         ) -> list[TranslationResult]:
-        budget, beam, penalty = self._options(max_new_tokens, beam_size, length_penalty)
+        o = self._options(max_new_tokens, beam_size, length_penalty)
         sources = self.encode(texts, field)
         if self.scheduler is not None:
-            ids = await _all_or_cancel([self.scheduler.run(s, budget, beam, penalty, deadline) for s in sources])
+            ids = await _all_or_cancel([self.scheduler.run(s, o.max_new_tokens, o.beam_size, o.length_penalty,
+                                                           deadline) for s in sources])
         else:
-            ids = await self.batcher.submit((sources, budget, beam, penalty), size=len(sources), deadline=deadline)
+            ids = await self.batcher.submit(TranslateJob(sources, o), size=len(sources), deadline=deadline)
         return [TranslationResult(row, text) for row, text in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
 
     async def warm_up(self) -> None:
@@ -272,36 +304,37 @@ class TranslatorModel(LoadedModel):
 
     async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None,
                      beam_size: int | None = None, length_penalty: float | None = None
-                     ) -> AsyncIterator[tuple[str, int]]:
-        """(new text piece, tokens so far) as tokens are made, the last one with the final count (its piece may be
-        empty); closing the iterator (a cancelled client) takes
-        the sequence out of the batch at the next step. Beam search streams its result when it is final (a beam's
-        tokens are not settled before). No piece ever splits a character (see :class:`Detokenizer`)."""
-        budget, beam, penalty = self._options(max_new_tokens, beam_size, length_penalty)
+                     ) -> AsyncIterator[StreamPiece]:
+        """Text pieces as tokens are made, the last one with the final count (its piece may be empty); closing
+        the iterator (a cancelled client) takes the sequence out of the batch at the next step. Beam search
+        streams its result when it is final (a beam's tokens are not settled before). No piece ever splits a
+        character (see :class:`Detokenizer`)."""
+        o = self._options(max_new_tokens, beam_size, length_penalty)
         source = self.encode([text], "text")[0]
         pieces = Detokenizer(self.tokenizer)
         if self.scheduler is None:
-            tokens = self._static_stream(source, budget, deadline)
+            progress = self._static_stream(source, o.max_new_tokens, deadline)
         else:
-            tokens = self._scheduled_stream(source, budget, beam, penalty, deadline)
-        async for ids, final in tokens:
-            piece = pieces.update(ids, final)
-            if piece or final:  # the final count goes out even when the last token added no text
-                yield piece, len(ids)
+            progress = self._scheduled_stream(source, o, deadline)
+        async for step in progress:
+            piece = pieces.update(step.ids, step.final)
+            if piece or step.final:  # the final count goes out even when the last token added no text
+                yield StreamPiece(piece, len(step.ids))
 
-    async def _scheduled_stream(self, source: list[int], budget: int, beam: int, penalty: float,
-                                deadline: float | None) -> AsyncIterator[tuple[list[int], bool]]:
+    async def _scheduled_stream(self, source: list[int], o: DecodeOptions, deadline: float | None
+                                ) -> AsyncIterator[TokenProgress]:
         assert self.scheduler is not None
         ids: list[int] = []
-        async for event in self.scheduler.generate(source, budget, beam, penalty, deadline):
+        async for event in self.scheduler.generate(source, o.max_new_tokens, o.beam_size, o.length_penalty,
+                                                   deadline):
             if event.final is not None:
-                yield event.final, True
+                yield TokenProgress(event.final, True)
             else:
                 ids += event.tokens
-                yield ids, False
+                yield TokenProgress(list(ids), False)
 
     async def _static_stream(self, source: list[int], budget: int, deadline: float | None
-                             ) -> AsyncIterator[tuple[list[int], bool]]:
+                             ) -> AsyncIterator[TokenProgress]:
         """Greedy, one sequence stepped alone (request-level mode has no shared step to join)."""
         s2s, loop = self.seq2seq, asyncio.get_running_loop()
         ids, mask = pad_ids([source], self.layout.pad_id)
@@ -316,8 +349,8 @@ class TranslatorModel(LoadedModel):
                 break
             tokens.append(token)
             last = np.array([token])
-            yield tokens, False
-        yield tokens, True
+            yield TokenProgress(list(tokens), False)
+        yield TokenProgress(tokens, True)
 
 
 class Detokenizer:
@@ -354,5 +387,5 @@ def deadline_from(time_remaining: float | None) -> float | None:
     return None if time_remaining is None else time.monotonic() + time_remaining
 
 
-__all__ = ["BatchStats", "ClassifierModel", "Limits", "LoadedModel", "RequestError", "TranslationResult",
-           "TranslatorModel", "deadline_from"]
+__all__ = ["BatchStats", "ClassifierModel", "DecodeOptions", "Limits", "LoadedModel", "RequestError", "StreamPiece",
+           "TranslateJob", "TranslationResult", "TranslatorModel", "deadline_from"]

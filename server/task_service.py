@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 from transerve.server.errors import Scope, failure, finish, guarded, remaining
@@ -15,6 +15,7 @@ from transerve.server.models import ClassifierModel, RequestError, TranslatorMod
 from transerve_client._proto import transerve_pb2 as pb
 from transerve_client._proto import transerve_pb2_grpc as pb_grpc
 
+Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
 DEFAULT_TOP_K = 5
 
 
@@ -22,7 +23,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
     def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
         self.manager, self.metrics = manager, metrics
 
-    async def Translate(self, request: Any, context: Any) -> Any:
+    async def Translate(self, request: pb.TranslateRequest, context: Context) -> pb.TranslateResponse:
         async def handle(scope: Scope) -> Any:
             model = self.manager.get(request.model, task="translate")
             assert isinstance(model, TranslatorModel)
@@ -38,7 +39,8 @@ class TranslatorService(pb_grpc.TranslatorServicer):
 
         return await guarded(self.metrics, "Translate", context, handle)
 
-    async def TranslateStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
+    async def TranslateStream(self, request: pb.TranslateStreamRequest, context: Context
+                              ) -> AsyncIterator[pb.TranslateStreamResponse]:
         """Pieces of the translation as tokens are produced: the sequence joins the model's continuous batch
         and leaves it at the next step when the client cancels."""
         scope = Scope(context)
@@ -48,11 +50,12 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             assert isinstance(model, TranslatorModel)
             scope.model = model.name
             opts = request.options
-            async for piece, tokens in model.stream(request.text, opts.max_new_tokens or None,
-                                                    deadline_from(remaining(context)), opts.beam_size or None,
-                                                    length_penalty(opts)):
-                if piece:
-                    yield pb.TranslateStreamResponse(piece=piece, tokens=tokens)
+            async for piece in model.stream(request.text, opts.max_new_tokens or None,
+                                            deadline_from(remaining(context)), opts.beam_size or None,
+                                            length_penalty(opts)):
+                tokens = piece.tokens
+                if piece.text:
+                    yield pb.TranslateStreamResponse(piece=piece.text, tokens=tokens)
             yield pb.TranslateStreamResponse(done=True, tokens=tokens)
         except (asyncio.CancelledError, GeneratorExit):  # the client went away (gRPC closes or cancels us)
             code = "CANCELLED"
@@ -71,7 +74,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
         self.manager, self.metrics = manager, metrics
 
-    async def Classify(self, request: Any, context: Any) -> Any:
+    async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         async def handle(scope: Scope) -> Any:
             model = self.manager.get(request.model, task="classify")
             assert isinstance(model, ClassifierModel)
@@ -84,7 +87,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
         return await guarded(self.metrics, "Classify", context, handle)
 
-    async def _images(self, model: ClassifierModel, request: Any) -> np.ndarray:
+    async def _images(self, model: ClassifierModel, request: pb.ClassifyRequest) -> np.ndarray:
         if not 1 <= len(request.images) <= model.config.max_batch_size:
             raise RequestError(f"images: {len(request.images)} images, the limit is 1 to "
                                f"{model.config.max_batch_size}")
@@ -106,11 +109,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         return np.stack([a for a in arrays if a is not None])
 
 
-def length_penalty(options: Any) -> float | None:
+def length_penalty(options: pb.TranslateOptions) -> float | None:
     return float(options.length_penalty) if options.HasField("length_penalty") else None
 
 
-def tensor_array(tensor: Any, field: str) -> np.ndarray:
+def tensor_array(tensor: pb.Tensor, field: str) -> np.ndarray:
     shape = tuple(int(d) for d in tensor.shape)
     count = int(np.prod(shape)) if shape else 0
     if any(d <= 0 for d in shape) or len(tensor.data) != 4 * count:
@@ -118,7 +121,7 @@ def tensor_array(tensor: Any, field: str) -> np.ndarray:
     return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
 
 
-def top_k(logits: np.ndarray, k: int, labels: list[str]) -> Any:
+def top_k(logits: np.ndarray, k: int, labels: list[str]) -> pb.Classification:
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     best = np.argsort(-probs, kind="stable")[:k]

@@ -104,3 +104,27 @@ def test_commands_that_need_the_export_stack_name_the_extra(args: tuple[str, ...
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install 'transerve[export]'" in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_base_install_alone_serves_a_repository_built_by_the_full_install(small_repo: Path, server: ServerProcess,
+                                                                          tmp_path: Path) -> None:
+    """``pip install ./clients .`` (no extras) into a fresh venv: no training stack, same answers."""
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "base-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    # pip from this interpreter installs into the new venv (--python), from the same package index
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
+                              str(root / "clients"), str(root)], capture_output=True, text=True, timeout=1200)
+    assert install.returncode == 0, install.stderr[-3000:]
+    present = subprocess.run([python, "-c", "import importlib.util as u; print([m for m in "
+                              f"{BLOCKED[:7]!r} if u.find_spec(m)])"], capture_output=True, text=True, timeout=60)
+    assert present.stdout.strip() == "[]", present.stdout + present.stderr  # none of the export extra
+    base = start_server(small_repo, launcher=[str(venv / "bin" / "transerve")])
+    try:
+        lean, full = answers(base.address), answers(server.address)
+        np.testing.assert_array_equal(lean.pop("infer-vit"), full.pop("infer-vit"))
+        assert lean == full
+    finally:
+        assert base.terminate() == 0, "".join(base.output[-20:])
