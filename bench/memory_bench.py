@@ -103,10 +103,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(60)
 
 
-async def load(address: str, requests: int, concurrency: int, classify: bool) -> int:
-    """``requests`` mixed requests at ``concurrency``: budgets 8–64 tokens, and images when ``classify``."""
+async def load(address: str, requests: int, concurrency: int, classify: bool, longest: int) -> int:
+    """``requests`` mixed requests at ``concurrency``: budgets 8–64 tokens (at most the model's ``longest``), and
+    images when ``classify``."""
     rng = np.random.default_rng(0)
-    plan = [(TEXTS[i % len(TEXTS)], int(rng.integers(8, 65)), classify and i % 3 == 2) for i in range(requests)]
+    plan = [(TEXTS[i % len(TEXTS)], min(longest, int(rng.integers(8, 65))), classify and i % 3 == 2)
+            for i in range(requests)]
     images = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
     queue: asyncio.Queue[tuple[str, int, bool]] = asyncio.Queue()
     for item in plan:
@@ -134,10 +136,8 @@ def entry_files(entry: Path, precision: str) -> list[Path]:
     vdir = max((p for p in entry.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     suffix = "" if precision == "fp32" else f".{precision}"
     graphs = [vdir / f.replace(".onnx", f"{suffix}.onnx") for f in config["files"].values()]
-    extra = [p for p in vdir.iterdir() if p.suffix not in (".onnx", ".json") and p.is_file()
-             and (suffix in p.name) == bool(suffix)]
-    return [entry / "config.yaml", *[p for p in entry.iterdir() if p.is_file() and p.name != "config.yaml"],
-            *graphs, *extra]
+    weights = [p for p in (vdir / f"weights{suffix}.bin",) if p.is_file()]
+    return [*[p for p in entry.iterdir() if p.is_file()], *graphs, *weights]
 
 
 def weight_bytes(graphs: list[Path]) -> int:
@@ -173,8 +173,8 @@ def precision_repo(src: Path, name: str, precision: str, tmp: Path) -> Path:
     return repo
 
 
-def measure(label: str, repo: Path, graphs_and_files: tuple[list[Path], list[Path]] | None, weights: int,
-            requests: int, repeats: int, classify: bool) -> dict[str, Any]:
+def measure(label: str, repo: Path, files: list[Path], weights: int, requests: int, repeats: int,
+            classify: bool) -> dict[str, Any]:
     starts, warm = [], []
     for _ in range(repeats):
         process, address, seconds = start(repo)
@@ -184,12 +184,14 @@ def measure(label: str, repo: Path, graphs_and_files: tuple[list[Path], list[Pat
     process, address, _ = start(repo)
     try:
         began = time.perf_counter()
-        done = asyncio.run(load(address, requests, 32, classify))
+        longest = min(yaml.safe_load((e / "config.yaml").read_text())["max_new_tokens"] for e in repo.iterdir()
+                      if (e / "config.yaml").is_file() and "translate" in (e / "config.yaml").read_text())
+        done = asyncio.run(load(address, requests, 32, classify, longest))
         load_seconds = time.perf_counter() - began
         loaded = rss_mb(process.pid)
     finally:
         stop(process)
-    disk = sum(p.stat().st_size for p in graphs_and_files[1]) if graphs_and_files else 0
+    disk = sum(p.stat().st_size for p in files)
     row: dict[str, Any] = {"what": label, "start→SERVING s": round(statistics.median(starts), 2),
                            "RSS warm MB": round(statistics.median(warm)), f"RSS after {done} req MB": round(loaded),
                            "load s": round(load_seconds, 1), "weights MB": round(weights / MB, 1),
@@ -238,18 +240,19 @@ def main() -> None:
                   for f in entry_files(e, "fp32")]
     zoo_weights = sum(weight_bytes([p for p in entry_files(e, "fp32") if p.suffix == ".onnx"])
                       for e in sorted(args.zoo_repo.iterdir()) if (e / "config.yaml").is_file())
-    serving.append(measure("zoo (3 models)", args.zoo_repo, ([], zoo_graphs), zoo_weights, args.requests,
+    serving.append(measure("zoo (3 models)", args.zoo_repo, zoo_graphs, zoo_weights, args.requests,
                            args.repeats, classify=True) | {"target": "RSS ≤ 200 MB, SERVING ≤ 1.5 s"})
     opus_repo = opus_model.exported(args.work)
     entry = opus_repo / "opus-shaped"
+    files = {p: entry_files(entry, p) for p in ("fp32", "int8")}
+    weights = {p: weight_bytes([f for f in fs if f.suffix == ".onnx"]) for p, fs in files.items()}  # before any link
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", "int8"):
-            files = entry_files(entry, precision)
-            weights = weight_bytes([p for p in files if p.suffix == ".onnx"])
             repo = precision_repo(opus_repo, "opus-shaped", precision, Path(tmp))
-            row = measure(f"opus-mt-shaped {precision}", repo, ([], files), weights, args.requests, args.repeats,
-                          classify=False)
-            limit = 1.3 * weights / MB + 150
+            row = measure(f"opus-mt-shaped {precision}", repo, files[precision], weights[precision],
+                          args.requests, args.repeats, classify=False)
+            shutil.rmtree(repo)
+            limit = 1.3 * weights[precision] / MB + 150
             row["target"] = (f"RSS ≤ {limit:.0f} MB; after load ≤ warm + {kv_bound_mb(entry):.0f} MB (KV bound); "
                              f"disk ≤ 1.2 × weights")
             serving.append(row)

@@ -22,7 +22,7 @@ from typing import Final
 
 import onnx
 
-ALIGNMENT: Final = 1 << 16  # 64 KiB: the mmap granularity on every OS ONNX Runtime runs on (4 KiB pages on Linux)
+ALIGNMENT: Final = 1 << 12  # the page size: ONNX Runtime maps a tensor whose offset is page-aligned (else reads it)
 MIN_EXTERNAL_BYTES: Final = 1 << 16
 
 
