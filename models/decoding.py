@@ -1,22 +1,24 @@
-"""Greedy decoding and beam search.
+"""Greedy decoding and beam search over PyTorch tensors: the offline reference the server is held to.
 
 Both search over a *step function* — last tokens ``[N]`` and a state in,
 next-token log-probabilities ``[N, V]`` and a new state out — so the same
-search drives the PyTorch model, an ONNX session, or a hand-made scorer in a
-test. The state is any nest of lists/tuples of tensors whose first axis is the
-row; beam search reorders it with :func:`select_rows` when beams swap.
+search drives the PyTorch model or a hand-made scorer in a test. The state is
+any nest of lists/tuples of tensors whose first axis is the row; beam search
+reorders it with :func:`select_rows` when beams swap. Serving runs the numpy
+twin of these drivers (:mod:`transerve.search`, no torch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 from transerve.models.attention import KVCache
 from transerve.models.transformer import Seq2SeqTransformer
+
+from transerve.search import Hypothesis, SourceBeams, strip_special
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 
@@ -28,20 +30,6 @@ def select_rows(state: Any, rows: Tensor) -> Any:
     if isinstance(state, Tensor):
         return state.index_select(0, rows)
     return type(state)(select_rows(s, rows) for s in state)
-
-
-def strip_special(ids: list[int], eos_id: int) -> list[int]:
-    """Tokens up to (not including) the first EOS."""
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
-
-
-@dataclass(order=True)
-class Hypothesis:
-    """A finished beam: ``score`` is the length-normalised log-probability."""
-
-    score: float
-    tokens: list[int] = field(compare=False)
-    log_prob: float = field(compare=False)
 
 
 @torch.no_grad()
@@ -68,8 +56,9 @@ def beam_search(step: StepFn, state: Any, batch_size: int, beam_size: int, bos_i
     """Keep the ``beam_size`` best prefixes per source; return the best finished one each.
 
     ``state`` must already hold ``batch_size * beam_size`` rows (source-major).
-    Each source is a :class:`SourceBeams` — the same object the server's
-    scheduler advances — so offline and served beam search agree by construction.
+    Each source is a :class:`transerve.search.SourceBeams` — the torch-free object the server's scheduler
+    advances too — so the two searches share their beam rules; they differ in the driver (tensors and the
+    PyTorch model here, arrays and the exported graphs there), which tests hold equal token for token.
     """
     k = beam_size
     sources = [SourceBeams(k, bos_id, eos_id, max_new_tokens, length_penalty) for _ in range(batch_size)]
@@ -80,73 +69,12 @@ def beam_search(step: StepFn, state: Any, batch_size: int, beam_size: int, bos_i
         last = last.clone()  # a step may have kept the old tensor in its state
         for b, beams in enumerate(sources):
             if not beams.done:
-                rows[b * k:(b + 1) * k] = torch.tensor(beams.advance(log_probs[b * k:(b + 1) * k])) + b * k
+                rows[b * k:(b + 1) * k] = torch.tensor(beams.advance(log_probs[b * k:(b + 1) * k].numpy())) + b * k
                 last[b * k:(b + 1) * k] = torch.tensor(beams.last_tokens())
         if all(beams.done for beams in sources):
             break
         state = select_rows(state, rows)
     return [beams.best() for beams in sources]
-
-
-class SourceBeams:
-    """One source's beam search, advanced a step at a time.
-
-    A hypothesis' score is ``log p / length ** length_penalty`` with the length
-    counted in generated tokens, EOS included. The search stops as soon as
-    ``beam_size`` hypotheses have finished (early stopping), which makes
-    ``beam_size=1`` exactly greedy search; out of budget, the unfinished beams
-    compete as they are.
-    """
-
-    def __init__(self, beam_size: int, bos_id: int, eos_id: int, max_new_tokens: int,
-                 length_penalty: float = 1.0) -> None:
-        self.k, self.bos_id, self.eos_id = beam_size, bos_id, eos_id
-        self.max_new_tokens, self.length_penalty = max_new_tokens, length_penalty
-        self.scores = torch.full((beam_size,), float("-inf"))
-        self.scores[0] = 0.0  # all beams start identical: expand only the first
-        self.prefixes: list[list[int]] = [[] for _ in range(beam_size)]
-        self.finished: list[Hypothesis] = []
-        self.steps = 0
-        self.done = False
-
-    def last_tokens(self) -> list[int]:
-        return [p[-1] if p else self.bos_id for p in self.prefixes]
-
-    def advance(self, log_probs: Tensor) -> list[int]:
-        """``log_probs [k, V]`` of this source's beams → for each new beam, the beam it extends."""
-        k, vocab = self.k, log_probs.shape[-1]
-        self.steps += 1
-        cand = (self.scores[:, None] + log_probs).view(k * vocab)
-        top_scores, top_ids = cand.topk(2 * k)  # 2k: enough that k survive even if k end
-        rows, tokens, scores = [0] * k, [self.eos_id] * k, torch.full((k,), float("-inf"))
-        alive = 0
-        for rank in range(2 * k):
-            if alive == k or len(self.finished) >= k:
-                break
-            row, tok = int(top_ids[rank]) // vocab, int(top_ids[rank]) % vocab
-            score = float(top_scores[rank])
-            if tok == self.eos_id:
-                if rank < k:  # an EOS outside the top k would not have been kept by greedy-like search
-                    self._add([*self.prefixes[row], self.eos_id], score)
-                continue
-            rows[alive], tokens[alive], scores[alive] = row, tok, score
-            alive += 1
-        self.done = len(self.finished) >= k
-        if not self.done:
-            self.prefixes = [[*self.prefixes[r], t] for r, t in zip(rows, tokens, strict=True)]
-            self.scores = scores
-            if self.steps >= self.max_new_tokens:  # out of budget: unfinished beams compete as they are
-                for j in range(k):
-                    self._add(self.prefixes[j], float(scores[j]))
-                self.done = True
-        return rows
-
-    def best(self) -> Hypothesis:
-        return max(self.finished)
-
-    def _add(self, tokens: list[int], log_prob: float) -> None:
-        if log_prob != float("-inf"):
-            self.finished.append(Hypothesis(log_prob / max(len(tokens), 1) ** self.length_penalty, tokens, log_prob))
 
 
 def model_step(model: Seq2SeqTransformer, memory_kv: list[KVCache], src_keep: Tensor) -> StepFn:

@@ -132,3 +132,19 @@ def test_continuous_batching_scheduler_decodes_marian_like_generate(marian_dir: 
         beams += translate_ids(ours.model, ids, torch.ones_like(ids, dtype=torch.bool), 12, beam_size=3)
     assert served == greedy + beams
     assert sum(len(row) for row in greedy) > 10
+
+
+def test_marian_export_decodes_like_pytorch_in_both_scheduler_modes(marian_dir: Path, tmp_path: Path) -> None:
+    """Serving's numpy search over the exported Marian graphs, request-level and continuous, against the
+    PyTorch search: greedy and beams 1–5 × length penalties 0.5–2, mixed source lengths, token for token."""
+    from test_search import assert_modes_equal_offline
+    from transerve.server.seq2seq import make_session
+
+    ours = import_hf_marian(marian_dir)
+    export_translator_entry(ours.model, ours.tokenizer, ExportOptions(tmp_path, "marian"), max_new_tokens=12)
+    vdir = tmp_path / "marian" / "1"
+    src, keep = ours.encode_sources(SOURCES)
+    rows = [row[mask].tolist() for row, mask in zip(src, keep, strict=True)]
+    assert len({len(r) for r in rows}) > 1  # mixed lengths
+    assert_modes_equal_offline(ours.model, make_session(vdir / "encoder.onnx"),
+                               make_session(vdir / "decoder_step_ragged.onnx"), rows, 12)

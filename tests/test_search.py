@@ -10,6 +10,7 @@ source lengths. Tolerance: none — token ids must be identical.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,11 @@ from test_transformer import ragged_sources, random_model
 from transerve.export.exporter import ort_seq2seq
 from transerve.export.graphs import export_encoder, export_ragged_step
 from transerve.export.passes import optimize
-from transerve.models.decoding import SourceBeams as TorchBeams
 from transerve.models.decoding import model_step, select_rows, translate_ids
 from transerve.server.scheduler import ContinuousScheduler, SchedulerCaps
 from transerve.server.seq2seq import make_session, pad_ids
 
-from transerve.search import SourceBeams, beam_search, greedy_search, log_softmax, strip_special
+from transerve.search import beam_search, greedy_search, log_softmax, strip_special
 
 BEAMS = [1, 2, 3, 4, 5]
 PENALTIES = [0.5, 1.0, 2.0]
@@ -62,19 +62,6 @@ def test_numpy_search_equals_torch_search_on_the_model(beam: int, penalty: float
     assert len({tuple(t) for t in expected}) > 1  # the sources really decode differently
 
 
-def test_source_beams_agree_step_by_step_on_random_scores() -> None:
-    """Both SourceBeams fed the same log-probabilities pick the same rows and tokens at every step."""
-    rng = np.random.default_rng(0)
-    for k, penalty in ((1, 1.0), (3, 0.5), (5, 2.0)):
-        ours, theirs = SourceBeams(k, 1, 2, 20, penalty), TorchBeams(k, 1, 2, 20, penalty)
-        while not ours.done:
-            scores = log_softmax(rng.standard_normal((k, 30)).astype(np.float32) * 3)
-            assert ours.advance(scores) == theirs.advance(torch.from_numpy(scores))
-            assert ours.last_tokens() == theirs.last_tokens() and ours.done == theirs.done
-        assert ours.best().tokens == theirs.best().tokens
-        assert ours.best().score == pytest.approx(theirs.best().score, abs=1e-6)
-
-
 def test_log_softmax_matches_torch() -> None:
     x = np.random.default_rng(1).standard_normal((4, 50)).astype(np.float32) * 10
     np.testing.assert_allclose(log_softmax(x), torch.from_numpy(x).log_softmax(-1).numpy(), atol=1e-6)
@@ -90,27 +77,66 @@ def exported() -> tuple[Any, Any, Any]:
     return model, make_session(encoder.SerializeToString()), make_session(step.SerializeToString())
 
 
+def decode_both_modes(model: Any, encoder: Any, step: Any, rows: list[list[int]], budget: int, beam: int,
+                      penalty: float) -> tuple[list[list[int]], list[list[int]]]:
+    """(request-level: one padded batch through ``OrtSeq2Seq.generate``, continuous: ``ContinuousScheduler``)."""
+    seq2seq = ort_seq2seq(model, encoder, step)
+    ids, mask = pad_ids(rows, model.config.pad_id)
+    static = seq2seq.generate(ids, mask, budget, beam_size=beam, length_penalty=penalty)
+
+    async def continuous() -> list[list[int]]:
+        scheduler = ContinuousScheduler.over_graphs(encoder, step, seq2seq.layout, SchedulerCaps(), name="search")
+        scheduler.start()
+        try:
+            return list(await asyncio.gather(*(scheduler.run(r, budget, beam, penalty) for r in rows)))
+        finally:
+            await scheduler.aclose()
+
+    return static, asyncio.run(asyncio.wait_for(continuous(), 120))
+
+
+def offline_alone(model: Any, rows: list[list[int]], budget: int, beam: int, penalty: float) -> list[list[int]]:
+    """The PyTorch reference: each source decoded alone."""
+    out = []
+    for row in rows:
+        src = torch.tensor([row])
+        out += translate_ids(model, src, torch.ones_like(src, dtype=torch.bool), budget, beam_size=beam,
+                             length_penalty=penalty)
+    return out
+
+
+def assert_modes_equal_offline(model: Any, encoder: Any, step: Any, rows: list[list[int]], budget: int) -> None:
+    """Greedy and beams 1–5 × length penalties 0.5–2, both modes, token for token."""
+    for beam in BEAMS:
+        for penalty in PENALTIES:
+            expected = offline_alone(model, rows, budget, beam, penalty)
+            static, continuous = decode_both_modes(model, encoder, step, rows, budget, beam, penalty)
+            assert static == expected, (beam, penalty, "static")
+            assert continuous == expected, (beam, penalty, "continuous")
+
+
 @pytest.mark.parametrize("beam", BEAMS)
 @pytest.mark.parametrize("penalty", PENALTIES)
 def test_both_scheduler_modes_decode_like_pytorch(exported: tuple[Any, Any, Any], beam: int,
                                                   penalty: float) -> None:
     model, encoder, step = exported
     src, keep = ragged_sources(LENGTHS, seed=beam)
-    expected = [translate_ids(model, src[i:i + 1, :int(keep[i].sum())], keep[i:i + 1, :int(keep[i].sum())], 14,
-                              beam_size=beam, length_penalty=penalty)[0] for i in range(len(LENGTHS))]
     rows = [src[i, :int(keep[i].sum())].tolist() for i in range(len(LENGTHS))]
-    ids, mask = pad_ids(rows, model.config.pad_id)
-    static = ort_seq2seq(model, encoder, step).generate(ids, mask, 14, beam_size=beam, length_penalty=penalty)
+    static, continuous = decode_both_modes(model, encoder, step, rows, 14, beam, penalty)
+    expected = offline_alone(model, rows, 14, beam, penalty)
     assert static == expected  # request-level batching: one padded batch through the ragged step
+    assert continuous == expected
 
-    seq2seq = ort_seq2seq(model, encoder, step)
 
-    async def continuous() -> list[list[int]]:
-        scheduler = ContinuousScheduler.over_graphs(encoder, step, seq2seq.layout, SchedulerCaps(), name="search")
-        scheduler.start()
-        try:
-            return list(await asyncio.gather(*(scheduler.run(r, 14, beam, penalty) for r in rows)))
-        finally:
-            await scheduler.aclose()
+@pytest.mark.slow
+def test_zoo_translator_both_modes_decode_like_pytorch(zoo_dir: Path, zoo_repo: Path) -> None:
+    from transerve.models.translator import TextTranslator
 
-    assert asyncio.run(asyncio.wait_for(continuous(), 60)) == expected
+    translator = TextTranslator.load(zoo_dir / "mt-en-de-numbers")
+    vdir = zoo_repo / "mt-en-de-numbers" / "1"
+    texts = ["seven", "three hundred and forty-two", "nineteen eighty-four", "the first",
+             "two hundred thousand and twelve", "ninety-nine"]
+    eos = translator.model.config.eos_id
+    rows = [[*e.ids, eos] for e in translator.tokenizer.encode_batch(texts)]
+    assert_modes_equal_offline(translator.model, make_session(vdir / "encoder.onnx"),
+                               make_session(vdir / "decoder_step_ragged.onnx"), rows, 40)
