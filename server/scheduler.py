@@ -123,11 +123,9 @@ class SequenceRunner(Protocol):
 
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         """Source ids ``[N, S]`` and mask → the cross-attention K/V of every decoder layer."""
-        ...
 
     def step(self, feeds: dict[str, np.ndarray], bound: dict[str, np.ndarray]) -> np.ndarray:
         """One ragged decoder step: logits ``[N, V]``; the grown cache is written into ``bound``."""
-        ...
 
 
 class GraphSequenceRunner:
