@@ -7,7 +7,8 @@ list[np.ndarray]`` — so the decoding code written against ORT sessions
 
 * ``onnxruntime`` — CPU by default; CUDA / TensorRT execution providers when
   onnxruntime-gpu provides them.
-* ``tensorrt`` — native engines (``<graph>.plan`` from ``transerve engine build``), GPU only.
+* ``tensorrt`` — native engines (``<graph>.plan`` from ``transerve engine build``), GPU only; CUDA buffers
+  from cuda-python (:mod:`transerve.server.tensorrt_runner`), no torch.
 * ``torch`` — the reference: the PyTorch checkpoint ``transerve export --torch-checkpoint`` wrote to
   ``<version>/torch``. The only backend that imports torch (and ``transerve.models``/``export``), lazily, so the
   base install (no ``export`` extra) serves everything else.
@@ -83,45 +84,6 @@ class TorchRunner:
         return [arrays[n] for n in (output_names or self.output_names)]
 
 
-class TensorRTRunner:
-    """A TensorRT 10 engine over torch CUDA buffers (dynamic shapes set per call)."""
-
-    def __init__(self, plan: Path) -> None:
-        import tensorrt as trt
-        import torch
-
-        self.torch = torch
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
-        if self.engine is None:
-            raise BackendError(f"{plan}: TensorRT could not load this engine (built by another version or GPU?)")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: torch.from_numpy(np.zeros(0, trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
-                       for n in names}
-
-    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        torch = self.torch
-        keep = []
-        for name in self.input_names:
-            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", self.dtypes[name])
-            keep.append(tensor)
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for name in self.output_names:
-            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
-            outputs[name] = out
-            self.context.set_tensor_address(name, out.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        stream.synchronize()
-        return [outputs[n].cpu().numpy() for n in (output_names or self.output_names)]
-
-
 def run_into(runner: Any, feeds: dict[str, np.ndarray], bound: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run with the ``bound`` outputs written into the caller's arrays (exact shape, C-contiguous); returns the
     other outputs. ONNX Runtime writes them in place through IOBinding — no per-run allocation for them —
@@ -161,12 +123,12 @@ def tensorrt_ready(vdir: Path, graphs: Sequence[str]) -> tuple[bool, str]:
     missing = [g for g in graphs if not (vdir / f"{g}.plan").is_file()]
     if missing:
         return False, f"no engine for {missing} (run `transerve engine build`)"
-    try:
-        torch = importlib.import_module("torch")
-        if not torch.cuda.is_available():
-            return False, "no CUDA GPU"
-    except ImportError:
-        return False, "torch is missing"
+    if importlib.util.find_spec("cuda") is None:
+        return False, "cuda-python is not installed (pip install 'transerve[gpu]')"
+    from transerve.server.tensorrt_runner import gpu_count
+
+    if gpu_count() == 0:
+        return False, "no CUDA GPU"
     return True, "TensorRT engines present for every graph"
 
 
@@ -177,6 +139,8 @@ def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], thread
         ready, why = tensorrt_ready(vdir, list(files))
         if ready:
             log.info("%s: backend tensorrt (%s)", vdir, why)
+            from transerve.server.tensorrt_runner import TensorRTRunner
+
             return "tensorrt", {g: TensorRTRunner(vdir / f"{g}.plan") for g in files}
         if backend == "tensorrt":
             raise BackendError(f"{vdir}: backend tensorrt unavailable: {why}")

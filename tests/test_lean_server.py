@@ -128,3 +128,16 @@ def test_base_install_alone_serves_a_repository_built_by_the_full_install(small_
         assert lean == full
     finally:
         assert base.terminate() == 0, "".join(base.output[-20:])
+
+
+def test_tensorrt_runner_module_needs_no_torch() -> None:
+    """The TensorRT backend's runner imports with torch blocked; without cuda-python or a GPU it reports 0 GPUs."""
+    code = ("import sys\n"
+            f"for name in {BLOCKED!r}:\n"
+            "    sys.modules[name] = None\n"
+            "from transerve.server.tensorrt_runner import gpu_count\n"
+            "from transerve.server.runtime import tensorrt_ready\n"
+            "print(gpu_count() >= 0, 'torch' not in str(tensorrt_ready(__import__('pathlib').Path('.'), [])))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]

@@ -112,3 +112,19 @@ def test_engine_matches_onnxruntime_within_fp16(vit_entry: Path, tmp_path: Path)
     stream.synchronize()
     expected = make_session(latest_version(vit_entry) / "model.onnx").run(None, {"images": x.cpu().numpy()})[0]
     np.testing.assert_allclose(out.cpu().numpy(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and a CUDA GPU")
+def test_serving_runner_matches_onnxruntime_without_torch_buffers(vit_entry: Path, tmp_path: Path) -> None:
+    """The server's TensorRTRunner (cuda-python buffers) on the built engine, twice (buffers reused and grown)."""
+    from transerve.server.seq2seq import make_session
+    from transerve.server.tensorrt_runner import TensorRTRunner
+
+    results = build_engines(EngineRequest(vit_entry, precision="fp16", timing_cache=tmp_path / "timing.cache"))
+    runner = TensorRTRunner(Path(results["model"]["plan"]))
+    session = make_session(latest_version(vit_entry) / "model.onnx")
+    for batch in (2, 8):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 8, 8)).astype(np.float32)
+        np.testing.assert_allclose(runner.run(None, {"images": x})[0], session.run(None, {"images": x})[0],
+                                   atol=2e-2, rtol=2e-2)
