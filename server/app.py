@@ -48,6 +48,7 @@ class ServeOptions:
     tls_client_ca: Path | None = None
     auth_token_file: Path | None = None
     max_message_mb: int = 64
+    max_connection_age: float | None = None  # seconds; then GOAWAY, so clients reconnect (and rebalance)
     grace_seconds: float = 30.0
     threads: int = 2
     ort_spinning: bool = False  # keep ORT threads spinning between runs: lower latency, less CPU for gRPC
@@ -73,8 +74,12 @@ class TranserveServer:
         o = self.options
         limit = o.max_message_mb << 20
         interceptors = [BearerTokenInterceptor(read_token(o.auth_token_file))] if o.auth_token_file else []
-        server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        options: list[tuple[str, int]] = [("grpc.max_receive_message_length", limit),
+                                          ("grpc.max_send_message_length", limit)]
+        if o.max_connection_age:  # behind a connection-level balancer, aged connections spread out on reconnect
+            options += [("grpc.max_connection_age_ms", int(o.max_connection_age * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(o.grace_seconds * 1000))]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.manager, self.metrics, lambda: self.ready), server)
         transerve_pb2_grpc.add_TranslatorServicer_to_server(TranslatorService(self.manager, self.metrics), server)

@@ -54,6 +54,9 @@ def serve_command(
                                                          "health check must carry.")] = None,
     max_message_mb: Annotated[int, typer.Option(min=1, max=2047, help="Largest gRPC message, MiB.")] = 64,
     grace: Annotated[float, typer.Option(min=0, help="Seconds accepted work may take to finish on SIGTERM.")] = 30.0,
+    max_connection_age: Annotated[float | None, typer.Option(
+        min=1, help="Close each client connection after this many seconds (GOAWAY; calls in flight get --grace "
+        "to finish), so clients behind a connection-level load balancer reconnect and spread out.")] = None,
     threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime intra-op threads per model.")] = 2,
     ort_spinning: Annotated[bool, typer.Option(help="Keep ONNX Runtime's threads spinning between runs: ~0.3 ms "
                                                "less latency when idle, but their CPU is lost to gRPC under load "
@@ -90,7 +93,8 @@ def serve_command(
     options = ServeOptions(repo=repo, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,
                            backend=backend.value, tls_cert=tls_cert, tls_key=tls_key,  # type: ignore[arg-type]
                            tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
-                           max_message_mb=max_message_mb, grace_seconds=grace, threads=threads,
+                           max_message_mb=max_message_mb, max_connection_age=max_connection_age,
+                           grace_seconds=grace, threads=threads,
                            ort_spinning=ort_spinning)
     configure_logging(log_format.value, access_log, log_level.value)  # type: ignore[arg-type]
     try:

@@ -9,6 +9,9 @@ Example::
         top = client.classify(["digit.png"], top_k=3)[0]
         print(top[0].label, top[0].score)
 
+``url`` may name several servers (``"10.0.0.1:8001,10.0.0.2:8001"``, a list) or a ``dns:///name:port``;
+calls are then spread over all of them by gRPC's ``round_robin`` policy (:mod:`transerve_client.targets`).
+
 Every failed call raises :class:`TranserveError` carrying the gRPC status code and the server's message.
 Only ``UNAVAILABLE`` is retried (the server restarting or not yet listening), with exponential backoff and
 jitter, a bounded number of times; every call has a deadline.
@@ -32,6 +35,7 @@ from transerve_client._proto import inference_pb2 as ipb
 from transerve_client._proto import inference_pb2_grpc as ipb_grpc
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
 from transerve_client._requests import ImageLike, Prediction
+from transerve_client.targets import ROUND_ROBIN, channel_target
 
 T = TypeVar("T")
 
@@ -70,14 +74,15 @@ def _credentials(tls: bool | str | Path, client_cert: str | Path | None,
     return grpc.ssl_channel_credentials(root, key, cert)
 
 
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+                    ROUND_ROBIN]  # several addresses or a dns:/// name: each call goes to the next server
 
 
 class _Base:
-    def __init__(self, url: str, *, tls: bool | str | Path = False, client_cert: str | Path | None = None,
-                 client_key: str | Path | None = None, token: str | None = None, timeout: float = 30.0,
-                 retry: RetryPolicy | None = None) -> None:
-        self.url, self.timeout = url, timeout
+    def __init__(self, url: str | Sequence[str], *, tls: bool | str | Path = False,
+                 client_cert: str | Path | None = None, client_key: str | Path | None = None,
+                 token: str | None = None, timeout: float = 30.0, retry: RetryPolicy | None = None) -> None:
+        self.url, self.timeout = channel_target(url), timeout
         self.retry = retry or RetryPolicy()
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._credentials = _credentials(tls, client_cert, client_key)
@@ -92,10 +97,10 @@ def _error(e: grpc.RpcError) -> TranserveError:
 class TranserveClient(_Base):
     """Blocking client; thread-safe (one channel, reused by every call)."""
 
-    def __init__(self, url: str = "localhost:8001", **kwargs: Any) -> None:
+    def __init__(self, url: str | Sequence[str] = "localhost:8001", **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
-        self._channel = (grpc.secure_channel(url, self._credentials, _CHANNEL_OPTIONS) if self._credentials
-                         else grpc.insecure_channel(url, _CHANNEL_OPTIONS))
+        self._channel = (grpc.secure_channel(self.url, self._credentials, _CHANNEL_OPTIONS) if self._credentials
+                         else grpc.insecure_channel(self.url, _CHANNEL_OPTIONS))
         self._kserve = ipb_grpc.GRPCInferenceServiceStub(self._channel)
         self._translator = tpb_grpc.TranslatorStub(self._channel)
         self._classifier = tpb_grpc.ClassifierStub(self._channel)
@@ -174,10 +179,10 @@ class TranserveClient(_Base):
 class AsyncTranserveClient(_Base):
     """The asyncio twin of :class:`TranserveClient` (``async with``, ``await``, ``async for``)."""
 
-    def __init__(self, url: str = "localhost:8001", **kwargs: Any) -> None:
+    def __init__(self, url: str | Sequence[str] = "localhost:8001", **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
-        self._channel = (grpc.aio.secure_channel(url, self._credentials, _CHANNEL_OPTIONS) if self._credentials
-                         else grpc.aio.insecure_channel(url, _CHANNEL_OPTIONS))
+        self._channel = (grpc.aio.secure_channel(self.url, self._credentials, _CHANNEL_OPTIONS)
+                         if self._credentials else grpc.aio.insecure_channel(self.url, _CHANNEL_OPTIONS))
         self._kserve = ipb_grpc.GRPCInferenceServiceStub(self._channel)
         self._translator = tpb_grpc.TranslatorStub(self._channel)
         self._classifier = tpb_grpc.ClassifierStub(self._channel)

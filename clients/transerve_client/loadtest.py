@@ -32,6 +32,7 @@ from transerve_client import _requests as rq
 from transerve_client._proto import inference_pb2 as ipb
 from transerve_client._proto import inference_pb2_grpc as ipb_grpc
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+from transerve_client.targets import ROUND_ROBIN, channel_target, target_hosts
 
 # Built-in payloads, so a load test needs nothing but the server: English number words (the zoo translator's
 # language) and an 8×8 digit-like image (the zoo classifier's).
@@ -54,15 +55,20 @@ class StepResult:
 
 
 def check_target(url: str, allow_remote: bool) -> None:
-    host = url.rsplit(":", 1)[0].strip("[]")
-    if allow_remote or host == "localhost":
-        return
+    """Every server the target names must be on this machine unless ``--allow-remote``."""
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise SystemExit(f"error: {url} is not a loopback address; pass --allow-remote to load-test it")
+        hosts = target_hosts(url)
+    except ValueError as e:
+        raise SystemExit(f"error: --url: {e}") from None
+    for host in hosts:
+        if allow_remote or host == "localhost":
+            continue
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise SystemExit(f"error: {host} in {url} is not a loopback address; pass --allow-remote to load-test it")
 
 
 @dataclass(frozen=True)
@@ -242,7 +248,7 @@ async def infer_inputs(channel: grpc.aio.Channel, model: str | None, batch: int,
 
 async def run(args: argparse.Namespace) -> list[StepResult]:
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
-    async with grpc.aio.insecure_channel(args.url) as channel:
+    async with grpc.aio.insecure_channel(channel_target(args.url), [ROUND_ROBIN]) as channel:
         inputs = await infer_inputs(channel, args.model, args.batch, metadata) if args.task == "infer" else None
         work = Workload(channel, args.task, args.model, args.batch, metadata, inputs,
                         TranslateLoad(args.max_new_tokens, args.stream))
@@ -309,7 +315,8 @@ def budget_range(text: str) -> tuple[int, int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="transerve-loadtest", description=__doc__.splitlines()[0])
-    p.add_argument("--url", default="127.0.0.1:8001", help="server host:port (default %(default)s)")
+    p.add_argument("--url", default="127.0.0.1:8001", help="server host:port, several as a,b (IP literals), or "
+                   "dns:///name:port; several are balanced per call (round_robin) (default %(default)s)")
     p.add_argument("--task", default="classify", choices=["classify", "translate", "infer", "live"],
                    help="request kind; 'live' is ServerLive, the trivial request (default %(default)s)")
     p.add_argument("--model", help="model name (default: the server's default for the task)")
