@@ -57,7 +57,9 @@ def serve_command(
     max_connection_age: Annotated[float | None, typer.Option(
         min=1, help="Close each client connection after this many seconds (GOAWAY; calls in flight get --grace "
         "to finish), so clients behind a connection-level load balancer reconnect and spread out.")] = None,
-    threads: Annotated[int, typer.Option(min=1, help="ONNX Runtime intra-op threads per model.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, envvar="TRANSERVE_THREADS",
+                                         help="ONNX Runtime intra-op threads per model (containers: set "
+                                         "TRANSERVE_THREADS from the CPU limit).")] = 2,
     ort_spinning: Annotated[bool, typer.Option(help="Keep ONNX Runtime's threads spinning between runs: ~0.3 ms "
                                                "less latency when idle, but their CPU is lost to gRPC under load "
                                                "(see bench/RESULTS.md).")] = False,
