@@ -59,6 +59,8 @@ def test_structure_matches_the_server() -> None:
     assert exposed == {defaults["port"], defaults["metrics_port"]}
     cmd = next(args for word, args in final if word == "CMD")
     assert '"/mnt/models"' in cmd and '"0.0.0.0"' in cmd
-    assert f'"{defaults["port"]}"' in cmd and f'"{defaults["metrics_port"]}"' in cmd
+    env = " ".join(args for word, args in final if word == "ENV")
+    assert f"TRANSERVE_PORT={defaults['port']}" in env and f"TRANSERVE_METRICS_PORT={defaults['metrics_port']}" in env
+    assert "TRANSERVE_PORT" in health[0]  # the health check asks the port the server listens on
     install = next(args for word, args in steps if word == "RUN" and "pip install" in args)
     assert "pip install ./clients ." in install and "[" not in install.split("pip install")[1].split("&&")[0]

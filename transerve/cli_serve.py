@@ -41,8 +41,9 @@ def serve_command(
     repo: Annotated[Path, typer.Option(help="Model repository (REPO/NAME/config.yaml + version folders).")]
     = Path("repo"),
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC port (0 = any free port).")] = 8001,
-    metrics_port: Annotated[int, typer.Option(min=-1, max=65535,
+    port: Annotated[int, typer.Option(min=0, max=65535, envvar="TRANSERVE_PORT",
+                                      help="gRPC port (0 = any free port).")] = 8001,
+    metrics_port: Annotated[int, typer.Option(min=-1, max=65535, envvar="TRANSERVE_METRICS_PORT",
                                               help="Prometheus /metrics port (0 = any free, -1 = off).")] = 8002,
     backend: Annotated[BackendChoice, typer.Option(help="auto picks TensorRT engines when present and usable, "
                                                    "else ONNX Runtime (GPU providers first).")] = BackendChoice.auto,
