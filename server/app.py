@@ -49,6 +49,7 @@ class ServeOptions:
     auth_token_file: Path | None = None
     max_message_mb: int = 64
     max_connection_age: float | None = None  # seconds; then GOAWAY, so clients reconnect (and rebalance)
+    health_port: int | None = None  # also grpc.health.v1 alone, plaintext and without auth (Kubernetes probes)
     grace_seconds: float = 30.0
     threads: int = 2
     ort_spinning: bool = False  # keep ORT threads spinning between runs: lower latency, less CPU for gRPC
@@ -68,6 +69,8 @@ class TranserveServer:
         self.port = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self._metrics_http: Any = None
 
     def _grpc_server(self) -> grpc.aio.Server:
@@ -93,6 +96,14 @@ class TranserveServer:
             self.port = server.add_insecure_port(address)
         return server
 
+    def _plaintext_health_server(self, port: int) -> grpc.aio.Server:
+        """grpc.health.v1 only, plaintext, no token: what Kubernetes' gRPC probes can reach when the serving
+        port wants TLS or a token. It shares the health servicer, so it says what the serving port says."""
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health_port = server.add_insecure_port(f"{self.options.host}:{port}")
+        return server
+
     async def _set_health(self, status: int) -> None:
         for name in ["", *SERVICE_NAMES, *self.manager.models]:
             await self.health.set(name, status)
@@ -101,6 +112,9 @@ class TranserveServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._grpc_server()
         await self._server.start()  # listening, but health says NOT_SERVING until models are warm
+        if self.options.health_port is not None:
+            self._health_server = self._plaintext_health_server(self.options.health_port)
+            await self._health_server.start()
         if self.options.metrics_port is not None:
             self._metrics_http, _ = start_http_server(self.options.metrics_port, addr=self.options.host,
                                                       registry=self.metrics.registry)
@@ -109,7 +123,9 @@ class TranserveServer:
         self.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         print(f"transerve: serving {sorted(self.manager.models)} on {self.options.host}:{self.port}"
-              f" (metrics on {self.options.host}:{self.metrics_port})", flush=True)
+              f" (metrics on {self.options.host}:{self.metrics_port})"
+              + (f" (health on {self.options.host}:{self.health_port})" if self.health_port is not None else ""),
+              flush=True)
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, stop accepting, finish accepted RPCs and batches."""
@@ -117,6 +133,8 @@ class TranserveServer:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(self.options.grace_seconds)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.manager.aclose(self.options.grace_seconds)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -253,3 +253,29 @@ def test_message_size_limit_is_configurable_and_named(small_repo: Path) -> None:
             assert infer(stub) == grpc.StatusCode.OK
     finally:
         server.terminate()
+
+
+def test_plaintext_health_port_answers_probes_when_tls_and_auth_are_on(small_repo: Path, tmp_path: Path) -> None:
+    """Kubernetes' gRPC probes send neither TLS nor a token: --health-port serves grpc.health.v1 for them."""
+    import re
+
+    certs = make_certificates(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    server = start_server(small_repo, "--tls-cert", str(certs["server.crt"]), "--tls-key", str(certs["server.key"]),
+                          "--auth-token-file", str(token), "--health-port", "0")
+    try:
+        match = re.search(r"\(health on 127\.0\.0\.1:(\d+)\)", "".join(server.output))
+        assert match is not None, "".join(server.output[-5:])
+        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "tiny-vit", "inference.GRPCInferenceService"):
+                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+                assert status == health_pb2.HealthCheckResponse.SERVING, service
+            with pytest.raises(grpc.RpcError) as info:  # nothing but health there
+                pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):  # serving port: TLS
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        assert server.terminate() == 0

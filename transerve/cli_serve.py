@@ -51,6 +51,10 @@ def serve_command(
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
     tls_client_ca: Annotated[Path | None, typer.Option(help="CA that client certificates must be signed by "
                                                        "(enables mutual TLS).")] = None,
+    health_port: Annotated[int | None, typer.Option(
+        min=0, max=65535, envvar="TRANSERVE_HEALTH_PORT",
+        help="Also serve grpc.health.v1 alone on this port, plaintext and without a token, for Kubernetes gRPC "
+        "probes when the serving port uses TLS or auth (0 = any free port).")] = None,
     auth_token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token every RPC but the "
                                                          "health check must carry.")] = None,
     max_message_mb: Annotated[int, typer.Option(min=1, max=2047, help="Largest gRPC message, MiB.")] = 64,
@@ -97,6 +101,7 @@ def serve_command(
                            backend=backend.value, tls_cert=tls_cert, tls_key=tls_key,  # type: ignore[arg-type]
                            tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
                            max_message_mb=max_message_mb, max_connection_age=max_connection_age,
+                           health_port=health_port,
                            grace_seconds=grace, threads=threads,
                            ort_spinning=ort_spinning)
     configure_logging(log_format.value, access_log, log_level.value)  # type: ignore[arg-type]
