@@ -95,11 +95,12 @@ def container_problems(doc: dict[str, Any]) -> list[str]:
     for c in spec["containers"]:
         args = c.get("args", [])
         port = flag(args, "port", 8001)
+        probe_ports = {port, flag(args, "health-port", port)}  # the serving port, or the plaintext health port
         if doc["kind"] != "Deployment" and c["name"] != "kserve-container":
             problems.append(f"{doc['kind']}: container {c['name']!r} must be named kserve-container")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             grpc_probe = c.get(probe, {}).get("grpc")
-            if grpc_probe is not None and grpc_probe.get("port") != port:
+            if grpc_probe is not None and grpc_probe.get("port") not in probe_ports:
                 problems.append(f"{probe}: gRPC probe on port {grpc_probe.get('port')!r}, the server serves {port}")
         ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
         if "metrics" in ports and ports["metrics"] != flag(args, "metrics-port", 8002):
