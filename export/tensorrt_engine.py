@@ -87,7 +87,9 @@ def dim_ranges(config: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
         src_max = int(config.get("max_input_tokens", 128)) + 1  # + EOS
         new_max = int(config.get("max_new_tokens", 64))
         ranges["src_len"] = (1, min(32, src_max), src_max)
-        ranges["past_len"] = (0, min(16, new_max), new_max)
+        # decoder_step_ragged: one placeholder slot to start; under continuous batching late joiners' left
+        # padding keeps the cache below twice the longest live row plus one (server/kv_cache.py)
+        ranges["past_len"] = (1, min(16, new_max), 2 * new_max + 2)
     return ranges
 
 

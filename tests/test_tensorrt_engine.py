@@ -58,7 +58,8 @@ def test_translator_profiles_cover_cache_and_source(tmp_path: Path) -> None:
     config = yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())
     step = onnx.load_model(str(tmp_path / "t" / "1" / "decoder_step_ragged.onnx"))
     shapes = profile_shapes(step, dim_ranges(config))
-    assert shapes["past_k_0"] == ([1, 2, 0, 4], [16, 2, 8, 4], [32, 2, 8, 4])
+    assert shapes["past_k_0"] == ([1, 2, 1, 4], [16, 2, 8, 4], [32, 2, 18, 4])
+    assert shapes["past_mask"] == ([1, 1], [16, 8], [32, 18])
     assert shapes["attention_mask"] == ([1, 1], [16, 32], [32, 32])
 
 
