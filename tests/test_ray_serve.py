@@ -1,0 +1,219 @@
+"""transerve on Ray Serve: the config file, and two replicas behind Ray's gRPC proxy answering like one server.
+
+The slow test starts a local Ray cluster on loopback (2 CPUs, a 100 MiB object store, no dashboard), runs the
+application with 2 replicas and the config file's gRPC options on an ephemeral port, and sends 64 concurrent
+requests (translations and classifications) with the generated stubs. Both replicas must answer (the
+``x-transerve-replica`` trailing metadata names each one's process), and every answer must equal what a
+single ``transerve serve`` process gives for the same request. Ray is in the ``ray`` extra, which ``dev``
+includes; in CI a missing Ray fails the test rather than skipping it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from conftest import start_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transerve_client._proto import inference_pb2 as ipb
+from transerve_client._proto import inference_pb2_grpc as ipb_grpc
+from transerve_client._proto import transerve_pb2 as tpb
+from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+
+SERVE_YAML = Path(__file__).resolve().parent.parent / "deploy" / "ray" / "serve.yaml"
+
+if os.environ.get("CI") == "true":
+    import ray.serve  # noqa: F401  (CI installs the dev extra, which brings Ray: fail here, never skip)
+ray_serve = pytest.importorskip("transerve.server.ray_serve", reason="Ray Serve is not installed "
+                                "(pip install 'transerve[ray]')")
+
+
+def config() -> dict[str, Any]:
+    return yaml.safe_load(SERVE_YAML.read_text())
+
+
+def test_config_file_is_a_valid_serve_config_for_this_module() -> None:
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = config()
+    schema = ServeDeploySchema.model_validate(raw)
+    assert schema.grpc_options.port == 9000
+    assert schema.grpc_options.grpc_servicer_functions == ray_serve.SERVICER_FUNCTIONS
+    assert len(gRPCOptions(**raw["grpc_options"]).grpc_servicer_func_callable) == 4  # each one imports
+    (app,) = schema.applications
+    module, _, attr = app.import_path.partition(":")
+    assert module == ray_serve.__name__ and getattr(ray_serve, attr) is ray_serve.app_builder
+    (deployment,) = app.deployments
+    defaults = ray_serve.TranserveReplica  # the decorator's options must agree with the file's
+    assert deployment.name == defaults.name
+    assert deployment.max_ongoing_requests == defaults.max_ongoing_requests
+    assert deployment.max_queued_requests == defaults._deployment_config.max_queued_requests
+    assert deployment.ray_actor_options.num_cpus == defaults.ray_actor_options["num_cpus"]
+    assert deployment.graceful_shutdown_timeout_s == defaults._deployment_config.graceful_shutdown_timeout_s
+    scaling = deployment.autoscaling_config
+    assert deployment.num_replicas == "auto" and 2 <= scaling["min_replicas"] <= scaling["max_replicas"]
+
+
+def test_builder_names_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ray_serve.REPO_ENV, raising=False)
+    with pytest.raises(ValueError, match="TRANSERVE_REPO: not set"):
+        ray_serve.app_builder({})
+    monkeypatch.setenv(ray_serve.REPO_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="is not a directory"):
+        ray_serve.app_builder({})
+    monkeypatch.setenv(ray_serve.REPO_ENV, str(tmp_path))
+    assert ray_serve.app_builder({"threads": "2"}) is not None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_address(zoo_repo: Path) -> Iterator[str]:
+    """The application with 2 replicas behind Ray's gRPC proxy, on a local loopback cluster."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, object_store_memory=100 << 20, include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                    grpc_options=gRPCOptions(**{**config()["grpc_options"], "port": port}))
+        serve.run(ray_serve.build(zoo_repo, num_replicas=2), name="transerve", blocking=False)
+        yield f"127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_serving(address: str, timeout: float = 120) -> None:
+    """Until the proxy's health Check (answered by a replica) says SERVING. ``serve.run`` already waited for
+    the replicas, so this normally passes at once; between tries the proxy is given a moment."""
+    deadline, pause, last = time.monotonic() + timeout, threading.Event(), "no answer"
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as e:  # no replica routable yet: the proxy says so
+                last = f"{e.code()}: {e.details()}"
+            pause.wait(0.5)
+    raise AssertionError(f"not SERVING after {timeout} s: {last}")
+
+
+def requests() -> list[tpb.TranslateRequest | tpb.ClassifyRequest]:
+    """32 translations and 32 classifications (the held-out digits as PNG, as a user sends them), interleaved."""
+    from num2words import num2words
+    from transerve.models.zoo.digits import DigitsRecipe, split_digits
+
+    _, _, images, _ = split_digits(DigitsRecipe())
+    encoded = []
+    for image in images[:32]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    texts = [num2words(n) for n in range(3, 9000, 281)][:32]
+    both: list[tpb.TranslateRequest | tpb.ClassifyRequest] = []
+    for text, png in zip(texts, encoded, strict=True):
+        both.append(tpb.TranslateRequest(texts=[text]))
+        both.append(tpb.ClassifyRequest(model="vit-digits", images=[tpb.Image(encoded=png)], top_k=3))
+    return both
+
+
+async def send_all(address: str, batch: list[Any]) -> list[tuple[Any, str]]:
+    """Every request at once; each answer with the replica that gave it (or '' from a plain server)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        translator, classifier = tpb_grpc.TranslatorStub(channel), tpb_grpc.ClassifierStub(channel)
+
+        async def one(request: Any) -> tuple[Any, str]:
+            method = translator.Translate if isinstance(request, tpb.TranslateRequest) else classifier.Classify
+            call = method(request, timeout=120)
+            response = await call
+            replica = dict(await call.trailing_metadata() or ()).get(ray_serve.REPLICA_HEADER, "")
+            return response, str(replica)
+
+        return await asyncio.gather(*(one(r) for r in batch))
+
+
+def same_answer(a: Any, b: Any) -> bool:
+    if isinstance(a, tpb.TranslateResponse):
+        return [t.text for t in a.translations] == [t.text for t in b.translations]
+    got = [[(p.index, p.label) for p in c.predictions] for c in a.results]
+    want = [[(p.index, p.label) for p in c.predictions] for c in b.results]
+    scores = np.array([[p.score for p in c.predictions] for c in a.results])
+    expected = np.array([[p.score for p in c.predictions] for c in b.results])
+    return got == want and np.allclose(scores, expected, atol=1e-5)  # batch composition may move the last bits
+
+
+@pytest.mark.slow
+def test_two_replicas_answer_like_one_server(ray_address: str, zoo_repo: Path) -> None:
+    batch = requests()
+    assert len(batch) == 64
+    single = start_server(zoo_repo)
+    try:
+        expected = asyncio.run(send_all(single.address, batch))
+    finally:
+        assert single.terminate() == 0
+    wait_serving(ray_address)
+    answers = asyncio.run(send_all(ray_address, batch))
+    pids = {replica.rsplit(":", 1)[-1] for _, replica in answers}
+    assert len(pids) == 2 and "" not in pids, pids  # both replicas served, in different processes
+    assert os.getpid() not in {int(p) for p in pids}
+    mismatched = [i for i, ((got, _), (want, _)) in enumerate(zip(answers, expected, strict=True))
+                  if not same_answer(got, want)]
+    assert not mismatched, mismatched
+
+
+@pytest.mark.slow
+def test_proxy_errors_streams_health_and_reflection(ray_address: str) -> None:
+    wait_serving(ray_address)
+    with grpc.insecure_channel(ray_address) as channel:
+        translator = tpb_grpc.TranslatorStub(channel)
+        full = translator.Translate(tpb.TranslateRequest(texts=["four thousand and two"])).translations[0].text
+        pieces = list(translator.TranslateStream(tpb.TranslateStreamRequest(text="four thousand and two")))
+        assert pieces[-1].done and "".join(p.piece for p in pieces) == full
+
+        for call, words in ((lambda: translator.Translate(tpb.TranslateRequest(texts=["x" * 5000])),
+                             "texts[0]: 5000 characters exceed the limit of 4096"),
+                            (lambda: list(translator.TranslateStream(tpb.TranslateStreamRequest(text="x" * 5000))),
+                             "text[0]: 5000 characters exceed the limit of 4096")):
+            with pytest.raises(grpc.RpcError) as failed:
+                call()
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert failed.value.details() == words  # our message, no Ray traceback
+        with pytest.raises(grpc.RpcError) as unknown:
+            translator.Translate(tpb.TranslateRequest(texts=["one"], model="nope"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in (unknown.value.details() or "")
+
+        kserve = ipb_grpc.GRPCInferenceServiceStub(channel)
+        assert kserve.ServerLive(ipb.ServerLiveRequest()).live and kserve.ServerReady(ipb.ServerReadyRequest()).ready
+        assert kserve.ModelReady(ipb.ModelReadyRequest(name="vit-digits")).ready
+        assert kserve.ModelMetadata(ipb.ModelMetadataRequest(name="vit-digits")).inputs[0].name == "images"
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        (listing,) = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in listing.list_services_response.service}
+        assert {"transerve.v1.Translator", "transerve.v1.Classifier", "inference.GRPCInferenceService",
+                "grpc.health.v1.Health"} <= names
