@@ -95,6 +95,16 @@ class ProxiedContext:
         raise RpcAborted(message)
 
 
+def _unary_rpc(rpc: str, servicer: str, empty: Callable[[], Any]) -> Callable[..., Awaitable[Any]]:
+    """A deployment method named after a unary RPC, delegating to that servicer's method of the same name.
+    Ray's proxy calls it by name, and passes ``grpc_context`` because the signature asks for it."""
+    async def method(self: TranserveReplica, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        return await self._unary(rpc, getattr(getattr(self, servicer), rpc), request, grpc_context, empty)
+
+    method.__name__ = method.__qualname__ = rpc
+    return method
+
+
 @serve.deployment(
     name="transerve",
     max_ongoing_requests=256,  # the batchers want many requests in flight per replica (Ray's default is 5)
@@ -155,10 +165,8 @@ class TranserveReplica:
             raise RpcAborted(message) from None
 
     # transerve.v1.Translator / transerve.v1.Classifier
-    async def Translate(self, request: tpb.TranslateRequest, grpc_context: RayServegRPCContext
-                        ) -> tpb.TranslateResponse:
-        return await self._unary("Translate", self.translator.Translate, request, grpc_context,
-                                 tpb.TranslateResponse)
+    Translate = _unary_rpc("Translate", "translator", tpb.TranslateResponse)
+    Classify = _unary_rpc("Classify", "classifier", tpb.ClassifyResponse)
 
     async def TranslateStream(self, request: tpb.TranslateStreamRequest, grpc_context: RayServegRPCContext
                               ) -> AsyncIterator[tpb.TranslateStreamResponse]:
@@ -166,56 +174,21 @@ class TranserveReplica:
                                         lambda ctx: self.translator.TranslateStream(request, ctx), grpc_context):
             yield piece
 
-    async def Classify(self, request: tpb.ClassifyRequest, grpc_context: RayServegRPCContext
-                       ) -> tpb.ClassifyResponse:
-        return await self._unary("Classify", self.classifier.Classify, request, grpc_context, tpb.ClassifyResponse)
-
     # inference.GRPCInferenceService (KServe v2)
-    async def ServerLive(self, request: ipb.ServerLiveRequest, grpc_context: RayServegRPCContext
-                         ) -> ipb.ServerLiveResponse:
-        return await self._unary("ServerLive", self.inference.ServerLive, request, grpc_context,
-                                 ipb.ServerLiveResponse)
-
-    async def ServerReady(self, request: ipb.ServerReadyRequest, grpc_context: RayServegRPCContext
-                          ) -> ipb.ServerReadyResponse:
-        return await self._unary("ServerReady", self.inference.ServerReady, request, grpc_context,
-                                 ipb.ServerReadyResponse)
-
-    async def ModelReady(self, request: ipb.ModelReadyRequest, grpc_context: RayServegRPCContext
-                         ) -> ipb.ModelReadyResponse:
-        return await self._unary("ModelReady", self.inference.ModelReady, request, grpc_context,
-                                 ipb.ModelReadyResponse)
-
-    async def ServerMetadata(self, request: ipb.ServerMetadataRequest, grpc_context: RayServegRPCContext
-                             ) -> ipb.ServerMetadataResponse:
-        return await self._unary("ServerMetadata", self.inference.ServerMetadata, request, grpc_context,
-                                 ipb.ServerMetadataResponse)
-
-    async def ModelMetadata(self, request: ipb.ModelMetadataRequest, grpc_context: RayServegRPCContext
-                            ) -> ipb.ModelMetadataResponse:
-        return await self._unary("ModelMetadata", self.inference.ModelMetadata, request, grpc_context,
-                                 ipb.ModelMetadataResponse)
-
-    async def ModelInfer(self, request: ipb.ModelInferRequest, grpc_context: RayServegRPCContext
-                         ) -> ipb.ModelInferResponse:
-        return await self._unary("ModelInfer", self.inference.ModelInfer, request, grpc_context,
-                                 ipb.ModelInferResponse)
+    ServerLive = _unary_rpc("ServerLive", "inference", ipb.ServerLiveResponse)
+    ServerReady = _unary_rpc("ServerReady", "inference", ipb.ServerReadyResponse)
+    ModelReady = _unary_rpc("ModelReady", "inference", ipb.ModelReadyResponse)
+    ServerMetadata = _unary_rpc("ServerMetadata", "inference", ipb.ServerMetadataResponse)
+    ModelMetadata = _unary_rpc("ModelMetadata", "inference", ipb.ModelMetadataResponse)
+    ModelInfer = _unary_rpc("ModelInfer", "inference", ipb.ModelInferResponse)
+    ModelStatistics = _unary_rpc("ModelStatistics", "inference", ipb.ModelStatisticsResponse)
+    RepositoryIndex = _unary_rpc("RepositoryIndex", "inference", ipb.RepositoryIndexResponse)
 
     async def ModelStreamInfer(self, requests: AsyncIterator[ipb.ModelInferRequest],
                                grpc_context: RayServegRPCContext) -> AsyncIterator[ipb.ModelStreamInferResponse]:
         async for response in self._stream("ModelStreamInfer",
                                            lambda ctx: self.inference.ModelStreamInfer(requests, ctx), grpc_context):
             yield response
-
-    async def ModelStatistics(self, request: ipb.ModelStatisticsRequest, grpc_context: RayServegRPCContext
-                              ) -> ipb.ModelStatisticsResponse:
-        return await self._unary("ModelStatistics", self.inference.ModelStatistics, request, grpc_context,
-                                 ipb.ModelStatisticsResponse)
-
-    async def RepositoryIndex(self, request: ipb.RepositoryIndexRequest, grpc_context: RayServegRPCContext
-                              ) -> ipb.RepositoryIndexResponse:
-        return await self._unary("RepositoryIndex", self.inference.RepositoryIndex, request, grpc_context,
-                                 ipb.RepositoryIndexResponse)
 
     async def RepositoryModelLoad(self, request: ipb.RepositoryModelLoadRequest, grpc_context: RayServegRPCContext
                                   ) -> ipb.RepositoryModelLoadResponse:
@@ -231,16 +204,25 @@ class TranserveReplica:
             "replica of many; change the repository and redeploy the application instead")
         return empty()
 
-    # grpc.health.v1.Health
+    # grpc.health.v1.Health (not Watch: a stream held open per watcher would hold a replica's request slot)
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
                     ) -> health_pb2.HealthCheckResponse:
-        context = ProxiedContext(grpc_context, self.replica)
-        if request.service not in HEALTH_NAMES and request.service not in self.manager.models:
-            context.fail(grpc.StatusCode.NOT_FOUND, f"service: {request.service!r} is unknown")  # as grpc's servicer
+        statuses = self._health_statuses()
+        if request.service not in statuses:
+            ProxiedContext(grpc_context, self.replica).fail(grpc.StatusCode.NOT_FOUND,
+                                                            f"service: {request.service!r} is unknown")  # as grpc's
             return health_pb2.HealthCheckResponse()
-        status = health_pb2.HealthCheckResponse.SERVING if self.ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        return health_pb2.HealthCheckResponse(status=status)
+        return health_pb2.HealthCheckResponse(status=statuses[request.service])
 
+    async def List(self, request: health_pb2.HealthListRequest, grpc_context: RayServegRPCContext
+                   ) -> health_pb2.HealthListResponse:
+        ProxiedContext(grpc_context, self.replica)  # the replica header, as on every answer
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._health_statuses().items()})
+
+    def _health_statuses(self) -> dict[str, Any]:
+        status = health_pb2.HealthCheckResponse.SERVING if self.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        return {name: status for name in [*HEALTH_NAMES, *self.manager.models]}
 
 def app_builder(args: dict[str, str]) -> serve.Application:
     """What ``serve run deploy/ray/serve.yaml`` builds: the repository from ``args.repo`` or ``$TRANSERVE_REPO``,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +37,13 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()  # never leave a server behind
             raise
+
+
+def free_port() -> int:
+    """A loopback port free now (for servers that must be told their port before they start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ServerProcess, start_server
+from conftest import ServerProcess, free_port, start_server
 from PIL import Image
 from test_server import TEXTS, offline_logits, offline_translations
 from transerve_client import AsyncTranserveClient, RetryPolicy, TranserveClient, TranserveError
@@ -117,12 +116,6 @@ def test_async_client(server: ServerProcess, small_repo: Path) -> None:
             assert info.value.code.name == "NOT_FOUND" and info.value.request_id
 
     asyncio.run(main())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_retries_unavailable_while_the_server_restarts(small_repo: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import start_server
+from conftest import free_port, start_server
 from transerve_client import TranserveClient
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -82,12 +81,6 @@ def image(podman: list[str], tmp_path_factory: pytest.TempPathFactory) -> str:
     size = run([*podman, "image", "inspect", IMAGE, "--format", "{{.Size}}"]).stdout.strip()
     print(f"image {IMAGE}: {int(size) / 2**20:.0f} MiB")
     return IMAGE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def answers(address: str) -> tuple[list[str], list[list[tuple[str, float]]]]:
