@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-from transerve.server.auth import BearerTokenInterceptor, read_token, server_credentials
+from transerve.server.auth import BearerTokenInterceptor, server_credentials
 from transerve.server.kserve_service import InferenceService
 from transerve.server.manager import ModelManager
 from transerve.server.metrics import Metrics
@@ -46,7 +46,8 @@ class ServeOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    auth_token_file: Path | None = None
+    auth_tokens: tuple[str, ...] = ()  # bearer tokens for every RPC but health (empty: no auth)
+    admin_tokens: tuple[str, ...] = ()  # for repository load/unload (empty: those RPCs are disabled)
     max_message_mb: int = 64
     max_connection_age: float | None = None  # seconds; then GOAWAY, so clients reconnect (and rebalance)
     health_port: int | None = None  # also grpc.health.v1 alone, plaintext and without auth (Kubernetes probes)
@@ -76,7 +77,8 @@ class TranserveServer:
     def _grpc_server(self) -> grpc.aio.Server:
         o = self.options
         limit = o.max_message_mb << 20
-        interceptors = [BearerTokenInterceptor(read_token(o.auth_token_file))] if o.auth_token_file else []
+        interceptors = [BearerTokenInterceptor(o.auth_tokens, o.admin_tokens)] if o.auth_tokens or o.admin_tokens \
+            else []
         options: list[tuple[str, int]] = [("grpc.max_receive_message_length", limit),
                                           ("grpc.max_send_message_length", limit)]
         if o.max_connection_age:  # behind a connection-level balancer, aged connections spread out on reconnect
@@ -84,7 +86,7 @@ class TranserveServer:
                         ("grpc.max_connection_age_grace_ms", int(o.grace_seconds * 1000))]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.manager, self.metrics, lambda: self.ready), server)
+            InferenceService(self.manager, self.metrics, lambda: self.ready, bool(o.admin_tokens)), server)
         transerve_pb2_grpc.add_TranslatorServicer_to_server(TranslatorService(self.manager, self.metrics), server)
         transerve_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.manager, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

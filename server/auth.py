@@ -1,43 +1,73 @@
 """Bearer-token authentication and TLS credentials.
 
 Every RPC except the standard health check needs ``authorization: Bearer
-<token>`` when a token file is configured (probes from Kubernetes carry no
-token). The comparison is constant-time.
+<token>`` when tokens are configured (probes from Kubernetes carry no
+token). A token file may hold several tokens, one per line, so a token can be
+rotated without a window where clients are refused. Repository control
+(``RepositoryModelLoad`` / ``Unload``) takes only an *admin* token; without
+admin tokens those RPCs are disabled (the servicer answers UNIMPLEMENTED), as
+Triton restricts them. Every comparison is constant-time, against every
+configured token, so timing reveals neither a token nor which one matched.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+ADMIN_METHODS = frozenset({"/inference.GRPCInferenceService/RepositoryModelLoad",
+                           "/inference.GRPCInferenceService/RepositoryModelUnload"})
 
 
-def read_token(path: Path) -> str:
-    token = path.read_text().strip()
-    if not token:
-        raise ValueError(f"{path}: the token file is empty")
-    return token
+def read_tokens(path: Path) -> list[str]:
+    """The tokens in a file: one per line; blank lines and ``#`` comments are skipped."""
+    tokens = [line.strip() for line in path.read_text().splitlines()]
+    tokens = [t for t in tokens if t and not t.startswith("#")]
+    if not tokens:
+        raise ValueError(f"{path}: the token file holds no token")
+    if any(any(c.isspace() or not c.isprintable() for c in t) for t in tokens):
+        raise ValueError(f"{path}: a token holds whitespace or control characters")
+    return tokens
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    """User tokens open every RPC but health (none configured: no check); admin tokens open everything,
+    and are the only ones that open repository control."""
+
+    def __init__(self, tokens: Sequence[str], admin_tokens: Sequence[str] = ()) -> None:
+        self._user = [f"Bearer {t}".encode() for t in tokens]
+        self._admin = [f"Bearer {t}".encode() for t in admin_tokens]
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(EXEMPT_PREFIXES):
+        method = handler_call_details.method
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
             return handler
+        admin = method in ADMIN_METHODS
+        accepted = self._admin if admin else [*self._user, *self._admin]
+        if not accepted or (not admin and not self._user):
+            return handler  # no token asked for (admin RPCs without admin tokens: the servicer refuses them)
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = str(metadata.get("authorization", "")).encode()
-        if hmac.compare_digest(given, self._expected):
+        if matches(given, accepted):
             return handler
-        return _denying(handler, "missing bearer token" if not given else "invalid bearer token")
+        if not given:
+            return _denying(handler, "missing bearer token")
+        return _denying(handler, "repository control needs an admin token" if admin else "invalid bearer token")
+
+
+def matches(given: bytes, accepted: Sequence[bytes]) -> bool:
+    """Constant-time against every accepted value (no early exit)."""
+    found = False
+    for expected in accepted:
+        found |= hmac.compare_digest(given, expected)
+    return found
 
 
 def _denying(handler: Any, message: str) -> Any:

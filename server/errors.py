@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 from transerve.server.batching import DeadlineExceeded, QueueFull
-from transerve.server.manager import ModelNotFound
+from transerve.server.manager import ControlDisabled, ModelNotFound
 from transerve.server.metrics import Metrics
 from transerve.server.models import RequestError
 from transerve.server.request_log import REQUEST_ID_HEADER, Scope, log_access
@@ -25,6 +25,7 @@ CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ControlDisabled, grpc.StatusCode.UNIMPLEMENTED),
 ]
 
 

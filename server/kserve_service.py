@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 from transerve.server.errors import Scope, describe, finish, guarded, remaining
-from transerve.server.manager import ModelManager, ModelNotFound
+from transerve.server.manager import ControlDisabled, ModelManager, ModelNotFound
 from transerve.server.metrics import Metrics
 from transerve.server.models import ClassifierModel, LoadedModel, RequestError, TranslatorModel, deadline_from
 from transerve.server.tensors import fill_response, request_inputs, tensor_metadata
@@ -28,8 +28,10 @@ PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "to
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, manager: ModelManager, metrics: Metrics, is_ready: Any) -> None:
+    def __init__(self, manager: ModelManager, metrics: Metrics, is_ready: Any, repository_control: bool = False
+                 ) -> None:
         self.manager, self.metrics, self.is_ready = manager, metrics, is_ready
+        self.repository_control = repository_control  # load/unload: only with admin tokens (server/auth.py)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -161,6 +163,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
                                   ) -> pb.RepositoryModelLoadResponse:
         async def handle(scope: Scope) -> Any:
+            self._check_control()
             scope.model = request.model_name
             state = await self.manager.load(request.model_name)
             if state.state != "READY":
@@ -172,11 +175,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
                                     ) -> pb.RepositoryModelUnloadResponse:
         async def handle(scope: Scope) -> Any:
+            self._check_control()
             scope.model = request.model_name
             await self.manager.unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
 
         return await guarded(self.metrics, "RepositoryModelUnload", context, handle)
+
+    def _check_control(self) -> None:
+        if not self.repository_control:
+            raise ControlDisabled("repository control is disabled: start the server with --admin-token-file "
+                                  "to allow RepositoryModelLoad/Unload with an admin token")
 
 
 async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline: float | None

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from transerve.server.metrics import Metrics
 from transerve.server.model_config import ConfigError, latest_version, load_model_config
-from transerve.server.models import ClassifierModel, Limits, LoadedModel, TranslatorModel
+from transerve.server.models import ClassifierModel, Limits, LoadedModel, RequestError, TranslatorModel
 from transerve.server.runtime import BackendError, BackendName, load_runners
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,31 @@ class ModelNotFound(LookupError):
     """Unknown model or version (→ NOT_FOUND)."""
 
 
+class ControlDisabled(RuntimeError):
+    """Repository control asked of a server that does not allow it (→ UNIMPLEMENTED)."""
+
+
+# A repository entry is a directory name, never a path: no separators, no "..", no NUL, no percent-escapes.
+ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` still lies under ``root`` once every symlink is followed."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
 @dataclass
 class EntryState:
     name: str
     version: str = ""
     state: str = "UNAVAILABLE"  # READY | UNAVAILABLE | LOADING
     reason: str = ""
+
+
+def check_entry_name(name: str) -> None:
+    if not ENTRY_NAME.fullmatch(name):
+        raise RequestError(f"model_name: {name!r} is not a repository entry name (1 to 128 letters, digits, "
+                           "'.', '_' or '-', starting with a letter or digit; no path)")
 
 
 class ModelManager:
@@ -42,8 +62,26 @@ class ModelManager:
         self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
 
     def entry_names(self) -> list[str]:
-        return sorted(p.name for p in self.repo.iterdir() if (p / "config.yaml").is_file()) if self.repo.is_dir() \
-            else []
+        """The repository's entries; one that is a symlink leading out of the repository is skipped."""
+        if not self.repo.is_dir():
+            return []
+        names = []
+        for p in sorted(self.repo.iterdir()):
+            if not (p / "config.yaml").is_file():
+                continue
+            if not inside(p, self.repo):
+                log.warning("repository entry %s leads out of the repository (%s): skipped", p.name, p.resolve())
+                continue
+            names.append(p.name)
+        return names
+
+    def entry(self, name: str) -> Path:
+        """The entry directory for a client-given name, refusing anything that is not a plain entry name."""
+        check_entry_name(name)
+        entry = self.repo / name
+        if not (entry / "config.yaml").is_file() or not inside(entry, self.repo):
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        return entry
 
     async def load_all(self) -> None:
         for name in self.entry_names():
@@ -51,9 +89,7 @@ class ModelManager:
 
     async def load(self, name: str) -> EntryState:
         """(Re)load one entry; the old instance, if any, is drained after the new one is ready."""
-        entry = self.repo / name
-        if not (entry / "config.yaml").is_file():
-            raise ModelNotFound(f"model {name!r} is not in the repository {self.repo}")
+        entry = self.entry(name)
         state = self.states[name] = EntryState(name, state="LOADING")
         try:
             model = await asyncio.to_thread(self._build, entry)
@@ -78,6 +114,9 @@ class ModelManager:
     def _build(self, entry: Path) -> LoadedModel:
         config = load_model_config(entry)
         vdir = entry / str(config.version) if config.version else latest_version(entry)
+        outside = [p.name for p in [vdir, *vdir.iterdir()] if not inside(p, self.repo)]
+        if outside:
+            raise ConfigError(f"{entry.name}: {outside} lead out of the repository (symlinks); refusing to load")
         backend = config.backend if self.backend == "auto" and config.backend != "onnxruntime" else self.backend
         used, runners = load_runners(backend, vdir, config.files, self.threads,  # type: ignore[arg-type]
                                      self.spinning)
@@ -88,6 +127,7 @@ class ModelManager:
                                self.metrics)
 
     async def unload(self, name: str, grace: float = 30) -> None:
+        check_entry_name(name)
         model = self.models.pop(name, None)
         if model is None:
             raise ModelNotFound(f"model {name!r} is not loaded")

@@ -240,19 +240,6 @@ def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
             "grpc.health.v1.Health"} <= names
 
 
-def test_repository_unload_and_load(channel: grpc.Channel) -> None:
-    stub = kserve(channel)
-    index = {m.name: m.state for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
-    assert index == {"tiny-mt": "READY", "tiny-vit": "READY"}
-    stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny-mt"))
-    assert not stub.ModelReady(pb.ModelReadyRequest(name="tiny-mt")).ready
-    with pytest.raises(grpc.RpcError) as info:
-        tpb_grpc.TranslatorStub(channel).Translate(tpb.TranslateRequest(texts=["seven"]))
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-mt"))
-    assert stub.ModelReady(pb.ModelReadyRequest(name="tiny-mt")).ready
-
-
 def test_stream_infer_reports_errors_in_stream(channel: grpc.Channel) -> None:
     requests = [image_request(np.zeros((1, 3, 8, 8), np.float32)), pb.ModelInferRequest(model_name="nope"),
                 image_request(np.ones((2, 3, 8, 8), np.float32))]

@@ -20,8 +20,6 @@ from conftest import ServerProcess, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
-from transerve_client._proto import transerve_pb2 as tpb
-from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
 
 
 def tuned_repo(small_repo: Path, tmp_path: Path, **batching: float) -> Path:
@@ -109,25 +107,6 @@ def wait_until_queued(server: ServerProcess, model: str, count: int, timeout: fl
         if match and float(match.group(1)) >= count:
             return
     raise AssertionError(f"{model}: {count} requests never reached the queue")
-
-
-def test_bearer_token(small_repo: Path, tmp_path: Path) -> None:
-    token_file = tmp_path / "token"
-    token_file.write_text("s3cret\n")
-    server = start_server(small_repo, "--auth-token-file", str(token_file))
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = tpb_grpc.TranslatorStub(channel)
-            request = tpb.TranslateRequest(texts=["seven"])
-            for metadata in ([], [("authorization", "Bearer wrong")]):
-                with pytest.raises(grpc.RpcError) as info:
-                    stub.Translate(request, metadata=metadata)
-                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert stub.Translate(request, metadata=[("authorization", "Bearer s3cret")]).translations
-            health = health_pb2_grpc.HealthStub(channel)  # probes carry no token
-            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        assert server.terminate() == 0
 
 
 def make_certificates(directory: Path) -> dict[str, Path]:

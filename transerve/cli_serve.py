@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -55,8 +56,15 @@ def serve_command(
         min=0, max=65535, envvar="TRANSERVE_HEALTH_PORT",
         help="Also serve grpc.health.v1 alone on this port, plaintext and without a token, for Kubernetes gRPC "
         "probes when the serving port uses TLS or auth (0 = any free port).")] = None,
-    auth_token_file: Annotated[Path | None, typer.Option(help="File holding the bearer token every RPC but the "
-                                                         "health check must carry.")] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(
+        envvar="TRANSERVE_AUTH_TOKEN_FILE",
+        help="File of bearer tokens, one per line (several: rotation), one of which every RPC but the health check "
+        "must carry. Without it, the environment variable TRANSERVE_AUTH_TOKEN may hold them, comma-separated. "
+        "Tokens are never logged.")] = None,
+    admin_token_file: Annotated[Path | None, typer.Option(
+        envvar="TRANSERVE_ADMIN_TOKEN_FILE",
+        help="File of admin tokens (or TRANSERVE_ADMIN_TOKEN): the only tokens that allow RepositoryModelLoad/"
+        "Unload. Without admin tokens those RPCs are disabled (UNIMPLEMENTED).")] = None,
     max_message_mb: Annotated[int, typer.Option(min=1, max=2047, help="Largest gRPC message, MiB.")] = 64,
     grace: Annotated[float, typer.Option(min=0, help="Seconds accepted work may take to finish on SIGTERM.")] = 30.0,
     max_connection_age: Annotated[float | None, typer.Option(
@@ -90,7 +98,7 @@ def serve_command(
         raise fail("--tls-cert and --tls-key go together")
     if tls_client_ca is not None and tls_cert is None:
         raise fail("--tls-client-ca needs --tls-cert and --tls-key")
-    for path in (p for p in (tls_cert, tls_key, tls_client_ca, auth_token_file) if p is not None):
+    for path in (p for p in (tls_cert, tls_key, tls_client_ca, auth_token_file, admin_token_file) if p is not None):
         if not path.is_file():
             raise fail(f"{path}: no such file")
     if backend is BackendChoice.torch:
@@ -99,7 +107,9 @@ def serve_command(
         raise fail(f"{repo}: no such model repository (build one with `transerve zoo build --repo {repo}`)")
     options = ServeOptions(repo=repo, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,
                            backend=backend.value, tls_cert=tls_cert, tls_key=tls_key,  # type: ignore[arg-type]
-                           tls_client_ca=tls_client_ca, auth_token_file=auth_token_file,
+                           tls_client_ca=tls_client_ca,
+                           auth_tokens=tokens_from(auth_token_file, "TRANSERVE_AUTH_TOKEN"),
+                           admin_tokens=tokens_from(admin_token_file, "TRANSERVE_ADMIN_TOKEN"),
                            max_message_mb=max_message_mb, max_connection_age=max_connection_age,
                            health_port=health_port,
                            grace_seconds=grace, threads=threads,
@@ -109,6 +119,22 @@ def serve_command(
         with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
             runner.run(serve(options))
     except (OSError, ValueError, RuntimeError) as e:
+        raise fail(str(e)) from None
+
+
+def tokens_from(path: Path | None, variable: str) -> tuple[str, ...]:
+    """Tokens from a file (one per line) or else from an environment variable (comma-separated)."""
+    from transerve.server.auth import read_tokens
+
+    try:
+        if path is not None:
+            return tuple(read_tokens(path))
+        value = os.environ.get(variable, "")
+        tokens = tuple(t.strip() for t in value.split(",") if t.strip())
+        if value and not tokens:
+            raise ValueError(f"{variable}: set but holds no token")
+        return tokens
+    except (OSError, ValueError) as e:
         raise fail(str(e)) from None
 
 

@@ -1,0 +1,131 @@
+"""Access control, tried as an outsider would: tokens, repository control, paths through model names.
+
+A real server on loopback each time. Repository control (``RepositoryModelLoad`` / ``Unload``) is off unless
+admin tokens are configured, and then only an admin token opens it; a model name is an entry name, never a
+path (``../``, absolute paths, percent-escapes, NUL → ``INVALID_ARGUMENT``); a repository entry that is a
+symlink out of the repository is neither listed nor loadable; user tokens rotate (several accepted), work for
+unary and streaming calls, are never needed for health and never appear in the logs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import ServerProcess, start_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transerve_client._proto import inference_pb2 as pb
+from transerve_client._proto import inference_pb2_grpc as pb_grpc
+from transerve_client._proto import transerve_pb2 as tpb
+from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+
+USER_TOKENS = ["old-t0ken-4f1d", "new-t0ken-9c2e"]  # both valid during a rotation
+ADMIN_TOKEN = "adm1n-t0ken-77aa"
+TRAVERSALS = ["../tiny-mt", "/etc", "..", "%2e%2e", "tiny-mt/../tiny-mt", "a\x00b", "", " tiny-mt", "x" * 200]
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def code_of(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value.code(), info.value.details() or ""
+
+
+@pytest.fixture(scope="module")
+def guarded(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    files = tmp_path_factory.mktemp("tokens")
+    (files / "tokens").write_text("# rotate: add the new token, move clients over, remove the old one\n"
+                                  + "\n".join(USER_TOKENS) + "\n")
+    (files / "admin").write_text(ADMIN_TOKEN + "\n")
+    server = start_server(small_repo, "--auth-token-file", str(files / "tokens"), "--admin-token-file",
+                          str(files / "admin"), "--log-level", "debug", "--access-log")
+    yield server
+    assert server.terminate() == 0
+    log = "".join(server.output)
+    assert "model tiny-mt version" in log  # the capture holds the server's log lines
+    assert not any(t in log for t in [*USER_TOKENS, ADMIN_TOKEN]), "a token reached the log"
+
+
+def test_tokens_rotate_cover_streams_and_spare_health(guarded: ServerProcess) -> None:
+    with grpc.insecure_channel(guarded.address) as channel:
+        translator = tpb_grpc.TranslatorStub(channel)
+        request = tpb.TranslateRequest(texts=["seven"])
+        for metadata in ([], bearer("wrong"), bearer(USER_TOKENS[0] + "x"), [("authorization", USER_TOKENS[0])]):
+            assert code_of(lambda m=metadata: translator.Translate(request, metadata=m))[0] == \
+                grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(lambda m=metadata: list(translator.TranslateStream(
+                tpb.TranslateStreamRequest(text="seven"), metadata=m)))[0] == grpc.StatusCode.UNAUTHENTICATED
+        answers = {translator.Translate(request, metadata=bearer(t)).translations[0].text for t in USER_TOKENS}
+        assert len(answers) == 1  # either token, the same answer
+        pieces = list(translator.TranslateStream(tpb.TranslateStreamRequest(text="seven"),
+                                                 metadata=bearer(USER_TOKENS[1])))
+        assert "".join(p.piece for p in pieces) == answers.pop()
+        health = health_pb2_grpc.HealthStub(channel)  # Kubernetes' probes carry no token
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_repository_control_takes_the_admin_token(guarded: ServerProcess) -> None:
+    with grpc.insecure_channel(guarded.address) as channel:
+        kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+        unload = pb.RepositoryModelUnloadRequest(model_name="tiny-mt")
+        code, message = code_of(lambda: kserve.RepositoryModelUnload(unload, metadata=bearer(USER_TOKENS[0])))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "admin token" in message
+        index = kserve.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=bearer(USER_TOKENS[0]))
+        assert {m.name: m.state for m in index.models} == {"tiny-mt": "READY", "tiny-vit": "READY"}
+
+        kserve.RepositoryModelUnload(unload, metadata=bearer(ADMIN_TOKEN))
+        assert not kserve.ModelReady(pb.ModelReadyRequest(name="tiny-mt"), metadata=bearer(ADMIN_TOKEN)).ready
+        code, _ = code_of(lambda: tpb_grpc.TranslatorStub(channel).Translate(
+            tpb.TranslateRequest(texts=["seven"]), metadata=bearer(USER_TOKENS[0])))
+        assert code == grpc.StatusCode.NOT_FOUND
+        kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-mt"), metadata=bearer(ADMIN_TOKEN))
+        assert kserve.ModelReady(pb.ModelReadyRequest(name="tiny-mt"), metadata=bearer(ADMIN_TOKEN)).ready
+
+        for name in TRAVERSALS:
+            for call in (lambda n: kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=n),
+                                                              metadata=bearer(ADMIN_TOKEN)),
+                         lambda n: kserve.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=n),
+                                                                metadata=bearer(ADMIN_TOKEN))):
+                code, message = code_of(lambda c=call, n=name: c(n))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT and "model_name" in message, (name, message)
+
+
+def test_defaults_disable_repository_control_and_skip_escaping_entries(small_repo: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(small_repo, repo)
+    outside = tmp_path / "outside"
+    shutil.copytree(small_repo / "tiny-vit", outside)
+    (repo / "escape").symlink_to(outside, target_is_directory=True)
+    server = start_server(repo)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+            for call in (lambda: kserve.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny-mt")),
+                         lambda: kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-mt"))):
+                code, message = code_of(call)
+                assert code == grpc.StatusCode.UNIMPLEMENTED and "--admin-token-file" in message
+            assert kserve.ModelReady(pb.ModelReadyRequest(name="tiny-mt")).ready  # nothing was unloaded
+            names = {m.name for m in kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+            assert names == {"tiny-mt", "tiny-vit"}  # "escape" leads out of the repository: not an entry
+            assert not kserve.ModelReady(pb.ModelReadyRequest(name="escape")).ready
+    finally:
+        assert server.terminate() == 0
+    assert "escape leads out of the repository" in "".join(server.output)
+
+
+def test_token_from_the_environment(small_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRANSERVE_AUTH_TOKEN", ",".join(USER_TOKENS))
+    server = start_server(small_repo)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            translator = tpb_grpc.TranslatorStub(channel)
+            request = tpb.TranslateRequest(texts=["seven"])
+            assert code_of(lambda: translator.Translate(request))[0] == grpc.StatusCode.UNAUTHENTICATED
+            assert translator.Translate(request, metadata=bearer(USER_TOKENS[1])).translations
+    finally:
+        assert server.terminate() == 0
