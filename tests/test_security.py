@@ -129,3 +129,28 @@ def test_token_from_the_environment(small_repo: Path, monkeypatch: pytest.Monkey
             assert translator.Translate(request, metadata=bearer(USER_TOKENS[1])).translations
     finally:
         assert server.terminate() == 0
+
+
+def test_message_size_limit_at_the_byte(small_repo: Path) -> None:
+    """--max-message-mb 1: a request of exactly 1 MiB is read (and answered on its merits), one byte more is
+    refused with RESOURCE_EXHAUSTED before it is parsed; the server then answers the next request."""
+    limit = 1 << 20
+    server = start_server(small_repo, "--max-message-mb", "1")
+
+    def sized(size: int) -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest(model_name="tiny-vit")
+        request.id = "x" * (size - request.ByteSize() - 4)  # field tag + 3-byte length prefix
+        assert request.ByteSize() == size
+        return request
+
+    try:
+        options = [("grpc.max_send_message_length", 4 * limit)]
+        with grpc.insecure_channel(server.address, options=options) as channel:
+            kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+            code, message = code_of(lambda: kserve.ModelInfer(sized(limit)))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "inputs" in message  # read; no tensors in it
+            code, message = code_of(lambda: kserve.ModelInfer(sized(limit + 1)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and str(limit) in message
+            assert kserve.ServerReady(pb.ServerReadyRequest()).ready
+    finally:
+        assert server.terminate() == 0
