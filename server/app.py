@@ -1,15 +1,21 @@
 """The server process: load and warm the repository, serve gRPC + metrics, drain on SIGTERM.
 
 Lifecycle: health is ``NOT_SERVING`` while models load and warm up,
-``SERVING`` once every loadable model has answered a real request, and
-``NOT_SERVING`` again the moment a drain begins. On SIGTERM/SIGINT the server
-stops accepting RPCs, lets accepted ones finish (``grace`` seconds), drains the
-batchers, and the process exits 0.
+``SERVING`` once every loadable model has answered a real request — never
+when the repository loaded no model at all; an entry that failed to load is
+``NOT_SERVING`` under its own name — and ``NOT_SERVING`` again the moment a
+drain begins. On SIGTERM the server first keeps serving for ``drain_delay``
+seconds with health already ``NOT_SERVING``, as Kubernetes needs: endpoints
+and load balancers take a few seconds to stop sending to a terminating pod.
+Then it refuses new RPCs (``UNAVAILABLE``), lets accepted ones finish
+(``grace`` seconds), drains the batchers, and the process exits 0. SIGINT
+(Ctrl-C) skips the delay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -52,6 +58,7 @@ class ServeOptions:
     max_connection_age: float | None = None  # seconds; then GOAWAY, so clients reconnect (and rebalance)
     health_port: int | None = None  # also grpc.health.v1 alone, plaintext and without auth (Kubernetes probes)
     grace_seconds: float = 30.0
+    drain_delay: float = 5.0  # on SIGTERM: seconds of NOT_SERVING while still serving, before refusing new RPCs
     threads: int = 2
     ort_spinning: bool = False  # keep ORT threads spinning between runs: lower latency, less CPU for gRPC
     limits: Limits = field(default_factory=Limits)
@@ -109,6 +116,9 @@ class TranserveServer:
     async def _set_health(self, status: int) -> None:
         for name in ["", *SERVICE_NAMES, *self.manager.models]:
             await self.health.set(name, status)
+        for name, state in self.manager.states.items():  # failed entries: known to health, never SERVING
+            if state.state != "READY":
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -122,6 +132,13 @@ class TranserveServer:
                                                       registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         await self.manager.load_all()
+        if not self.manager.models:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            log.error("no model of %s loaded: health stays NOT_SERVING (%s)", self.options.repo,
+                      "; ".join(f"{s.name}: {s.reason}" for s in self.manager.states.values()) or "no entries")
+            print(f"transerve: NOT_SERVING, no model loaded from {self.options.repo}; listening on "
+                  f"{self.options.host}:{self.port} (metrics on {self.options.host}:{self.metrics_port})", flush=True)
+            return
         self.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         print(f"transerve: serving {sorted(self.manager.models)} on {self.options.host}:{self.port}"
@@ -129,10 +146,14 @@ class TranserveServer:
               + (f" (health on {self.options.host}:{self.health_port})" if self.health_port is not None else ""),
               flush=True)
 
-    async def stop(self) -> None:
-        """Drain: NOT_SERVING, stop accepting, finish accepted RPCs and batches."""
+    async def announce_drain(self) -> None:
+        """NOT_SERVING at once (probes and balancers stop sending), while RPCs are still accepted."""
         self.ready = False
         await self.health.enter_graceful_shutdown()
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, stop accepting, finish accepted RPCs and batches."""
+        await self.announce_drain()
         if self._server is not None:
             await self._server.stop(self.options.grace_seconds)
         if self._health_server is not None:
@@ -146,12 +167,24 @@ class TranserveServer:
 async def serve(options: ServeOptions) -> None:
     server = TranserveServer(options)
     stop = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await server.start()
         await stop.wait()
+        if received[0] == signal.SIGTERM and options.drain_delay > 0:
+            await server.announce_drain()
+            print(f"transerve: NOT_SERVING; still accepting for {options.drain_delay:g} s", flush=True)
+            stop.clear()
+            with contextlib.suppress(TimeoutError):  # a second signal ends the delay early
+                await asyncio.wait_for(stop.wait(), options.drain_delay)
         print("transerve: draining", flush=True)
     finally:
         await server.stop()

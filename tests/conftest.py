@@ -51,7 +51,8 @@ def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0,
     """``transerve serve`` on a loopback port (0: ephemeral); returns once it says it is serving. ``launcher``
     replaces ``python -m transerve`` (another interpreter, or one with modules blocked)."""
     cmd = [*(launcher or [sys.executable, "-m", "transerve"]), "serve", "--repo", str(repo), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", "0", *extra]
+           "--port", str(port), "--metrics-port", "0",
+           *([] if "--drain-delay" in extra else ["--drain-delay", "0"]), *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output: list[str] = []

@@ -6,7 +6,7 @@
   ``additionalProperties: false`` wherever a schema lists ``properties`` and does not preserve unknown fields.
 * Ours: container name ``kserve-container``, protocols among KServe's grpc-v2 (REST v2 is not served yet),
   runtime and model format matching the ClusterServingRuntime, one port and no Knative-reserved port, gRPC
-  probes on the serving port, termination grace ≥ preStop + the server's drain grace, PDB selector = pod
+  probes on the serving port, termination grace ≥ preStop + the server's drain delay and grace, PDB selector = pod
   labels, metrics port = the server's ``--metrics-port``.
 """
 
@@ -106,10 +106,10 @@ def container_problems(doc: dict[str, Any]) -> list[str]:
         if "metrics" in ports and ports["metrics"] != flag(args, "metrics-port", 8002):
             problems.append("the metrics port differs from the server's --metrics-port")
         pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-        needed = pre_stop + flag(args, "grace", 30)
-        if doc["kind"] == "Deployment" and spec.get("terminationGracePeriodSeconds", 30) < needed + 5:
+        delay, grace = flag(args, "drain-delay", 5), flag(args, "grace", 30)
+        if doc["kind"] == "Deployment" and spec.get("terminationGracePeriodSeconds", 30) < pre_stop + delay + grace + 5:
             problems.append(f"terminationGracePeriodSeconds {spec.get('terminationGracePeriodSeconds', 30)} < "
-                            f"preStop {pre_stop} + drain grace {flag(args, 'grace', 30)} + 5 s margin")
+                            f"preStop {pre_stop} + drain delay {delay} + drain grace {grace} + 5 s margin")
         if doc["kind"] != "Deployment":
             if list(ports) != ["h2c"]:
                 problems.append(f"{doc['kind']}: exactly one port named h2c, got {list(ports)}")

@@ -7,6 +7,8 @@ import ipaddress
 import json
 import re
 import shutil
+import signal
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -179,6 +181,11 @@ def test_broken_entry_is_unavailable_not_fatal(small_repo: Path, tmp_path: Path)
             reason = index["tiny-mt"].reason
             assert "decoder_step_ragged.onnx" in reason or "INVALID_PROTOBUF" in reason
             assert infer(stub) == grpc.StatusCode.OK
+            health = health_pb2_grpc.HealthStub(channel)  # SERVING for the rest, NOT_SERVING for the broken one
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(service="tiny-mt")).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            assert not stub.ModelReady(pb.ModelReadyRequest(name="tiny-mt")).ready
     finally:
         assert server.terminate() == 0
 
@@ -258,3 +265,85 @@ def test_plaintext_health_port_answers_probes_when_tls_and_auth_are_on(small_rep
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     finally:
         assert server.terminate() == 0
+
+
+def test_sigterm_under_steady_load_loses_nothing(small_repo: Path) -> None:
+    """Kubernetes' order: SIGTERM → health NOT_SERVING at once while RPCs are still served (--drain-delay) →
+    new RPCs refused with UNAVAILABLE → accepted ones finished → exit 0. Four clients send back to back
+    throughout; every call the server accepted ends OK, the others were refused before acceptance."""
+    server = start_server(small_repo, "--drain-delay", "2", "--access-log")
+    codes: list[grpc.StatusCode] = []
+    health_seen: list[tuple[float, int]] = []
+    sigterm_at: list[float] = []
+
+    def client() -> None:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while not codes or codes[-1] != grpc.StatusCode.UNAVAILABLE:
+                codes.append(infer(stub, timeout=30))
+                if len(codes) > 20000:
+                    raise AssertionError("the server never stopped accepting")
+
+    def watch_health() -> None:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                except grpc.RpcError:
+                    return
+                health_seen.append((time.monotonic(), status))
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    return
+
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            clients = [pool.submit(client) for _ in range(4)]
+            deadline = time.monotonic() + 60
+            while len(codes) < 200:  # until load is flowing (a client that died raises here)
+                for c in clients:
+                    if c.done():
+                        c.result()
+                assert time.monotonic() < deadline, "no load"
+                threading.Event().wait(0.01)
+            watcher = pool.submit(watch_health)
+            sigterm_at.append(time.monotonic())
+            server.process.send_signal(signal.SIGTERM)
+            watcher.result(timeout=30)
+            for c in clients:
+                c.result(timeout=60)
+        assert server.process.wait(60) == 0
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    refused_at = health_seen[-1][0] - sigterm_at[0]
+    assert health_seen[-1][1] == health_pb2.HealthCheckResponse.NOT_SERVING and refused_at < 1.5, health_seen[-3:]
+    counts = {code.name: codes.count(code) for code in set(codes)}
+    served = {code: len(re.findall(rf"ModelInfer on tiny-vit → {code} ", "".join(server.output)))
+              for code in ("OK", "CANCELLED", "UNAVAILABLE", "INTERNAL", "UNKNOWN")}
+    # Every call the server accepted (its access log) ended OK, and the client saw each of those OK: nothing
+    # accepted was lost or cut short. The rest were refused before any handler ran — UNAVAILABLE, or CANCELLED
+    # for a call gRPC's transport received in the instant it shut down (it never reached a handler either).
+    assert served["OK"] == counts["OK"] >= 200 and sum(served.values()) == served["OK"], (counts, served)
+    refused = len(codes) - counts["OK"]
+    assert set(counts) <= {"OK", "UNAVAILABLE", "CANCELLED"} and 1 <= refused <= 8, counts
+    log = "".join(server.output)
+    assert "still accepting for 2 s" in log and "draining" in log
+
+
+def test_no_model_loaded_is_never_serving(small_repo: Path, tmp_path: Path) -> None:
+    repo = tuned_repo(small_repo, tmp_path)
+    for name in ("tiny-vit", "tiny-mt"):
+        for graph in (repo / name / "1").glob("*.onnx"):
+            graph.write_bytes(b"corrupt")
+    server = start_server(repo)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "tiny-vit", "inference.GRPCInferenceService"):
+                status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING, service
+            assert not pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest()).ready
+    finally:
+        assert server.terminate() == 0
+    assert any("NOT_SERVING, no model loaded" in line for line in server.output)

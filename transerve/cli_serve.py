@@ -67,6 +67,10 @@ def serve_command(
         "Unload. Without admin tokens those RPCs are disabled (UNIMPLEMENTED).")] = None,
     max_message_mb: Annotated[int, typer.Option(min=1, max=2047, help="Largest gRPC message, MiB.")] = 64,
     grace: Annotated[float, typer.Option(min=0, help="Seconds accepted work may take to finish on SIGTERM.")] = 30.0,
+    drain_delay: Annotated[float, typer.Option(
+        min=0, envvar="TRANSERVE_DRAIN_DELAY",
+        help="On SIGTERM, seconds to keep serving with health already NOT_SERVING before refusing new RPCs, so "
+        "Kubernetes endpoints and load balancers stop sending first (Ctrl-C skips it).")] = 5.0,
     max_connection_age: Annotated[float | None, typer.Option(
         min=1, help="Close each client connection after this many seconds (GOAWAY; calls in flight get --grace "
         "to finish), so clients behind a connection-level load balancer reconnect and spread out.")] = None,
@@ -112,7 +116,7 @@ def serve_command(
                            admin_tokens=tokens_from(admin_token_file, "TRANSERVE_ADMIN_TOKEN"),
                            max_message_mb=max_message_mb, max_connection_age=max_connection_age,
                            health_port=health_port,
-                           grace_seconds=grace, threads=threads,
+                           grace_seconds=grace, drain_delay=drain_delay, threads=threads,
                            ort_spinning=ort_spinning)
     configure_logging(log_format.value, access_log, log_level.value)  # type: ignore[arg-type]
     try:
