@@ -99,10 +99,15 @@ class TranserveServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = f"{o.host}:{o.port}"
-        if o.tls_cert and o.tls_key:
-            self.port = server.add_secure_port(address, server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca))
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if o.tls_cert and o.tls_key:
+                creds = server_credentials(o.tls_cert, o.tls_key, o.tls_client_ca)
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY; say what the user can act on
+            raise OSError(f"cannot listen on {address}: the port is in use or the address is not this "
+                          "machine's (choose another --port / --host)") from None
         return server
 
     def _plaintext_health_server(self, port: int) -> grpc.aio.Server:

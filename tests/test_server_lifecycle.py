@@ -347,3 +347,20 @@ def test_no_model_loaded_is_never_serving(small_repo: Path, tmp_path: Path) -> N
     finally:
         assert server.terminate() == 0
     assert any("NOT_SERVING, no model loaded" in line for line in server.output)
+
+
+def test_port_in_use_exits_non_zero_with_one_clear_line(small_repo: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "transerve", "serve", "--repo", str(small_repo), "--port",
+                                 str(port), "--metrics-port", "-1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: cannot listen on 127.0.0.1:{port}: the port is in use or the address is not this " \
+                   "machine's (choose another --port / --host)", result.stderr[-2000:]
