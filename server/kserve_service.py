@@ -194,7 +194,7 @@ async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline:
     if sorted(inputs) != sorted(expected):
         raise RequestError(f"inputs: {model.name} takes {expected}, got {sorted(inputs)}")
     if isinstance(model, ClassifierModel):
-        images = model.check_tensor(inputs["images"], "inputs.images")
+        images = model.check_tensor(inputs["images"], "inputs.images", batched=True)
         return {"logits": await model.logits(images, deadline)}
     assert isinstance(model, TranslatorModel)
     texts = inputs["text"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tokenizers import Tokenizer
 from transerve.server.batching import BatchStats, DeadlineExceeded, DynamicBatcher
 from transerve.server.metrics import Metrics
@@ -35,6 +36,9 @@ MAX_BEAM = 8
 MAX_LENGTH_PENALTY = 10.0
 
 log = logging.getLogger(__name__)
+
+
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 class RequestError(ValueError):
@@ -102,8 +106,10 @@ class ClassifierModel(LoadedModel):
         logits = self.runners["model"].run(None, {"images": np.concatenate(payloads)})[0]
         return list(np.split(logits, np.cumsum([len(p) for p in payloads])[:-1]))
 
-    def check_tensor(self, images: np.ndarray, field: str) -> np.ndarray:
-        if images.ndim == 3:
+    def check_tensor(self, images: np.ndarray, field: str, batched: bool = False) -> np.ndarray:
+        """``images`` as ``[N, C, H, W]`` float32, finite, N within the batch limit; ``batched`` (KServe's
+        ``inputs.images``) requires the batch dimension, a single image's tensor may leave it out."""
+        if images.ndim == 3 and not batched:
             images = images[None]
         if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
             raise RequestError(f"{field}: shape {list(images.shape)} does not match [N, "
@@ -112,6 +118,8 @@ class ClassifierModel(LoadedModel):
             raise RequestError(f"{field}: datatype {images.dtype} must be float32 (FP32)")
         if not 1 <= len(images) <= self.config.max_batch_size:
             raise RequestError(f"{field}: batch of {len(images)} images, the limit is {self.config.max_batch_size}")
+        if not np.isfinite(images).all():  # NaN/Inf would come back as NaN scores, or poison a shared batch
+            raise RequestError(f"{field}: holds NaN or Inf values; pixels must be finite")
         return images
 
     def decode_image(self, data: bytes, field: str) -> np.ndarray:
@@ -125,7 +133,12 @@ class ClassifierModel(LoadedModel):
                                        f"limit of {self.limits.max_image_pixels}")
                 image.load()
                 return self.preprocessing.apply_one(image)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except Image.DecompressionBombError:  # Pillow's own guard, past twice its warning size
+            raise RequestError(f"{field}: the image's header claims more pixels than the limit of "
+                               f"{self.limits.max_image_pixels}") from None
+        except RequestError:
+            raise
+        except Exception as e:  # whatever a decoder raises on hostile bytes is the client's bad image
             raise RequestError(f"{field}: not a decodable image ({type(e).__name__})") from None
 
     async def decode_images(self, blobs: list[bytes], field: str) -> np.ndarray:
@@ -249,6 +262,12 @@ class TranslatorModel(LoadedModel):
             if len(text) > self.limits.max_text_chars:
                 raise RequestError(f"{field}[{i}]: {len(text)} characters exceed the limit of "
                                    f"{self.limits.max_text_chars}")
+            if not text.strip():
+                raise RequestError(f"{field}[{i}]: empty text (nothing to translate)")
+            control = CONTROL_CHARACTERS.search(text)
+            if control:
+                raise RequestError(f"{field}[{i}]: control character U+{ord(control.group()):04X} at position "
+                                   f"{control.start()} (only tab, newline and carriage return are allowed)")
         eos = self.layout.eos_id
         rows = [[*e.ids, eos] for e in self.tokenizer.encode_batch(texts)]
         for i, row in enumerate(rows):

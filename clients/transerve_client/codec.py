@@ -134,6 +134,8 @@ def tensors_to_numpy(tensors: Sequence[Any], raws: Sequence[bytes], max_elements
         raise TensorError(f"{field} has {len(raws)} entries for {len(tensors)} tensors")
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(tensors):
+        if raws and tensor.HasField("contents"):  # the protocol allows one or the other, never both
+            raise TensorError(f"input {tensor.name!r}: both typed contents and {field} are set; send one")
         if tensor.name in arrays:
             raise TensorError(f"input {tensor.name!r} appears twice")
         arrays[tensor.name] = to_numpy(tensor, raws[i] if raws else None, max_elements)
