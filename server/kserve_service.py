@@ -14,6 +14,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 from transerve.server.errors import Scope, describe, finish, guarded, remaining
+from transerve.server.infer_parameters import InferParameters, parse_parameters
 from transerve.server.manager import ControlDisabled, ModelManager, ModelNotFound
 from transerve.server.metrics import Metrics
 from transerve.server.models import ClassifierModel, LoadedModel, RequestError, TranslatorModel, deadline_from
@@ -74,8 +75,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise RequestError("model_name: required")
         model = self.manager.get(request.model_name, request.model_version)
         scope.model = model.name
+        parameters = parse_parameters(request.parameters, model.config.task)
+        if parameters.stream:
+            raise RequestError("parameters.stream: only ModelStreamInfer streams (ModelInfer answers once)")
         inputs = request_inputs(request, self.manager.limits.max_elements)
-        outputs = await run_model(model, inputs, deadline)
+        outputs = await run_model(model, inputs, parameters.deadline(deadline), parameters)
         wanted = [o.name for o in request.outputs]
         unknown = sorted(set(wanted) - set(outputs))
         if unknown:
@@ -118,14 +122,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if not isinstance(model, TranslatorModel):
             raise RequestError(f"parameters.stream: only translators stream; {model.name} is a {model.config.task} "
                                "model")
+        parameters = parse_parameters(request.parameters, model.config.task)
         inputs = request_inputs(request, self.manager.limits.max_elements)
         texts = inputs.get("text")
         if texts is None or texts.dtype != np.object_ or texts.size != 1:
             raise RequestError("inputs.text: a streamed request takes exactly one BYTES text")
-        text = texts.reshape(-1)[0]
-        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
+        text = decoded_texts(texts)[0]
         tokens = 0
-        async for piece in model.stream(text, None, deadline_from(time_left)):
+        async for piece in model.stream(text, parameters.max_new_tokens, parameters.deadline(deadline_from(time_left)),
+                                        parameters.beam_size, parameters.length_penalty):
             tokens = piece.tokens
             if not piece.text:
                 continue
@@ -188,8 +193,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                   "to allow RepositoryModelLoad/Unload with an admin token")
 
 
-async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline: float | None
-                    ) -> dict[str, np.ndarray]:
+async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline: float | None,
+                    parameters: InferParameters | None = None) -> dict[str, np.ndarray]:
     expected = [t.name for t in model.config.inputs]
     if sorted(inputs) != sorted(expected):
         raise RequestError(f"inputs: {model.name} takes {expected}, got {sorted(inputs)}")
@@ -200,12 +205,19 @@ async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline:
     texts = inputs["text"]
     if texts.dtype != np.object_:
         raise RequestError("inputs.text: datatype must be BYTES")
-    try:
-        decoded = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts.reshape(-1)]
-    except UnicodeDecodeError:
-        raise RequestError("inputs.text: not valid UTF-8") from None
-    results = await model.translate(decoded, None, deadline, field="inputs.text")
+    decoded = decoded_texts(texts)
+    p = parameters or InferParameters()
+    results = await model.translate(decoded, p.max_new_tokens, deadline, field="inputs.text", beam_size=p.beam_size,
+                                    length_penalty=p.length_penalty)
     return {"translation": np.array([r.text.encode() for r in results], dtype=np.object_).reshape(texts.shape)}
+
+
+def decoded_texts(texts: np.ndarray) -> list[str]:
+    """A BYTES tensor's elements as text; invalid UTF-8 is the client's error, never replaced silently."""
+    try:
+        return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts.reshape(-1)]
+    except UnicodeDecodeError as e:
+        raise RequestError(f"inputs.text: not valid UTF-8 (byte {e.start})") from None
 
 
 def _wants_stream(request: pb.ModelInferRequest) -> bool:

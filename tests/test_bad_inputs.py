@@ -16,6 +16,7 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -52,16 +53,12 @@ def png_claiming(width: int, height: int) -> bytes:
 GRAY = Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8))
 GOOD_PNG = encoded(GRAY, "PNG")
 GOOD_JPEG = encoded(GRAY.convert("RGB"), "JPEG")
+CORPUS = Path(__file__).parent / "data" / "bad_inputs"  # files that must stay refused (README there says how)
 BAD_IMAGES: dict[str, bytes] = {
-    "random bytes": RNG.bytes(2048),
+    **{f"corpus: {path.name}": path.read_bytes() for path in sorted(CORPUS.iterdir()) if path.suffix != ".md"},
     "empty": b"",
-    "truncated png": GOOD_PNG[: len(GOOD_PNG) // 2],
-    "png, corrupt crc": GOOD_PNG[:30] + bytes([GOOD_PNG[30] ^ 0xFF]) + GOOD_PNG[31:],
-    "truncated jpeg": GOOD_JPEG[: len(GOOD_JPEG) // 2],
-    "jpeg header only": GOOD_JPEG[:20],
-    "bomb: 30000x30000 png header": png_claiming(30_000, 30_000),
-    "header lies: 4000x4000 with little data": png_claiming(4000, 4000),
-    "zero-size png header": png_claiming(0, 0),
+    "header lies: 2000x3000 with little data": png_claiming(2000, 3000),
+    "real 6000x6000 png, over the pixel limit": encoded(Image.new("L", (6000, 6000)), "PNG"),
 }
 ODD_GOOD_IMAGES: dict[str, bytes] = {
     "1x1": encoded(Image.new("L", (1, 1), 128), "PNG"),
@@ -71,6 +68,7 @@ ODD_GOOD_IMAGES: dict[str, bytes] = {
     "animated gif": encoded(GRAY, "GIF", save_all=True, append_images=[GRAY.rotate(90)], loop=0),
     "la png": encoded(GRAY.convert("LA"), "PNG"),
     "wide 1000x3": encoded(Image.new("RGB", (1000, 3), (9, 9, 9)), "PNG"),
+    "large 4000x4000": encoded(Image.new("RGB", (4000, 4000), (200, 30, 9)), "PNG"),
 }
 
 
@@ -110,6 +108,25 @@ def text_infer(raw: bytes, shape: list[int] | None = None, model: str = "tiny-mt
     return request
 
 
+def translate_infer() -> pb.ModelInferRequest:
+    return text_infer(encode_bytes(["seven"]))
+
+
+def with_parameters(request: pb.ModelInferRequest, **parameters: object) -> pb.ModelInferRequest:
+    """Set KServe request parameters, each in the oneof its Python type maps to."""
+    for name, value in parameters.items():
+        slot = request.parameters[name]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            slot.int64_param = value
+        elif isinstance(value, float):
+            slot.double_param = value
+        else:
+            slot.string_param = str(value)
+    return request
+
+
 ok = np.zeros((1, 3, 8, 8), "<f4")
 BAD_INFER: dict[str, Callable[[], pb.ModelInferRequest]] = {
     "fp64 datatype": lambda: image_infer(ok.astype("<f8"), "FP64"),
@@ -139,6 +156,21 @@ BAD_INFER: dict[str, Callable[[], pb.ModelInferRequest]] = {
     "version 0": lambda: text_infer(encode_bytes(["seven"]), version="0"),
     "negative version": lambda: text_infer(encode_bytes(["seven"]), version="-1"),
     "batch over the limit": lambda: image_infer(np.zeros((65, 3, 8, 8), "<f4")),
+    "4 channels": lambda: image_infer(np.zeros((1, 4, 8, 8), "<f4")),
+    "1 channel": lambda: image_infer(np.zeros((1, 1, 8, 8), "<f4")),
+    "channels last": lambda: image_infer(np.zeros((1, 8, 8, 3), "<f4")),
+    "beam_size 'four'": lambda: with_parameters(translate_infer(), beam_size="four"),
+    "max_new_tokens -1": lambda: with_parameters(translate_infer(), max_new_tokens=-1),
+    "max_new_tokens over the model's": lambda: with_parameters(translate_infer(), max_new_tokens=10_000),
+    "beam_size 0": lambda: with_parameters(translate_infer(), beam_size=0),
+    "beam_size 10^9": lambda: with_parameters(translate_infer(), beam_size=10**9),
+    "length_penalty a bool": lambda: with_parameters(translate_infer(), length_penalty=True),
+    "length_penalty NaN": lambda: with_parameters(translate_infer(), length_penalty=float("nan")),
+    "top_k 10^9 (no such parameter)": lambda: with_parameters(image_infer(ok), top_k=10**9),
+    "unknown parameter": lambda: with_parameters(translate_infer(), beam_sise=4),
+    "timeout negative": lambda: with_parameters(translate_infer(), timeout=-5),
+    "timeout a string": lambda: with_parameters(image_infer(ok), timeout="1s"),
+    "stream on unary ModelInfer": lambda: with_parameters(translate_infer(), stream=True),
 }
 BAD_TRANSLATE = {
     "empty text": tpb.TranslateRequest(texts=[""]),
@@ -205,7 +237,7 @@ def test_odd_but_valid_images_are_answered(channel: grpc.Channel, healthy: Calla
 def test_bad_infer_requests_are_refused_by_field(channel: grpc.Channel, healthy: Callable[[], None],
                                                  case: str) -> None:
     _, message = client_error(lambda: pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(BAD_INFER[case]()))
-    assert any(word in message for word in ("input", "model", "version", "text", "limit")), message
+    assert any(word in message for word in ("input", "model", "version", "text", "limit", "parameters.")), message
     healthy()
 
 
@@ -221,3 +253,21 @@ def test_bad_translations_are_refused_by_field(channel: grpc.Channel, healthy: C
         if case != "too many texts":
             client_error(lambda: list(translator.TranslateStream(stream, timeout=30)))
     healthy()
+
+
+def test_model_infer_parameters_decode_like_translate_options(channel: grpc.Channel) -> None:
+    """The parameters the corpus refuses when malformed are applied when valid: the same tokens as Translate."""
+    kserve, translator = pb_grpc.GRPCInferenceServiceStub(channel), tpb_grpc.TranslatorStub(channel)
+    for options in ({"beam_size": 3, "max_new_tokens": 4, "length_penalty": 0.5}, {"max_new_tokens": 2},
+                    {"timeout": 30_000_000}):
+        response = kserve.ModelInfer(with_parameters(translate_infer(), **options))
+        translated = response.raw_output_contents[0][4:].decode()
+        task_options = tpb.TranslateOptions(**{k: v for k, v in options.items() if k != "timeout"})
+        expected = translator.Translate(tpb.TranslateRequest(texts=["seven"], options=task_options))
+        assert translated == expected.translations[0].text, options
+    for budget, beam in ((1, 1), (3, 1), (5, 2)):  # the token count shows the budget took effect
+        streamed = with_parameters(translate_infer(), stream=True, max_new_tokens=budget, beam_size=beam)
+        final = list(kserve.ModelStreamInfer(iter([streamed])))[-1].infer_response
+        expected = translator.Translate(tpb.TranslateRequest(
+            texts=["seven"], options=tpb.TranslateOptions(max_new_tokens=budget, beam_size=beam)))
+        assert final.parameters["tokens"].int64_param == expected.translations[0].tokens <= budget
