@@ -56,6 +56,7 @@ class ServeOptions:
     admin_tokens: tuple[str, ...] = ()  # for repository load/unload (empty: those RPCs are disabled)
     max_message_mb: int = 64
     max_connection_age: float | None = None  # seconds; then GOAWAY, so clients reconnect (and rebalance)
+    max_concurrent_rpcs: int = 4096  # beyond it gRPC refuses new RPCs with RESOURCE_EXHAUSTED (memory bound)
     health_port: int | None = None  # also grpc.health.v1 alone, plaintext and without auth (Kubernetes probes)
     grace_seconds: float = 30.0
     drain_delay: float = 5.0  # on SIGTERM: seconds of NOT_SERVING while still serving, before refusing new RPCs
@@ -91,7 +92,8 @@ class TranserveServer:
         if o.max_connection_age:  # behind a connection-level balancer, aged connections spread out on reconnect
             options += [("grpc.max_connection_age_ms", int(o.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(o.grace_seconds * 1000))]
-        server = grpc.aio.server(interceptors=interceptors, options=options)
+        server = grpc.aio.server(interceptors=interceptors, options=options,
+                                 maximum_concurrent_rpcs=o.max_concurrent_rpcs)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceService(self.manager, self.metrics, lambda: self.ready, bool(o.admin_tokens)), server)
         transerve_pb2_grpc.add_TranslatorServicer_to_server(TranslatorService(self.manager, self.metrics), server)

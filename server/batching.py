@@ -10,8 +10,15 @@ requests that arrive during one batch's compute form the next batch. A request n
 that does not fit waits at the head for the next batch. ``submit`` on a full
 queue raises :class:`QueueFull` at once (the servicer answers
 ``RESOURCE_EXHAUSTED``). A request whose deadline passed or whose caller
-cancelled is dropped before compute. Every future resolves with a result or
-an exception; a failing batch fails its own requests only.
+cancelled is dropped before compute (``on_drop`` counts them). Every future
+resolves with a result or an exception; a failing batch fails its own
+requests only.
+
+Queue-time admission (``max_queue_time_ms``): a request that would wait longer
+than the bound is refused at ``submit`` with :class:`QueueFull` rather than
+queued to time out later. The expected wait is the batches ahead of it (the
+queued items over ``max_batch_size``, plus the one computing) times a moving
+average of recent batch compute times, shared over ``instances`` threads.
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ class DynamicBatcher(Generic[P, R]):
     def __init__(self, run_batch: Callable[[list[P]], Sequence[R]], *, max_batch_size: int,
                  max_queue_delay_ms: float, preferred_batch_sizes: Sequence[int] = (), max_queue_size: int = 256,
                  instances: int = 1, on_batch: Callable[[BatchStats], None] | None = None, name: str = "",
-                 flush_when_idle: bool = False) -> None:
+                 flush_when_idle: bool = False, max_queue_time_ms: float | None = None) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.delay = max_queue_delay_ms / 1000.0
@@ -80,6 +87,9 @@ class DynamicBatcher(Generic[P, R]):
         self.instances = instances
         self.flush_when_idle = flush_when_idle
         self._on_batch = on_batch
+        self.on_drop: Callable[[str, int], None] | None = None  # (reason, count): requests dropped before compute
+        self.max_queue_time = None if max_queue_time_ms is None else max_queue_time_ms / 1000.0
+        self.batch_seconds = 0.0  # moving average of compute time per batch (0 until the first batch)
         self.name = name
         self._queue: deque[_Item[P, R]] = deque()
         self._queued_items = 0
@@ -106,13 +116,9 @@ class DynamicBatcher(Generic[P, R]):
 
     async def submit(self, payload: P, size: int = 1, deadline: float | None = None) -> R:
         """Queue one request of ``size`` items; ``deadline`` is a ``time.monotonic()`` instant."""
-        if self._closing:
-            raise QueueFull(f"model {self.name!r} is shutting down")
         if size > self.max_batch_size:
             raise ValueError(f"batch of {size} exceeds max_batch_size {self.max_batch_size}")
-        if self._queued_items + size > self.max_queue_size:
-            raise QueueFull(f"model {self.name!r}: queue full ({self._queued_items} of {self.max_queue_size} "
-                            "items waiting)")
+        self.check_admission(size)
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         with self._cond:
             self._queue.append(_Item(payload, size, deadline, time.monotonic(), future))
@@ -120,6 +126,24 @@ class DynamicBatcher(Generic[P, R]):
             self._idle.clear()
             self._cond.notify()
         return await future  # cancelling this await cancels the future: the thread then skips it
+
+    def check_admission(self, size: int) -> None:
+        """Raise :class:`QueueFull` if ``size`` more items would be refused now (closing, queue full, or an
+        expected wait over ``max_queue_time_ms``). ``submit`` checks it; callers with work to do before
+        submitting (decoding images) check it first, so a request that will be shed costs nothing."""
+        if self._closing:
+            raise QueueFull(f"model {self.name!r} is shutting down")
+        if self._queued_items + size > self.max_queue_size:
+            raise QueueFull(f"model {self.name!r}: queue full ({self._queued_items} of {self.max_queue_size} "
+                            "items waiting)")
+        if self.max_queue_time is not None and (wait := self.expected_wait(size)) > self.max_queue_time:
+            raise QueueFull(f"model {self.name!r}: the expected queue wait of {wait * 1000:.0f} ms exceeds "
+                            f"max_queue_time_ms {self.max_queue_time * 1000:.0f}")
+
+    def expected_wait(self, size: int = 1) -> float:
+        """Seconds a request of ``size`` items would wait now: the batches ahead of it times the average batch."""
+        ahead = (self._queued_items + size - 1) // self.max_batch_size + (1 if self.in_flight else 0)
+        return ahead * self.batch_seconds / self.instances
 
     def _next_batch(self) -> list[_Item[P, R]] | None:
         """Under ``_cond``: the next batch by the flush rules, or None when stopping with nothing left."""
@@ -154,6 +178,8 @@ class DynamicBatcher(Generic[P, R]):
                 expired = [i for i in batch if i.deadline is not None and now > i.deadline]
                 self.in_flight += 1 if live else 0
             self._post(self._fail, expired, DeadlineExceeded("deadline passed while queued"))
+            self._dropped("expired_queued", len(expired))
+            self._dropped("cancelled_queued", sum(1 for i in batch if i.future.cancelled()))
             if live:
                 self._run(live, now)
             self._post(self._maybe_idle)
@@ -173,7 +199,13 @@ class DynamicBatcher(Generic[P, R]):
                 self.in_flight -= 1
         stats = BatchStats(sum(i.size for i in live), [dispatched - i.enqueued for i in live],
                            time.perf_counter() - start)
+        average = self.batch_seconds
+        self.batch_seconds = stats.compute_seconds if average == 0 else 0.8 * average + 0.2 * stats.compute_seconds
         self._post(self._deliver, live, results, stats)
+
+    def _dropped(self, reason: str, count: int) -> None:
+        if count and self.on_drop is not None:
+            self.on_drop(reason, count)
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
         assert self._loop is not None

@@ -37,6 +37,7 @@ async def guarded(metrics: Metrics, rpc: str, context: grpc.aio.ServicerContext,
                   handler: Callable[[Scope], Awaitable[T]]) -> T:
     """Run ``handler``; known errors leave as their status with the message, others as INTERNAL."""
     scope, start = Scope(context), time.perf_counter()
+    metrics.begin(rpc)
     code = "OK"
     try:
         return await handler(scope)
@@ -76,7 +77,7 @@ def describe(scope: Scope, rpc: str, error: Exception) -> tuple[grpc.StatusCode,
 
 
 def finish(metrics: Metrics, scope: Scope, rpc: str, code: str, seconds: float) -> None:
-    """Count a finished RPC once, and write its access-log line."""
+    """Count a finished RPC once (it was counted in flight by ``metrics.begin``), and write its access-log line."""
     metrics.on_request(scope.model, rpc, code, seconds)
     log_access(scope, rpc, code, seconds)
 

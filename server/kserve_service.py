@@ -98,6 +98,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """
         async for request in request_iterator:
             scope, start = Scope(context, request.id), time.perf_counter()
+            self.metrics.begin("ModelStreamInfer")
             try:
                 if _wants_stream(request):
                     async for response in self._stream_translation(request, scope, remaining(context)):

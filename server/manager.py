@@ -104,7 +104,7 @@ class ModelManager:
             return state
         old = self.models.get(name)
         self.models[name] = model
-        model.watch_queue(self.metrics.queue_length)
+        model.observe(self.metrics)
         state.version, state.state, state.reason = model.version, "READY", ""
         log.info("model %s version %s ready on %s", name, model.version, model.backend)
         if old is not None:

@@ -56,6 +56,10 @@ class Metrics:
         self.batch_size = Histogram("transerve_batch_size", "Items per backend call", ["model"],
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.generated_tokens = Counter("transerve_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.in_flight = Gauge("transerve_inflight_requests", "RPCs in progress (each message of ModelStreamInfer "
+                               "counts while it is answered)", ["rpc"], registry=r)
+        self.dropped = Counter("transerve_dropped_requests", "Requests dropped before compute (queued) or taken out "
+                               "of a decode batch, by reason", ["model", "reason"], registry=r)
         self.queue_length = Gauge("transerve_queue_length", "Items waiting in the batcher", ["model"], registry=r)
         self.counters: dict[str, ModelCounters] = defaultdict(ModelCounters)
         # continuous batching (translation): gauges read the scheduler when scraped
@@ -86,7 +90,15 @@ class Metrics:
             c.queue.add(waited)
             self.queue_seconds.labels(model).observe(waited)
 
+    def on_drop(self, model: str, reason: str, count: int) -> None:
+        self.dropped.labels(model, reason).inc(count)
+
+    def begin(self, rpc: str) -> None:
+        """An RPC started: in flight until :meth:`on_request` counts its end."""
+        self.in_flight.labels(rpc).inc()
+
     def on_request(self, model: str, rpc: str, code: str, seconds: float) -> None:
+        self.in_flight.labels(rpc).dec()
         self.requests.labels(model, rpc, code).inc()
         self.request_seconds.labels(model, rpc).observe(seconds)
         c = self.counters[model]

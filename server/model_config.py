@@ -26,6 +26,8 @@ class Batching(BaseModel):
     max_queue_size: int = Field(256, ge=1)
     instances: int = Field(1, ge=1, le=64)
     flush_when_idle: bool = True  # no waiting while the backend is idle (see server/batching.py)
+    # refuse at admission (RESOURCE_EXHAUSTED) a request expected to wait longer than this; None: no bound
+    max_queue_time_ms: float | None = Field(None, gt=0, le=3_600_000)
 
 
 class TensorSpec(BaseModel):

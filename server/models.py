@@ -64,11 +64,13 @@ class LoadedModel(ABC):
         self.batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
             self._run_batch, max_batch_size=config.max_batch_size, max_queue_delay_ms=b.max_queue_delay_ms,
             preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size, instances=b.instances,
-            on_batch=lambda stats: on_batch(self.name, stats), name=config.name, flush_when_idle=b.flush_when_idle)
+            on_batch=lambda stats: on_batch(self.name, stats), name=config.name, flush_when_idle=b.flush_when_idle,
+            max_queue_time_ms=b.max_queue_time_ms)
 
-    def watch_queue(self, gauge: Any) -> None:
-        """Let a Prometheus gauge read this model's queue length when scraped."""
-        gauge.labels(self.name).set_function(lambda: self.batcher.queued)
+    def observe(self, metrics: Metrics) -> None:
+        """Let the metrics read this model's queue length when scraped, and count the requests it drops."""
+        metrics.queue_length.labels(self.name).set_function(lambda: self.batcher.queued)
+        self.batcher.on_drop = lambda reason, count: metrics.on_drop(self.name, reason, count)
 
     @abstractmethod
     def _run_batch(self, payloads: list[Any]) -> list[Any]:
@@ -99,6 +101,7 @@ class ClassifierModel(LoadedModel):
         self.labels = labels_file.read_text().split("\n")[:-1] if labels_file.is_file() else []
         self.input_shape = tuple(config.inputs[0].dims[1:])
         self.image_pool, self.limits = image_pool, limits
+        self.decoding = 0  # images being decoded now (not yet queued), counted by the admission check
 
     def _run_batch(self, payloads: list[np.ndarray]) -> list[np.ndarray]:
         if len(payloads) == 1:  # the common case at low load: no copies, no split
@@ -142,9 +145,16 @@ class ClassifierModel(LoadedModel):
             raise RequestError(f"{field}: not a decodable image ({type(e).__name__})") from None
 
     async def decode_images(self, blobs: list[bytes], field: str) -> np.ndarray:
+        """Decode off the event loop — after an admission check that counts the images still being decoded,
+        so that under overload a request the queue would shed is refused before its decoding costs anything."""
+        self.batcher.check_admission(len(blobs) + self.decoding)
         loop = asyncio.get_running_loop()
-        arrays = await asyncio.gather(*(loop.run_in_executor(self.image_pool, self.decode_image, b, f"{field}[{i}]")
-                                        for i, b in enumerate(blobs)))
+        self.decoding += len(blobs)
+        try:
+            arrays = await asyncio.gather(*(loop.run_in_executor(self.image_pool, self.decode_image, b,
+                                                                 f"{field}[{i}]") for i, b in enumerate(blobs)))
+        finally:
+            self.decoding -= len(blobs)
         return np.stack(arrays)
 
     async def logits(self, images: np.ndarray, deadline: float | None) -> np.ndarray:
@@ -217,8 +227,10 @@ class TranslatorModel(LoadedModel):
 
     def _make_scheduler(self, metrics: Metrics | None) -> ContinuousScheduler:
         c, layout = self.config, self.layout
+        bound = c.batching.max_queue_time_ms
         caps = SchedulerCaps(c.scheduler.max_active_sequences, c.scheduler.max_cached_tokens,
-                             c.batching.max_queue_size, c.scheduler.max_encode_batch)
+                             c.batching.max_queue_size, c.scheduler.max_encode_batch,
+                             None if bound is None else bound / 1000)
 
         def finished(request: SequenceRequest) -> None:
             if metrics is not None:
@@ -236,12 +248,12 @@ class TranslatorModel(LoadedModel):
             metrics.tokens_per_second.labels(self.name).set_function(lambda: stats.tokens_per_second)
         return scheduler
 
-    def watch_queue(self, gauge: Any) -> None:
-        if self.scheduler is None:
-            super().watch_queue(gauge)
-        else:
+    def observe(self, metrics: Metrics) -> None:
+        super().observe(metrics)
+        if self.scheduler is not None:
             stats = self.scheduler.stats
-            gauge.labels(self.name).set_function(lambda: stats.queued)
+            metrics.queue_length.labels(self.name).set_function(lambda: stats.queued)
+            self.scheduler.on_drop = lambda reason, count: metrics.on_drop(self.name, reason, count)
 
     async def start(self) -> None:
         if self.scheduler is None:

@@ -53,6 +53,7 @@ class SchedulerCaps:
     max_cached_tokens: int = 16_384
     max_queue_size: int = 256
     max_encode_batch: int = 32
+    max_queue_time: float | None = None  # seconds; refuse at admission a request expected to wait longer
 
 
 @dataclass
@@ -80,6 +81,7 @@ class SequenceRequest:
     tokens: list[int] = field(default_factory=list)
     beams: SourceBeams | None = None
     first_token_at: float | None = None
+    joined_at: float | None = None
 
     @property
     def rows(self) -> int:
@@ -160,6 +162,8 @@ class ContinuousScheduler:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = SchedulerStats()
+        self.on_drop: Callable[[str, int], None] | None = None  # (reason, count): queued or decoding, dropped
+        self.decode_seconds = 0.0  # moving average, join to finish, of requests that finished (queue-time estimate)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for tokens/s over a short window
 
     @classmethod
@@ -192,6 +196,10 @@ class ContinuousScheduler:
             if len(self._waiting) >= self.caps.max_queue_size:
                 raise QueueFull(f"model {self.name!r}: queue full ({len(self._waiting)} of "
                                 f"{self.caps.max_queue_size} requests waiting)")
+            bound = self.caps.max_queue_time
+            if bound is not None and (wait := self.expected_wait(rows)) > bound:
+                raise QueueFull(f"model {self.name!r}: the expected queue wait of {wait * 1000:.0f} ms exceeds "
+                                f"max_queue_time_ms {bound * 1000:.0f}")
             self._waiting.append(request)
             self.stats.queued = len(self._waiting)
             self._cond.notify()
@@ -211,6 +219,15 @@ class ContinuousScheduler:
                 request.cancelled = True
                 with self._cond:
                     self._cond.notify()
+
+    def expected_wait(self, rows: int) -> float:
+        """Seconds a request of ``rows`` would wait for a place (under the lock): nothing while the queue is empty
+        and its rows fit; else the rows ahead of it and its own, at the rate rows leave a full batch — sequences
+        finish at staggered times, so a full batch frees ``max_active_sequences`` rows per average decode."""
+        if not self._waiting and len(self._batch) + rows <= self.caps.max_active_sequences:
+            return 0.0
+        ahead = sum(r.rows for r in self._waiting) + rows
+        return ahead * self.decode_seconds / self.caps.max_active_sequences
 
     async def run(self, source: list[int], max_new_tokens: int, beam_size: int = 1, length_penalty: float = 1.0,
                   deadline: float | None = None) -> list[int]:
@@ -270,6 +287,8 @@ class ContinuousScheduler:
         that fit the caps, in arrival order — the head blocks the rest), who failed in the queue (expired)."""
         plan, now = StepPlan(), self._clock()
         plan.leaves = [r for r in self._batch.requests if r.cancelled or _expired(r, now)]
+        self._dropped("cancelled_decoding", sum(1 for r in plan.leaves if r.cancelled))
+        self._dropped("expired_decoding", sum(1 for r in plan.leaves if not r.cancelled))
         active = len(self._batch) - sum(r.rows for r in plan.leaves)
         reserved = self._reserved - sum(_reservation(r) for r in plan.leaves)
         while self._waiting:
@@ -280,9 +299,11 @@ class ContinuousScheduler:
                 break
             self._waiting.popleft()
             if head.cancelled:
+                self._dropped("cancelled_queued", 1)
                 continue
             if gone:
                 plan.expired.append(head)
+                self._dropped("expired_queued", 1)
                 continue
             plan.joins.append(head)
             active += head.rows
@@ -299,6 +320,8 @@ class ContinuousScheduler:
             self._release(request)
         self._batch.remove(plan.leaves)
         self._reserved += sum(_reservation(r) for r in plan.joins)
+        for request in plan.joins:
+            request.joined_at = self._clock()
         joins = sorted(plan.joins, key=lambda r: len(r.source))  # similar lengths together: little padding
         for start in range(0, len(joins), self.caps.max_encode_batch):
             group = joins[start:start + self.caps.max_encode_batch]
@@ -335,6 +358,9 @@ class ContinuousScheduler:
         made = len(batch)
         for request in finished:
             self._release(request)
+            if request.joined_at is not None:
+                took, average = now - request.joined_at, self.decode_seconds
+                self.decode_seconds = took if average == 0 else 0.8 * average + 0.2 * took
         batch.remove(finished)
         self._account(made)
 
@@ -351,6 +377,10 @@ class ContinuousScheduler:
             request.tokens = strip_special(beams.best().tokens, eos)
             return RowsOutcome(True, [], [])
         return RowsOutcome(False, rows, beams.last_tokens())
+
+    def _dropped(self, reason: str, count: int) -> None:
+        if count and self.on_drop is not None:
+            self.on_drop(reason, count)
 
     def _release(self, request: SequenceRequest) -> None:
         self._reserved -= _reservation(request)

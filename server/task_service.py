@@ -45,6 +45,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         and leaves it at the next step when the client cancels."""
         scope = Scope(context)
         start, code, tokens = time.perf_counter(), "OK", 0
+        self.metrics.begin("TranslateStream")
         try:
             model = self.manager.get(request.model, task="translate")
             assert isinstance(model, TranslatorModel)

@@ -66,6 +66,9 @@ def serve_command(
         help="File of admin tokens (or TRANSERVE_ADMIN_TOKEN): the only tokens that allow RepositoryModelLoad/"
         "Unload. Without admin tokens those RPCs are disabled (UNIMPLEMENTED).")] = None,
     max_message_mb: Annotated[int, typer.Option(min=1, max=2047, help="Largest gRPC message, MiB.")] = 64,
+    max_concurrent_rpcs: Annotated[int, typer.Option(
+        min=1, help="RPCs in progress at once, streams included; beyond it new RPCs are refused at once with "
+        "RESOURCE_EXHAUSTED. The last bound on memory under overload (each model's queue sheds first).")] = 4096,
     grace: Annotated[float, typer.Option(min=0, help="Seconds accepted work may take to finish on SIGTERM.")] = 30.0,
     drain_delay: Annotated[float, typer.Option(
         min=0, envvar="TRANSERVE_DRAIN_DELAY",
@@ -115,6 +118,7 @@ def serve_command(
                            auth_tokens=tokens_from(auth_token_file, "TRANSERVE_AUTH_TOKEN"),
                            admin_tokens=tokens_from(admin_token_file, "TRANSERVE_ADMIN_TOKEN"),
                            max_message_mb=max_message_mb, max_connection_age=max_connection_age,
+                           max_concurrent_rpcs=max_concurrent_rpcs,
                            health_port=health_port,
                            grace_seconds=grace, drain_delay=drain_delay, threads=threads,
                            ort_spinning=ort_spinning)
