@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 from transerve.server.auth import BearerTokenInterceptor, server_credentials
 from transerve.server.kserve_service import InferenceService
+from transerve.server.malformed import MalformedRequestInterceptor
 from transerve.server.manager import ModelManager
 from transerve.server.metrics import Metrics
 from transerve.server.models import Limits
@@ -85,8 +86,8 @@ class TranserveServer:
     def _grpc_server(self) -> grpc.aio.Server:
         o = self.options
         limit = o.max_message_mb << 20
-        interceptors = [BearerTokenInterceptor(o.auth_tokens, o.admin_tokens)] if o.auth_tokens or o.admin_tokens \
-            else []
+        auth = [BearerTokenInterceptor(o.auth_tokens, o.admin_tokens)] if o.auth_tokens or o.admin_tokens else []
+        interceptors = [*auth, MalformedRequestInterceptor()]  # last: it must see the registered handlers
         options: list[tuple[str, int]] = [("grpc.max_receive_message_length", limit),
                                           ("grpc.max_send_message_length", limit)]
         if o.max_connection_age:  # behind a connection-level balancer, aged connections spread out on reconnect
@@ -115,7 +116,7 @@ class TranserveServer:
     def _plaintext_health_server(self, port: int) -> grpc.aio.Server:
         """grpc.health.v1 only, plaintext, no token: what Kubernetes' gRPC probes can reach when the serving
         port wants TLS or a token. It shares the health servicer, so it says what the serving port says."""
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.health_port = server.add_insecure_port(f"{self.options.host}:{port}")
         return server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
@@ -116,8 +117,8 @@ def length_penalty(options: pb.TranslateOptions) -> float | None:
 
 def tensor_array(tensor: pb.Tensor, field: str) -> np.ndarray:
     shape = tuple(int(d) for d in tensor.shape)
-    count = int(np.prod(shape)) if shape else 0
-    if any(d <= 0 for d in shape) or len(tensor.data) != 4 * count:
+    count = math.prod(shape) if shape else 0  # Python ints: huge dims must not wrap to a small count
+    if not shape or any(d <= 0 for d in shape) or len(tensor.data) != 4 * count:
         raise RequestError(f"{field}: {len(tensor.data)} bytes do not hold float32 of shape {list(shape)}")
     return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
 
