@@ -172,7 +172,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self._check_control()
             scope.model = request.model_name
             state = await self.manager.load(request.model_name)
-            if state.state != "READY":
+            if state.failed:
                 raise RequestError(f"model_name: {request.model_name!r} failed to load: {state.reason}")
             return pb.RepositoryModelLoadResponse()
 

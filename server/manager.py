@@ -44,6 +44,7 @@ class EntryState:
     version: str = ""
     state: str = "UNAVAILABLE"  # READY | UNAVAILABLE | LOADING
     reason: str = ""
+    failed: bool = False  # the last load attempt failed (a reload that failed leaves the old version READY)
 
 
 def check_entry_name(name: str) -> None:
@@ -95,13 +96,9 @@ class ModelManager:
             model = await asyncio.to_thread(self._build, entry)
             await model.start()
         except (ConfigError, BackendError) as e:
-            state.state, state.reason = "UNAVAILABLE", str(e)
-            log.error("model %s unavailable: %s", name, e)
-            return state
+            return self._failed(name, str(e))
         except Exception as e:  # a runtime refusing the graph (corrupt ONNX …) must not stop the server
-            state.state, state.reason = "UNAVAILABLE", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            log.error("model %s unavailable: %s", name, state.reason)
-            return state
+            return self._failed(name, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
         old = self.models.get(name)
         self.models[name] = model
         model.observe(self.metrics)
@@ -109,6 +106,20 @@ class ModelManager:
         log.info("model %s version %s ready on %s", name, model.version, model.backend)
         if old is not None:
             await old.aclose(grace=30)
+        return state
+
+    def _failed(self, name: str, reason: str) -> EntryState:
+        """A load that failed: the entry is UNAVAILABLE — unless a loaded version is serving, which goes on
+        serving (files changed on disk under a served model do not take it down)."""
+        old = self.models.get(name)
+        if old is None:
+            log.error("model %s unavailable: %s", name, reason)
+            state = EntryState(name, "", "UNAVAILABLE", reason, failed=True)
+        else:
+            log.error("model %s: reload failed, still serving version %s: %s", name, old.version, reason)
+            state = EntryState(name, old.version, "READY", f"reload failed, serving version {old.version}: {reason}",
+                               failed=True)
+        self.states[name] = state
         return state
 
     def _build(self, entry: Path) -> LoadedModel:

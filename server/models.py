@@ -25,7 +25,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from transerve.server.batching import BatchStats, DeadlineExceeded, DynamicBatcher
 from transerve.server.metrics import Metrics
-from transerve.server.model_config import ModelConfig
+from transerve.server.model_config import ConfigError, ModelConfig
 from transerve.server.runtime import GraphRunner
 from transerve.server.scheduler import ContinuousScheduler, SchedulerCaps, SequenceRequest
 from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, pad_ids
@@ -211,7 +211,7 @@ class TranslatorModel(LoadedModel):
                  entry: Path, on_batch: Any, limits: Limits, metrics: Metrics | None = None) -> None:
         super().__init__(config, version, backend, runners, on_batch)
         assert config.decoder is not None and config.tokenizer is not None  # checked by ModelConfig
-        self.tokenizer = Tokenizer.from_file(str(entry / config.tokenizer))
+        self.tokenizer = load_tokenizer(entry / config.tokenizer)
         d = config.decoder
         self.layout = DecoderLayout(d.num_layers, d.num_heads, d.head_dim, d.bos_id, d.eos_id, d.pad_id)
         step = runners.get("decoder_step_ragged") or runners["decoder_step"]  # the ragged step decodes both ways
@@ -411,6 +411,17 @@ async def _all_or_cancel(coros: list[Any]) -> list[Any]:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The entry's tokenizer; a missing or unreadable file is a config error naming it (the tokenizers library
+    says only "No such file or directory")."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: tokenizer file missing")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ConfigError(f"{path}: not a readable tokenizer ({(str(e).splitlines() or [''])[0][:200]})") from None
 
 
 def deadline_from(time_remaining: float | None) -> float | None:

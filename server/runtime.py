@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from transerve.server.private_weights import private_weights
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,8 @@ def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], thread
     for _graph, filename in files.items():
         if not (vdir / filename).is_file():
             raise BackendError(f"{vdir / filename}: missing")
-    return "onnxruntime", {g: OrtRunner(vdir / f, threads, providers, spinning) for g, f in files.items()}
+    with private_weights(vdir) as folder:  # weights copied: files changing on disk cannot reach a served model
+        return "onnxruntime", {g: OrtRunner(folder / f, threads, providers, spinning) for g, f in files.items()}
 
 
 def torch_runners(vdir: Path, files: dict[str, str]) -> dict[str, GraphRunner]:

@@ -89,7 +89,7 @@ class Workload:
                  translate: TranslateLoad = TranslateLoad()) -> None:
         self.metadata = metadata
         self.tokens = 0
-        self.first_token: list[float] = []  # streamed translation: seconds to the first piece
+        self.first_token: list[float] = []  # streamed translation: seconds to the first message of each stream
         self.translate, self.rng, self.sent = translate, random.Random(translate.seed), 0
         if task == "translate":
             self.stub = tpb_grpc.TranslatorStub(channel)
@@ -140,7 +140,7 @@ class Workload:
         request.options.max_new_tokens = budget or 0
         first = True
         async for message in self.stub.TranslateStream(request, timeout=timeout, metadata=self.metadata):
-            if first and message.piece:
+            if first:  # the first message, a piece or (when no token made text) the end: one sample per stream
                 self.first_token.append(time.perf_counter() - start)
                 first = False
             if message.done:

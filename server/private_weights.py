@@ -1,0 +1,40 @@
+"""A served model must not change, or crash the server, when its files change on disk.
+
+ONNX Runtime memory-maps an entry's ``weights.bin`` (one page-aligned file per precision, shared by the
+graphs) and keeps reading the mapping while it serves: rewriting the file in place changes the weights under
+a running model, and truncating it (``cp`` and ``>`` both do) killed the process with SIGBUS at the next
+request — found by tests/test_faults.py. So sessions are created from a private copy of the version folder
+in a temporary directory, which is deleted as soon as the sessions exist: the mappings keep the unlinked
+copy alive, and no path leads to it any more, so nothing can change it. The pages stay file-backed (the
+kernel may drop and re-read them, as with the original), the copy costs one sequential read and write per
+load, and the disk it holds (in ``$TMPDIR``) is freed when the model is unloaded.
+
+(Anonymous memory via ``memfd`` would avoid the disk, but ONNX Runtime resolves an external-data path to its
+canonical form and refuses one that leaves the model's folder, which ``/proc/self/fd/N`` does.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".bin", ".data")  # external-data files (weights.bin, the ONNX convention's *.data)
+
+
+@contextlib.contextmanager
+def private_weights(vdir: Path) -> Iterator[Path]:
+    """A folder with ``vdir``'s files, copied when it has external weights; valid until the context ends (load
+    the sessions inside it). A folder without external weights is used as it is: its graphs are read whole."""
+    if not any(p.is_file() and p.suffix in WEIGHT_SUFFIXES for p in vdir.iterdir()):
+        yield vdir
+        return
+    with tempfile.TemporaryDirectory(prefix="transerve-load-") as tmp:
+        for path in vdir.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, Path(tmp) / path.name)
+            else:
+                (Path(tmp) / path.name).symlink_to(path.resolve())
+        yield Path(tmp)
