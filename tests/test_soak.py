@@ -165,7 +165,7 @@ def test_mixed_traffic_leaks_nothing(small_repo: Path, long_repo: Path, tmp_path
     assert run.problems() == [], run.problems()
     start, end = run.at_checkpoint, run.at_end
     assert start is not None and end is not None
-    record_figures("soak", seconds=SOAK_SECONDS, requests=run.sent, outcomes=dict(run.outcomes),
+    record_figures(f"soak.{SOAK_SECONDS:g}s", seconds=SOAK_SECONDS, requests=run.sent, outcomes=dict(run.outcomes),
                    rss_at_1000_mb=round(start.rss_mb, 1), rss_end_mb=round(end.rss_mb, 1),
                    rss_growth_pct=round(100 * (end.rss_mb / start.rss_mb - 1), 2),
                    threads=[start.threads, end.threads], fds=[start.fds, end.fds])
