@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class BatchStats:
     compute_seconds: float
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes exactly this request (payloads are arrays)
 class _Item(Generic[P, R]):
     payload: P
     size: int
@@ -120,12 +120,26 @@ class DynamicBatcher(Generic[P, R]):
             raise ValueError(f"batch of {size} exceeds max_batch_size {self.max_batch_size}")
         self.check_admission(size)
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        item = _Item(payload, size, deadline, time.monotonic(), future)
+        future.add_done_callback(lambda f: self._forget(item) if f.cancelled() else None)
         with self._cond:
-            self._queue.append(_Item(payload, size, deadline, time.monotonic(), future))
+            self._queue.append(item)
             self._queued_items += size
             self._idle.clear()
             self._cond.notify()
         return await future  # cancelling this await cancels the future: the thread then skips it
+
+    def _forget(self, item: _Item[P, R]) -> None:
+        """A cancelled request (client gone, or its gRPC deadline passed) leaves the queue at once, not when the
+        batch it would have joined forms: it must not hold a place, nor count as queued (triton#7532)."""
+        with self._cond:
+            try:
+                self._queue.remove(item)
+            except ValueError:  # already taken into a batch: dropped (and counted) when that batch dispatches
+                return
+            self._queued_items -= item.size
+        self._dropped("cancelled_queued", 1)
+        self._maybe_idle()
 
     def check_admission(self, size: int) -> None:
         """Raise :class:`QueueFull` if ``size`` more items would be refused now (closing, queue full, or an
@@ -174,12 +188,13 @@ class DynamicBatcher(Generic[P, R]):
                     return
                 self._queued_items -= sum(item.size for item in batch)
                 now = time.monotonic()
-                live = [i for i in batch if not i.future.done() and (i.deadline is None or now <= i.deadline)]
-                expired = [i for i in batch if i.deadline is not None and now > i.deadline]
+                live = [i for i in batch if not i.future.done() and not _expired(i, now)]
+                expired = [i for i in batch if _expired(i, now)]
                 self.in_flight += 1 if live else 0
             self._post(self._fail, expired, DeadlineExceeded("deadline passed while queued"))
             self._dropped("expired_queued", len(expired))
-            self._dropped("cancelled_queued", sum(1 for i in batch if i.future.cancelled()))
+            # cancelled and not expired (a request whose deadline passed is cancelled by gRPC too: count it once)
+            self._dropped("cancelled_queued", sum(1 for i in batch if i.future.cancelled() and not _expired(i, now)))
             if live:
                 self._run(live, now)
             self._post(self._maybe_idle)
@@ -244,3 +259,7 @@ class DynamicBatcher(Generic[P, R]):
         self._fail(left, QueueFull(f"model {self.name!r} shut down"))
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
+
+
+def _expired(item: _Item[Any, Any], now: float) -> bool:
+    return item.deadline is not None and now > item.deadline

@@ -286,6 +286,7 @@ class ContinuousScheduler:
         """Under the lock, no compute: who leaves (cancelled or expired while active), who joins (queued requests
         that fit the caps, in arrival order — the head blocks the rest), who failed in the queue (expired)."""
         plan, now = StepPlan(), self._clock()
+        self._sweep_queue(plan, now)
         plan.leaves = [r for r in self._batch.requests if r.cancelled or _expired(r, now)]
         self._dropped("cancelled_decoding", sum(1 for r in plan.leaves if r.cancelled))
         self._dropped("expired_decoding", sum(1 for r in plan.leaves if not r.cancelled))
@@ -298,18 +299,33 @@ class ContinuousScheduler:
                              or reserved + _reservation(head) > self.caps.max_cached_tokens):
                 break
             self._waiting.popleft()
-            if head.cancelled:
-                self._dropped("cancelled_queued", 1)
-                continue
-            if gone:
-                plan.expired.append(head)
-                self._dropped("expired_queued", 1)
+            if gone:  # only when it left between the sweep and here
+                self._drop_queued(head, plan)
                 continue
             plan.joins.append(head)
             active += head.rows
             reserved += _reservation(head)
         self.stats.queued = len(self._waiting)
         return plan
+
+    def _sweep_queue(self, plan: StepPlan, now: float) -> None:
+        """Take every cancelled or expired request out of the queue, wherever it waits — not only at the head: a
+        timed-out request must not hold its place (and count as queued) until the requests ahead of it leave."""
+        if any(r.cancelled or _expired(r, now) for r in self._waiting):
+            kept: deque[SequenceRequest] = deque()
+            for request in self._waiting:
+                if request.cancelled or _expired(request, now):
+                    self._drop_queued(request, plan)
+                else:
+                    kept.append(request)
+            self._waiting = kept
+
+    def _drop_queued(self, request: SequenceRequest, plan: StepPlan) -> None:
+        if request.cancelled:
+            self._dropped("cancelled_queued", 1)
+        else:
+            plan.expired.append(request)
+            self._dropped("expired_queued", 1)
 
     def _apply(self, plan: StepPlan, outbox: Outbox) -> None:
         """Carry out the plan: fail the expired, take the leavers' rows out, encode and add the joins."""
