@@ -135,7 +135,8 @@ class DynamicBatcher(Generic[P, R]):
         with self._cond:
             try:
                 self._queue.remove(item)
-            except ValueError:  # already taken into a batch: dropped (and counted) when that batch dispatches
+            except ValueError:  # already in a forming batch: wake its thread, which takes it out
+                self._cond.notify_all()
                 return
             self._queued_items -= item.size
         self._dropped("cancelled_queued", 1)
@@ -160,25 +161,44 @@ class DynamicBatcher(Generic[P, R]):
         return ahead * self.batch_seconds / self.instances
 
     def _next_batch(self) -> list[_Item[P, R]] | None:
-        """Under ``_cond``: the next batch by the flush rules, or None when stopping with nothing left."""
-        while not self._queue:
-            if self._stopping:
-                return None
-            self._cond.wait()
+        """Under ``_cond``: the next batch by the flush rules, or None when stopping with nothing left. Requests
+        cancelled while their batch forms leave it at once (``_forget`` wakes this thread)."""
         batch: list[_Item[P, R]] = []
-        size = 0
-        flush_at = self._queue[0].enqueued + self.delay
-        while True:
-            while self._queue and size + self._queue[0].size <= self.max_batch_size:
-                item = self._queue.popleft()  # still counted as waiting until the batch is dispatched
-                batch.append(item)
-                size += item.size
-            full = size == self.max_batch_size or bool(self._queue)  # the head does not fit: flush
-            idle = self.flush_when_idle and self.in_flight == 0
-            remaining = flush_at - time.monotonic()
-            if full or idle or size in self.preferred or remaining <= 0 or self._stopping:
-                return batch
-            self._cond.wait(remaining)
+        while not batch:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            size, flush_at = 0, self._queue[0].enqueued + self.delay
+            while True:
+                while self._queue and size + self._queue[0].size <= self.max_batch_size:
+                    item = self._queue.popleft()  # still counted as waiting until the batch is dispatched
+                    batch.append(item)
+                    size += item.size
+                batch = self._without_cancelled(batch)
+                size = sum(i.size for i in batch)
+                if not batch:
+                    break  # every request of the forming batch was cancelled: wait for new ones
+                full = size == self.max_batch_size or bool(self._queue)  # the head does not fit: flush
+                idle = self.flush_when_idle and self.in_flight == 0
+                remaining = flush_at - time.monotonic()
+                if full or idle or size in self.preferred or remaining <= 0 or self._stopping:
+                    return batch
+                self._cond.wait(remaining)
+        return batch
+
+    def _without_cancelled(self, batch: list[_Item[P, R]]) -> list[_Item[P, R]]:
+        """Under ``_cond``: ``batch`` less the requests cancelled meanwhile, which stop counting as queued."""
+        gone = [i for i in batch if i.future.cancelled()]
+        if not gone:
+            return batch
+        self._queued_items -= sum(i.size for i in gone)
+        now = time.monotonic()  # gRPC cancels a request whose deadline passed: count that one as expired
+        self._dropped("expired_queued", sum(1 for i in gone if _expired(i, now)))
+        self._dropped("cancelled_queued", sum(1 for i in gone if not _expired(i, now)))
+        if self._loop is not None:
+            self._post(self._maybe_idle)
+        return [i for i in batch if not i.future.cancelled()]
 
     def _thread_main(self) -> None:
         while True:
