@@ -154,3 +154,63 @@ def test_message_size_limit_at_the_byte(small_repo: Path) -> None:
             assert kserve.ServerReady(pb.ServerReadyRequest()).ready
     finally:
         assert server.terminate() == 0
+
+
+INJECTIONS = ["id\nFORGED ERROR line", "id\r\nFORGED", "\x1b[2J\x1b[31mFORGED", "id%0aFORGED", "ïd-FORGED",
+              "FORGED " * 40]
+
+
+def test_request_ids_cannot_inject_log_lines(small_repo: Path) -> None:
+    """A client's x-request-id goes into every log line about its request — unless it could forge one: ids with
+    line breaks, escape sequences, spaces or non-ASCII are replaced by a drawn id (gRPC itself refuses some
+    of them before they leave the client). Whatever got through, no log line holds the injected text."""
+    server = start_server(small_repo, "--access-log", "--log-level", "debug")
+    sent = 0
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+            for injected in INJECTIONS:
+                for call in (lambda m: kserve.ServerLive(pb.ServerLiveRequest(), metadata=m),
+                             lambda m: kserve.ModelInfer(pb.ModelInferRequest(model_name="nope"), metadata=m)):
+                    try:
+                        call((("x-request-id", injected),))
+                        sent += 1
+                    except grpc.RpcError as e:
+                        if e.code() == grpc.StatusCode.INTERNAL and "metadata" in (e.details() or "").lower():
+                            continue  # the client library refused the header: nothing was sent
+                        assert e.code() == grpc.StatusCode.NOT_FOUND, e
+                        assert "FORGED" not in dict(e.trailing_metadata() or ()).get("x-request-id", "")
+                        sent += 1
+    finally:
+        assert server.terminate() == 0
+    assert sent > 0
+    forged = [line for line in server.output if "FORGED" in line]
+    assert forged == [], forged
+
+
+def test_binds_loopback_unless_told_otherwise(small_repo: Path) -> None:
+    """``transerve serve`` without --host listens on 127.0.0.1 only: this machine's other addresses refuse."""
+    import socket
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "transerve", "serve", "--repo", str(small_repo), "--port", "0",
+                                "--metrics-port", "-1", "--drain-delay", "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        line = next(line for line in process.stdout if " on " in line and "serving" in line.lower())
+        address = line.split(" on ")[1].split()[0]
+        assert address.startswith("127.0.0.1:"), line
+        port = int(address.rsplit(":", 1)[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # no packet is sent: only routing
+            probe.connect(("10.255.255.255", 1))
+            external = probe.getsockname()[0]
+        if external.startswith("127."):
+            pytest.skip("this machine has no address besides loopback to try")
+        with socket.socket() as outside, pytest.raises(OSError):
+            outside.settimeout(2)
+            outside.connect((external, port))
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
