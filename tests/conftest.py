@@ -77,14 +77,30 @@ def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0,
     return ServerProcess(process, int(found["port"] or 0), found["metrics"], output)
 
 
+def export_random_translator(repo: Path, name: str, *, max_new_tokens: int, max_len: int = 48, d_model: int = 16,
+                             torch_checkpoint: bool = True) -> None:
+    """A randomly initialised translator (one layer each side) over the numbers tokenizer, exported as entry
+    ``name`` of ``repo``; seed torch before calling for fixed weights."""
+    from transerve.export.exporter import ExportOptions, export_translator_entry
+    from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
+    from transerve.models.zoo.numbers import train_tokenizer
+    from transerve.models.zoo.numbers_data import NumbersDataConfig, make_split
+
+    train, _ = make_split(NumbersDataConfig(cardinals=300, ordinals=50, test_cardinals=5, test_ordinals=5,
+                                            test_years=2))
+    tokenizer = train_tokenizer([t for pair in train for t in pair], 60)
+    mt = Seq2SeqTransformer(TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=d_model, num_heads=2,
+                                              num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, dropout=0.0,
+                                              max_len=max_len)).eval()
+    export_translator_entry(mt, tokenizer, ExportOptions(repo, name, default=True, torch_checkpoint=torch_checkpoint),
+                            max_new_tokens=max_new_tokens)
+
+
 @pytest.fixture(scope="session")
 def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ViT (batch norm) and a translator with random weights, exported like any model."""
-    from transerve.export.exporter import ExportOptions, export_translator_entry, export_vit_entry
-    from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
+    from transerve.export.exporter import ExportOptions, export_vit_entry
     from transerve.models.vit import ViT, ViTConfig
-    from transerve.models.zoo.numbers import train_tokenizer
-    from transerve.models.zoo.numbers_data import NumbersDataConfig, make_split
 
     repo = tmp_path_factory.mktemp("repo")
     torch.manual_seed(0)
@@ -92,14 +108,7 @@ def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_vit_entry(vit, ExportOptions(repo, "tiny-vit", default=True, torch_checkpoint=True),
                      labels=[f"class-{i}" for i in range(10)],
                      preprocessing={"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "resample": "bilinear"})
-    train, _ = make_split(NumbersDataConfig(cardinals=300, ordinals=50, test_cardinals=5, test_ordinals=5,
-                                            test_years=2))
-    tokenizer = train_tokenizer([t for pair in train for t in pair], 60)
-    mt = Seq2SeqTransformer(TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=16, num_heads=2,
-                                              num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, dropout=0.0,
-                                              max_len=48)).eval()
-    export_translator_entry(mt, tokenizer, ExportOptions(repo, "tiny-mt", default=True, torch_checkpoint=True),
-                            max_new_tokens=16)
+    export_random_translator(repo, "tiny-mt", max_new_tokens=16)
     return repo
 
 
@@ -107,21 +116,10 @@ def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def long_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random translator that never emits EOS within its 200-token budget: long, mixed-length decodes."""
     import yaml
-    from transerve.export.exporter import ExportOptions, export_translator_entry
-    from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
-    from transerve.models.zoo.numbers import train_tokenizer
-    from transerve.models.zoo.numbers_data import NumbersDataConfig, make_split
 
     repo = tmp_path_factory.mktemp("long-repo")
-    train, _ = make_split(NumbersDataConfig(cardinals=300, ordinals=50, test_cardinals=5, test_ordinals=5,
-                                            test_years=2))
-    tokenizer = train_tokenizer([t for pair in train for t in pair], 60)
     torch.manual_seed(1)
-    mt = Seq2SeqTransformer(TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=16, num_heads=2,
-                                              num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, dropout=0.0,
-                                              max_len=256)).eval()
-    export_translator_entry(mt, tokenizer, ExportOptions(repo, "long-mt", default=True, torch_checkpoint=True),
-                            max_new_tokens=200)
+    export_random_translator(repo, "long-mt", max_new_tokens=200, max_len=256)
     config_file = repo / "long-mt" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
     config["scheduler"].update(max_active_sequences=128, max_cached_tokens=128 * 256)  # room for 100 streams

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from conftest import ServerProcess
 from PIL import Image
+from reliability import record_figures
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -207,11 +208,23 @@ def healthy(channel: grpc.Channel) -> Callable[[], None]:
     return check
 
 
+TALLY = {"tried": 0, "refused_correctly": 0}  # for RELIABILITY.md: tried − refused correctly = mishandled
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tally() -> Iterator[None]:
+    yield
+    record_figures("bad_inputs", cases=TALLY["tried"], mishandled=TALLY["tried"] - TALLY["refused_correctly"],
+                   corpus_files=len(list(CORPUS.glob("*"))) - 1)
+
+
 def client_error(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    TALLY["tried"] += 1
     try:
         call()
     except grpc.RpcError as e:
         assert e.code() in CLIENT_ERRORS, (e.code(), e.details())
+        TALLY["refused_correctly"] += 1
         return e.code(), e.details() or ""
     raise AssertionError("accepted")
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from conftest import start_server
+from conftest import export_random_translator, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 from reliability import record_figures
@@ -192,20 +192,10 @@ def test_sigkill_then_restart_serves_the_same_answers(small_repo: Path) -> None:
 def weights_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A translator wide enough (d_model 512) that its embedding lives in the entry's memory-mapped weights.bin."""
     import torch
-    from transerve.export.exporter import ExportOptions, export_translator_entry
-    from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
-    from transerve.models.zoo.numbers import train_tokenizer
-    from transerve.models.zoo.numbers_data import NumbersDataConfig, make_split
 
     repo = tmp_path_factory.mktemp("weights-repo")
-    train, _ = make_split(NumbersDataConfig(cardinals=300, ordinals=50, test_cardinals=5, test_ordinals=5,
-                                            test_years=2))
-    tokenizer = train_tokenizer([t for pair in train for t in pair], 60)
     torch.manual_seed(2)
-    model = Seq2SeqTransformer(TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=512, num_heads=2,
-                                                 num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64, dropout=0.0,
-                                                 max_len=48)).eval()
-    export_translator_entry(model, tokenizer, ExportOptions(repo, "wide-mt", default=True), max_new_tokens=16)
+    export_random_translator(repo, "wide-mt", max_new_tokens=16, d_model=512, torch_checkpoint=False)
     assert (repo / "wide-mt" / "1" / "weights.bin").stat().st_size > 1 << 20
     return repo
 

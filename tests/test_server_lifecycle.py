@@ -20,6 +20,7 @@ import pytest
 import yaml
 from conftest import ServerProcess, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from reliability import record_figures
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 
@@ -329,6 +330,9 @@ def test_sigterm_under_steady_load_loses_nothing(small_repo: Path) -> None:
     assert set(counts) <= {"OK", "UNAVAILABLE", "CANCELLED"} and 1 <= refused <= 8, counts
     log = "".join(server.output)
     assert "still accepting for 2 s" in log and "draining" in log
+    record_figures("shutdown.sigterm_under_load", sent=len(codes), answered_ok=counts["OK"],
+                   refused_before_acceptance=refused, refused_by_status={k: v for k, v in counts.items() if k != "OK"},
+                   lost=served["OK"] - counts["OK"], not_serving_after_s=refused_at)
 
 
 def test_no_model_loaded_is_never_serving(small_repo: Path, tmp_path: Path) -> None:
