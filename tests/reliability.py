@@ -10,6 +10,7 @@ would. Each test records its figures (requests sent, by status, shed rate, RSS g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -50,6 +51,16 @@ class ProcessCounts:
     threads: int
     fds: int
     rss_mb: float
+
+
+def thread_names(pid: int) -> dict[str, int]:
+    """How many of the process's threads bear each name (what grew, when a count grows)."""
+    names: dict[str, int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            name = (task / "comm").read_text().strip()
+            names[name] = names.get(name, 0) + 1
+    return names
 
 
 def counts(pid: int) -> ProcessCounts:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import shutil
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -31,6 +32,9 @@ from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
 pytestmark = pytest.mark.slow
 MEASURE_S, OVERLOAD_S = 3.0, 4.0
 MAX_QUEUE_TIME_MS = 250
+# what the server measures of an accepted request's wait: the batcher's queue time; a translation's time to
+# its first token (queue, encode and one step)
+WAIT_HISTOGRAM = {"heavy-vit": "transerve_queue_seconds", "long-mt": "transerve_time_to_first_token_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,22 @@ def heavy_server(heavy_repo: Path) -> Iterator[ServerProcess]:
     assert server.terminate() == 0, "".join(server.output[-20:])
 
 
+def histogram_p99(before: dict[str, float], after: dict[str, float], name: str, model: str) -> float:
+    """The upper bound of the histogram bucket holding the 99th percentile of what was observed between two
+    scrapes (Prometheus buckets are cumulative counts by ``le``)."""
+    buckets = sorted((float(key.split('le="')[1].split('"')[0]), after[key] - before.get(key, 0.0))
+                     for key in after if key.startswith(f"{name}_bucket{{") and f'model="{model}"' in key)
+    assert buckets and buckets[-1][1] > 0, f"{name}: nothing observed for {model}"
+    return next(le for le, count in buckets if count >= 0.99 * buckets[-1][1])
+
+
+def connections(address: str, count: int = 4) -> list[grpc.aio.Channel]:
+    """``count`` channels with a connection each (a local subchannel pool each: channels to the same target
+    otherwise share one connection) — the overload comes from several clients, as it would in production."""
+    return [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(count)]
+
+
 class RssWatcher:
     """Samples the server's resident memory every 0.1 s while the load runs."""
 
@@ -91,9 +111,11 @@ async def overload(server: ServerProcess, model: str, call: Callable[[], Awaitab
     answer_before = await answer()
     before = await closed_loop(call, concurrency, MEASURE_S)
     rate = ok_rate(before, MEASURE_S)
+    waits_before = await asyncio.to_thread(scrape, server)
     with RssWatcher(server.process.pid) as watcher:
         loaded, drain_s = await open_loop(call, 3 * rate, OVERLOAD_S)
     settle_s = await asyncio.to_thread(wait_for, lambda: settled(server, [model]), 30, "queues emptied")
+    waits = await asyncio.to_thread(scrape, server)  # the server's own account of the overload phase
     after = await closed_loop(call, concurrency, MEASURE_S)
     answer_after, peak_mb = await answer(), watcher.peak_mb
     samples = await asyncio.to_thread(scrape, server)
@@ -108,6 +130,7 @@ async def overload(server: ServerProcess, model: str, call: Callable[[], Awaitab
                "transport_cancelled": len(transport),
                "queue_time_refusals": sum("max_queue_time_ms" in o.message for o in shed),
                "accepted_p99_s": p99(accepted), "rss_before_mb": rss_before, "rss_peak_mb": peak_mb,
+               "server_wait_p99_le_s": histogram_p99(waits_before, waits, WAIT_HISTOGRAM[model], model),
                "after_per_s": ok_rate(after, MEASURE_S)}
     assert {o.code for o in loaded} <= {"OK", "RESOURCE_EXHAUSTED", "CANCELLED"}, figures
     # CANCELLED only from gRPC core: calls its backlog held past its limit while the event loop was saturated.
@@ -117,7 +140,10 @@ async def overload(server: ServerProcess, model: str, call: Callable[[], Awaitab
     assert {o.code for o in before + after} == {"OK"}, "the closed loop at the sustainable rate is never shed"
     assert figures["shed_fraction"] >= 0.2, figures  # 3 × the capacity cannot all be served
     assert figures["queue_time_refusals"] > 0, figures  # the queue-time bound, not only the queue size, sheds
-    assert figures["accepted_p99_s"] <= 2.0, figures  # bound 250 ms of queue + a batch or a decode, with noise
+    # the bound the policy sets: queue wait (first token, for translation) within 2 × max_queue_time_ms, as the
+    # server measured it; the client's p99 adds its own event loop's lag on the shared cores
+    assert figures["server_wait_p99_le_s"] <= 2 * MAX_QUEUE_TIME_MS / 1000, figures
+    assert figures["accepted_p99_s"] <= 3.0, figures
     assert peak_mb - rss_before <= 150, figures  # bounded queues: memory does not grow with the offered load
     assert figures["after_per_s"] >= 0.6 * figures["sustained_per_s"], figures  # recovered (2 noisy cores)
     assert answer_after == answer_before
@@ -131,13 +157,18 @@ def test_classification_overload_sheds_and_recovers(heavy_server: ServerProcess)
     request = tpb.ClassifyRequest(model="heavy-vit", images=[tpb.Image(encoded=buffer.getvalue())], top_k=3)
 
     async def session() -> dict[str, float]:
-        async with grpc.aio.insecure_channel(heavy_server.address) as channel:
-            stub = tpb_grpc.ClassifierStub(channel)
+        channels = connections(heavy_server.address)
+        stubs = itertools.cycle([tpb_grpc.ClassifierStub(c) for c in channels])
+        stub = next(stubs)
 
-            async def answer() -> object:
-                return [(p.index, round(p.score, 6)) for p in (await stub.Classify(request)).results[0].predictions]
+        async def answer() -> object:
+            return [(p.index, round(p.score, 6)) for p in (await stub.Classify(request)).results[0].predictions]
 
-            return await overload(heavy_server, "heavy-vit", lambda: stub.Classify(request, timeout=30), answer, 8)
+        try:
+            return await overload(heavy_server, "heavy-vit", lambda: next(stubs).Classify(request, timeout=30),
+                                  answer, 8)
+        finally:
+            await asyncio.gather(*(c.close() for c in channels))
 
     figures = asyncio.run(session())
     record_figures("overload.classify", **figures)
@@ -148,13 +179,18 @@ def test_translation_overload_sheds_and_recovers(heavy_server: ServerProcess) ->
                                    options=tpb.TranslateOptions(max_new_tokens=150))
 
     async def session() -> dict[str, float]:
-        async with grpc.aio.insecure_channel(heavy_server.address) as channel:
-            stub = tpb_grpc.TranslatorStub(channel)
+        channels = connections(heavy_server.address)
+        stubs = itertools.cycle([tpb_grpc.TranslatorStub(c) for c in channels])
+        stub = next(stubs)
 
-            async def answer() -> object:
-                return (await stub.Translate(request)).translations[0].tokens
+        async def answer() -> object:
+            return (await stub.Translate(request)).translations[0].tokens
 
-            return await overload(heavy_server, "long-mt", lambda: stub.Translate(request, timeout=30), answer, 8)
+        try:
+            return await overload(heavy_server, "long-mt", lambda: next(stubs).Translate(request, timeout=30),
+                                  answer, 8)
+        finally:
+            await asyncio.gather(*(c.close() for c in channels))
 
     figures = asyncio.run(session())
     record_figures("overload.translate", **figures)

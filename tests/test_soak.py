@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from conftest import ServerProcess, start_server
 from PIL import Image
-from reliability import ProcessCounts, counts, record_figures, scrape, settled, total, wait_for
+from reliability import ProcessCounts, counts, record_figures, scrape, settled, thread_names, total, wait_for
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -73,6 +73,8 @@ class Soak:
     sent: int = 0
     at_checkpoint: ProcessCounts | None = None
     at_end: ProcessCounts | None = None
+    threads_at_checkpoint: dict[str, int] = field(default_factory=dict)
+    threads_at_end: dict[str, int] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
         """Every broken promise, in words (empty: the run was clean)."""
@@ -86,7 +88,9 @@ class Soak:
             found.append(f"RSS grew {100 * (end.rss_mb / start.rss_mb - 1):.1f} % ({start.rss_mb:.1f} → "
                          f"{end.rss_mb:.1f} MB) after request {CHECKPOINT}")
         if end.threads > start.threads:
-            found.append(f"threads grew {start.threads} → {end.threads}")
+            grown = {n: c - self.threads_at_checkpoint.get(n, 0) for n, c in self.threads_at_end.items()
+                     if c > self.threads_at_checkpoint.get(n, 0)}
+            found.append(f"threads grew {start.threads} → {end.threads} ({grown})")
         if end.fds > start.fds:
             found.append(f"file descriptors grew {start.fds} → {end.fds}")
         return found
@@ -134,6 +138,7 @@ async def soak(server: ServerProcess, seconds: float) -> Soak:
                 run.sent += 1
                 if run.sent == CHECKPOINT:
                     run.at_checkpoint = counts(server.process.pid)
+                    run.threads_at_checkpoint = thread_names(server.process.pid)
                 try:
                     await call()
                     run.outcomes[f"{kind}:OK"] += 1
@@ -145,8 +150,23 @@ async def soak(server: ServerProcess, seconds: float) -> Soak:
         await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
     await asyncio.to_thread(wait_for, lambda: settled(server, ["tiny-vit", "tiny-mt", "long-mt"]) and total(
         scrape(server), "transerve_inflight_requests") == 0, 20, "server settled after the soak")
-    run.at_end = counts(server.process.pid)
+    run.at_end = await asyncio.to_thread(settled_counts, server.process.pid, run.at_checkpoint)
+    run.threads_at_end = thread_names(server.process.pid)
     return run
+
+
+def settled_counts(pid: int, baseline: ProcessCounts | None, seconds: float = 10) -> ProcessCounts:
+    """The server's counts once short-lived threads and sockets are gone (gRPC's own thread pool grows under
+    load and retires idle threads after a while; a scrape of the metrics endpoint runs on a thread of its
+    own): the lowest thread and descriptor counts seen within ``seconds``, stopping early at the baseline.
+    A leak does not come back down."""
+    lowest, end = counts(pid), time.monotonic() + seconds
+    while baseline is not None and time.monotonic() < end and (lowest.threads > baseline.threads
+                                                               or lowest.fds > baseline.fds):
+        time.sleep(0.1)
+        now = counts(pid)
+        lowest = ProcessCounts(min(lowest.threads, now.threads), min(lowest.fds, now.fds), now.rss_mb)
+    return lowest
 
 
 def soak_repo(small_repo: Path, long_repo: Path, tmp_path: Path) -> Path:
