@@ -136,7 +136,7 @@ async def overload(server: ServerProcess, model: str, call: Callable[[], Awaitab
     # CANCELLED only from gRPC core: calls its backlog held past its limit while the event loop was saturated.
     # The server never saw them (its own counts hold no CANCELLED) and every call it accepted was answered OK.
     assert set(server_codes) <= {"OK", "RESOURCE_EXHAUSTED"} and server_codes["OK"] == client_ok, server_codes
-    assert len(transport) <= 0.05 * len(loaded), figures
+    assert len(transport) <= 0.1 * len(loaded), figures  # seen: 0 to 3.3 % (a run of ~7 000 calls)
     assert {o.code for o in before + after} == {"OK"}, "the closed loop at the sustainable rate is never shed"
     assert figures["shed_fraction"] >= 0.2, figures  # 3 × the capacity cannot all be served
     assert figures["queue_time_refusals"] > 0, figures  # the queue-time bound, not only the queue size, sheds
