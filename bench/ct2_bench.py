@@ -25,7 +25,7 @@ import yaml
 from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_bench import command_line, markdown, write_section
+from export_bench import command_line, machine, markdown, write_section
 from opus_model import checkpoint, exported
 
 SOURCES, SOURCE_LEN, NEW_TOKENS, THREADS = 16, 20, 32, 2
@@ -132,7 +132,7 @@ def main() -> None:
     write_section(Path(__file__).with_name("RESULTS.md"), heading,
                   f"{heading}: opus-mt-en-de-shaped random Marian, {SOURCES} sources × {SOURCE_LEN} tokens, "
                   f"{NEW_TOKENS} new tokens, greedy, {THREADS} threads (median of {args.repeats})\n\n"
-                  f"{command_line()}\n\n{table}\n\n"
+                  f"{command_line()}\n\n{machine()}\n\n{table}\n\n"
                   f"Same checkpoint, same tokens: transerve fp32 and CTranslate2 fp32 agree on {same:.1%} of the "
                   f"generated tokens.\n")
 

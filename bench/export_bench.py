@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -146,6 +148,16 @@ def main() -> None:
 def command_line() -> str:
     """The line every RESULTS.md section carries: how to reproduce it."""
     return f"Command: `{' '.join(['python', *sys.argv])}`"
+
+
+def machine() -> str:
+    """CPU model, its SIMD flags that matter here, and the commit: printed beside every table."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    simd = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return f"CPU: {model}, {os.cpu_count()} cores, flags {' '.join(simd)}; commit {commit or '?'}"
 
 
 def write_section(path: Path, heading: str, section: str) -> None:

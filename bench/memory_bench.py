@@ -37,21 +37,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transerve_client import AsyncTranserveClient
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_bench import command_line, markdown, write_section
+from export_bench import command_line, machine, markdown, write_section
 
 MB = 1 << 20
 TEXTS = ["three hundred and forty-two", "seven", "one thousand and one", "nineteen eighty-four", "the first",
          "two million four hundred thousand and twelve", "ninety-nine", "eighteen hundred and six"]
-
-
-def machine() -> str:
-    """CPU model, its SIMD flags that matter here, and the commit: printed beside every table."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    simd = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return f"CPU: {model}, {os.cpu_count()} cores, flags {' '.join(simd)}; commit {commit or '?'}"
 
 
 def import_seconds() -> float:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
-import subprocess
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_bench import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
@@ -31,19 +32,6 @@ def newest(figures: Path) -> dict[str, dict[str, object]]:
             record = json.loads(line)
             records[str(record["test"])] = record
     return records
-
-
-def cpu() -> str:
-    model, flags = platform.processor() or "unknown CPU", ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        text = cpuinfo.read_text()
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        model = found.group(1) if found else model
-        listed = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-        flags = " ".join(f for f in (listed.group(1).split() if listed else []) if f in wanted)
-    return f"{model} ({flags or 'no AVX2'})"
 
 
 def shown(value: object) -> str:
@@ -70,9 +58,7 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, default=ROOT / ".reliability" / "figures.jsonl")
     parser.add_argument("--out", type=Path, default=ROOT / "RELIABILITY.md")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    section = (f"{START}\nCommit `{commit}`, CPU {cpu()}, 2 cores. Each row is the newest record of that test in "
+    section = (f"{START}\n{machine()}. Each row is the newest record of that test in "
                f"`{args.figures.name}`.\n\n{table(newest(args.figures))}\n{END}")
     text = args.out.read_text()
     if START not in text or END not in text:

@@ -36,8 +36,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_bench import command_line, markdown, write_section
-from memory_bench import machine
+from export_bench import command_line, machine, markdown, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE_YAML = ROOT / "deploy" / "ray" / "serve.yaml"
