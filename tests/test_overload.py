@@ -17,6 +17,7 @@ import shutil
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -151,46 +152,39 @@ async def overload(server: ServerProcess, model: str, call: Callable[[], Awaitab
     return figures
 
 
+def overload_session(server: ServerProcess, model: str, stub_class: Any, method: str, request: Any,
+                     answer_of: Callable[[Any], object]) -> dict[str, float]:
+    """:func:`overload` over 4 client connections calling ``method``; ``answer_of`` turns a response into what
+    must be the same before and after."""
+
+    async def session() -> dict[str, float]:
+        channels = connections(server.address)
+        calls = itertools.cycle([getattr(stub_class(c), method) for c in channels])
+        first = next(calls)
+
+        async def answer() -> object:
+            return answer_of(await first(request))
+
+        try:
+            return await overload(server, model, lambda: next(calls)(request, timeout=30), answer, 8)
+        finally:
+            await asyncio.gather(*(c.close() for c in channels))
+
+    return asyncio.run(session())
+
+
 def test_classification_overload_sheds_and_recovers(heavy_server: ServerProcess) -> None:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
     request = tpb.ClassifyRequest(model="heavy-vit", images=[tpb.Image(encoded=buffer.getvalue())], top_k=3)
-
-    async def session() -> dict[str, float]:
-        channels = connections(heavy_server.address)
-        stubs = itertools.cycle([tpb_grpc.ClassifierStub(c) for c in channels])
-        stub = next(stubs)
-
-        async def answer() -> object:
-            return [(p.index, round(p.score, 6)) for p in (await stub.Classify(request)).results[0].predictions]
-
-        try:
-            return await overload(heavy_server, "heavy-vit", lambda: next(stubs).Classify(request, timeout=30),
-                                  answer, 8)
-        finally:
-            await asyncio.gather(*(c.close() for c in channels))
-
-    figures = asyncio.run(session())
+    figures = overload_session(heavy_server, "heavy-vit", tpb_grpc.ClassifierStub, "Classify", request,
+                               lambda r: [(p.index, round(p.score, 6)) for p in r.results[0].predictions])
     record_figures("overload.classify", **figures)
 
 
 def test_translation_overload_sheds_and_recovers(heavy_server: ServerProcess) -> None:
     request = tpb.TranslateRequest(model="long-mt", texts=["one hundred and seven"],
                                    options=tpb.TranslateOptions(max_new_tokens=150))
-
-    async def session() -> dict[str, float]:
-        channels = connections(heavy_server.address)
-        stubs = itertools.cycle([tpb_grpc.TranslatorStub(c) for c in channels])
-        stub = next(stubs)
-
-        async def answer() -> object:
-            return (await stub.Translate(request)).translations[0].tokens
-
-        try:
-            return await overload(heavy_server, "long-mt", lambda: next(stubs).Translate(request, timeout=30),
-                                  answer, 8)
-        finally:
-            await asyncio.gather(*(c.close() for c in channels))
-
-    figures = asyncio.run(session())
+    figures = overload_session(heavy_server, "long-mt", tpb_grpc.TranslatorStub, "Translate", request,
+                               lambda r: r.translations[0].tokens)
     record_figures("overload.translate", **figures)
