@@ -66,6 +66,15 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
 
 
+def pending_call_options(max_concurrent_rpcs: int) -> list[tuple[str, int]]:
+    """gRPC core holds calls that arrived before the event loop asked for them; past 1 000 of those it drops
+    them at random (past 3 000 always) with a bare RST_STREAM that clients see as CANCELLED. Under overload the
+    event loop falls that far behind, so let the backlog be as deep as the concurrency limit: the calls then
+    reach admission control and get RESOURCE_EXHAUSTED with a reason. Memory stays bounded by the same limit."""
+    return [("grpc.server.max_pending_requests", max_concurrent_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * max_concurrent_rpcs)]
+
+
 class TranserveServer:
     """The process's one server object: gRPC server, models, metrics, health."""
 
@@ -89,7 +98,8 @@ class TranserveServer:
         auth = [BearerTokenInterceptor(o.auth_tokens, o.admin_tokens)] if o.auth_tokens or o.admin_tokens else []
         interceptors = [*auth, MalformedRequestInterceptor()]  # last: it must see the registered handlers
         options: list[tuple[str, int]] = [("grpc.max_receive_message_length", limit),
-                                          ("grpc.max_send_message_length", limit)]
+                                          ("grpc.max_send_message_length", limit),
+                                          *pending_call_options(o.max_concurrent_rpcs)]
         if o.max_connection_age:  # behind a connection-level balancer, aged connections spread out on reconnect
             options += [("grpc.max_connection_age_ms", int(o.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(o.grace_seconds * 1000))]

@@ -123,21 +123,19 @@ async def overload(server: ServerProcess, model: str, call: Callable[[], Awaitab
     server_codes = {key.split('code="')[1].split('"')[0]: int(value) for key, value in samples.items()
                     if key.startswith("transerve_requests_total") and f'model="{model}"' in key}
     shed = [o for o in loaded if o.code == "RESOURCE_EXHAUSTED"]
-    transport = [o for o in loaded if o.code == "CANCELLED"]  # gRPC core's backlog, before any handler
     accepted = [o.seconds for o in loaded if o.code == "OK"]
     client_ok = sum(o.code == "OK" for o in before + loaded + after) + 2  # and the two answers
     figures = {"sustained_per_s": ok_rate(before, MEASURE_S), "offered_per_s": 3 * ok_rate(before, MEASURE_S),
                "sent": len(loaded), "ok": len(accepted), "shed": len(shed), "shed_fraction": len(shed) / len(loaded),
-               "transport_cancelled": len(transport),
                "queue_time_refusals": sum("max_queue_time_ms" in o.message for o in shed),
                "accepted_p99_s": p99(accepted), "rss_before_mb": rss_before, "rss_peak_mb": peak_mb,
                "server_wait_p99_le_s": histogram_p99(waits_before, waits, WAIT_HISTOGRAM[model], model),
                "after_per_s": ok_rate(after, MEASURE_S)}
-    assert {o.code for o in loaded} <= {"OK", "RESOURCE_EXHAUSTED", "CANCELLED"}, figures
-    # CANCELLED only from gRPC core: calls its backlog held past its limit while the event loop was saturated.
-    # The server never saw them (its own counts hold no CANCELLED) and every call it accepted was answered OK.
-    assert set(server_codes) <= {"OK", "RESOURCE_EXHAUSTED"} and server_codes["OK"] == client_ok, server_codes
-    assert len(transport) <= 0.1 * len(loaded), figures  # seen: 0 to 3.3 % (a run of ~7 000 calls)
+    # only OK and RESOURCE_EXHAUSTED: gRPC core's own backlog (calls the event loop has not picked up yet) is as
+    # deep as the concurrency limit, so it no longer drops calls as CANCELLED before admission sees them
+    assert {o.code for o in loaded} <= {"OK", "RESOURCE_EXHAUSTED"}, figures
+    # the server answered every call the client saw answered, and counted each shed one
+    assert server_codes == {"OK": client_ok, "RESOURCE_EXHAUSTED": len(shed)}, server_codes
     assert {o.code for o in before + after} == {"OK"}, "the closed loop at the sustainable rate is never shed"
     assert figures["shed_fraction"] >= 0.2, figures  # 3 × the capacity cannot all be served
     assert figures["queue_time_refusals"] > 0, figures  # the queue-time bound, not only the queue size, sheds
