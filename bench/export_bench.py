@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import torch
 from transerve.export import graphs, precision
 from transerve.export.passes import optimize
 from transerve.models.vit import ViT, ViTConfig
+from transerve.server.cpu import cores, cpu_info, simd_summary
 from transerve.server.seq2seq import make_session
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -152,12 +152,9 @@ def command_line() -> str:
 
 def machine() -> str:
     """CPU model, its SIMD flags that matter here, and the commit: printed beside every table."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    simd = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    model, flags = cpu_info()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return f"CPU: {model}, {os.cpu_count()} cores, flags {' '.join(simd)}; commit {commit or '?'}"
+    return f"CPU: {model}, {cores()} cores, flags {simd_summary(flags)}; commit {commit or '?'}"
 
 
 def write_section(path: Path, heading: str, section: str) -> None:

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import onnx
 from tokenizers import Tokenizer
-from transerve.export import graphs, precision, repository
+from transerve.export import accuracy_gate, graphs, repository, variants
 from transerve.export.passes import PassResult, Target, op_counts, optimize
-from transerve.export.verify import FP32_TOLERANCE, run_vit, verify_translator, verify_vit
+from transerve.export.verify import FP32_TOLERANCE, verify_translator, verify_vit
 from transerve.export.weights_file import save_graphs
 from transerve.models.checkpoint import save_checkpoint
 from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.vit import ViT
+from transerve.server.cpu import cpu_signature
 from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, make_session
 
 from transerve import __version__
@@ -102,33 +103,26 @@ def export_vit_entry(model: ViT, opts: ExportOptions, *, labels: Sequence[str], 
 
 def _vit_variants(fused: onnx.ModelProto, vdir: Path, opts: ExportOptions, images: np.ndarray | None,
                   labels: np.ndarray | None, report: dict[str, Any]) -> dict[str, Any]:
-    variants: dict[str, Any] = {}
-    rng = np.random.default_rng(0)
-    probe = images if images is not None else rng.standard_normal((8, *_input_shape(fused))).astype(np.float32)
-    reference = run_vit(make_session(fused.SerializeToString()), probe)
-    builders = {"int8": precision.quantize_int8, "fp16": precision.convert_fp16}
-    for variant in [v for v in ("int8", "fp16") if getattr(opts, v)]:
-        opts.on_status(f"{opts.name}: {variant} variant")
-        model = builders[variant](fused)
-        save_graphs(vdir, {"model": model}, f".{variant}")
-        variants[variant] = {"file": f"model.{variant}.onnx", **_variant_metrics(model, probe, reference, labels)}
-    return variants
+    probe = images if images is not None else \
+        np.random.default_rng(0).standard_normal((8, *_input_shape(fused))).astype(np.float32)
+    return variants.vit_variants(fused, vdir, _wanted(opts, report), probe, labels, opts.on_status)
+
+
+def _wanted(opts: ExportOptions, report: dict[str, Any]) -> list[str]:
+    """The variants to build: int8 and fp16 when asked for; bf16 (OpenVINO) alongside int8 where it can be
+    measured here — it needs no file of its own, only its gate (the report says why it was skipped)."""
+    wanted = [v for v in ("int8", "fp16") if getattr(opts, v)]
+    if opts.int8:
+        skip = variants.bf16_skip_reason()
+        if skip is None:
+            wanted.append("bf16")
+        else:
+            report["bf16_skipped"] = skip
+    return wanted
 
 
 def _input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
     return tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
-
-
-def _variant_metrics(model: onnx.ModelProto, probe: np.ndarray, reference: np.ndarray,
-                     labels: np.ndarray | None) -> dict[str, Any]:
-    try:
-        out = run_vit(make_session(model.SerializeToString()), probe)
-    except Exception as e:  # e.g. fp16 kernels missing on the CPU provider: report, do not fail the export
-        return {"runs_on_cpu": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    metrics: dict[str, Any] = {"runs_on_cpu": True, "max_abs_diff_vs_fp32": float(np.abs(out - reference).max())}
-    if labels is not None:
-        metrics["accuracy"] = float((out.argmax(-1) == labels).mean())
-    return metrics
 
 
 def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opts: ExportOptions, *,
@@ -163,7 +157,8 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
     save_graphs(vdir, fused)  # one weights.bin: the embedding the encoder and decoder share is stored once
     if opts.torch_checkpoint:
         save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
-    report["variants"] = _translator_variants(model, tokenizer, fused, vdir, opts, eval_pairs, max_new_tokens)
+    report["variants"] = _translator_variants(model, tokenizer, fused, vdir, opts, eval_pairs, max_new_tokens,
+                                                report)
     report["export_seconds"] = round(time.perf_counter() - start, 1)
     _check(report, vdir)
     return report
@@ -191,21 +186,42 @@ def _verify_translation(model: Seq2SeqTransformer, tokenizer: Tokenizer, seq2seq
 
 def _translator_variants(model: Seq2SeqTransformer, tokenizer: Tokenizer, fused: dict[str, onnx.ModelProto],
                          vdir: Path, opts: ExportOptions, eval_pairs: Sequence[tuple[str, str]] | None,
-                         max_new_tokens: int) -> dict[str, Any]:
-    variants: dict[str, Any] = {}
-    builders = {"int8": precision.quantize_int8, "fp16": precision.convert_fp16}
-    for variant in [v for v in ("int8", "fp16") if getattr(opts, v)]:
+                         max_new_tokens: int, report: dict[str, Any]) -> dict[str, Any]:
+    """Each variant's parity with PyTorch and exact match (as the fp32 export's), and its gate against the
+    fp32 graphs: teacher-forced logits and greedy agreement (:mod:`transerve.export.accuracy_gate`)."""
+    built: dict[str, Any] = {}
+    fp32 = ort_seq2seq(model, *(make_session(vdir / f"{g}.onnx") for g in ("encoder", "decoder_step_ragged")))
+    sources = _gate_sources(model, tokenizer, eval_pairs)
+    for variant in _wanted(opts, report):
         opts.on_status(f"{opts.name}: {variant} variant")
-        protos = {g: builders[variant](p) for g, p in fused.items()}
-        save_graphs(vdir, protos, f".{variant}")
-        entry: dict[str, Any] = {"files": {g: f"{g}.{variant}.onnx" for g in protos}}
+        files = {g: f"{g}.onnx" for g in fused}
+        if variant in variants.BUILDERS:
+            save_graphs(vdir, {g: variants.BUILDERS[variant](p) for g, p in fused.items()}, f".{variant}")
+            files = {g: f"{g}.{variant}.onnx" for g in fused}
+        entry: dict[str, Any] = {"files": files, "runtime": "openvino" if variant == "bf16" else "onnxruntime",
+                                 "precision": variant}
         try:
-            seq2seq = ort_seq2seq(model, make_session(protos["encoder"].SerializeToString()),
-                                  make_session(protos["decoder_step_ragged"].SerializeToString()))
+            seq2seq = ort_seq2seq(model, *(variants.runner_for(vdir, files[g], variant)
+                                           for g in ("encoder", "decoder_step_ragged")))
             checks = _verify_translation(model, tokenizer, seq2seq, eval_pairs, max_new_tokens)
             entry.update(runs_on_cpu=True, token_agreement_vs_pytorch=1.0 - checks["parity"]["sequences_differing"]
                          / max(1, checks["parity"]["sequences_compared"]), **checks)
+            gate, speed = variants.translator_gate(seq2seq, fp32, sources, model.config.pad_id, max_new_tokens)
+            if checks["accuracy"]:
+                gate.update(accuracy=checks["accuracy"]["onnx"], accuracy_fp32=report["accuracy"]["onnx"])
+            entry.update(speed_vs_fp32=round(speed, 3), measured_on=cpu_signature(),
+                         gate=accuracy_gate.verdict(gate))
         except Exception as e:  # fp16 on the CPU provider may lack kernels: report, do not fail the export
-            entry.update(runs_on_cpu=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        variants[variant] = entry
-    return variants
+            entry.update(variants.error_entry(e))
+        built[variant] = entry
+    return built
+
+
+def _gate_sources(model: Seq2SeqTransformer, tokenizer: Tokenizer,
+                  eval_pairs: Sequence[tuple[str, str]] | None, count: int = 64) -> list[list[int]]:
+    """Up to ``count`` sources for the gate's teacher-forced comparison: evaluation texts, else random ids."""
+    eos = model.config.eos_id
+    if eval_pairs:
+        return [[*e.ids, eos] for e in tokenizer.encode_batch([s for s, _ in eval_pairs[:count]])]
+    rng = np.random.default_rng(1)
+    return [[*rng.integers(4, model.config.vocab_size, int(n)).tolist(), eos] for n in rng.integers(1, 20, count)]

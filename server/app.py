@@ -32,6 +32,7 @@ from transerve.server.malformed import MalformedRequestInterceptor
 from transerve.server.manager import ModelManager
 from transerve.server.metrics import Metrics
 from transerve.server.models import Limits
+from transerve.server.precision import PrecisionName
 from transerve.server.runtime import BackendName
 from transerve.server.task_service import ClassifierService, TranslatorService
 from transerve_client._proto import inference_pb2, inference_pb2_grpc, transerve_pb2, transerve_pb2_grpc
@@ -63,6 +64,7 @@ class ServeOptions:
     drain_delay: float = 5.0  # on SIGTERM: seconds of NOT_SERVING while still serving, before refusing new RPCs
     threads: int = 2
     ort_spinning: bool = False  # keep ORT threads spinning between runs: lower latency, less CPU for gRPC
+    precision: PrecisionName | None = None  # overrides every entry's config.yaml `precision`
     limits: Limits = field(default_factory=Limits)
 
 
@@ -82,7 +84,7 @@ class TranserveServer:
         self.options = options
         self.metrics = Metrics()
         self.manager = ModelManager(options.repo, options.backend, self.metrics, options.limits, options.threads,
-                                    options.ort_spinning)
+                                    options.ort_spinning, options.precision)
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.port = 0

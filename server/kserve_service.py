@@ -25,7 +25,16 @@ from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve import __version__
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
-PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan",
+             "torch": "pytorch_libtorch"}
+
+
+def serving_parameters(model: LoadedModel, reason: bool = True) -> dict[str, pb.InferParameter]:
+    """Which runtime and precision serve ``model`` (and, for metadata, why that precision)."""
+    values = {"runtime": model.backend, "precision": model.precision}
+    if reason:
+        values["precision_reason"] = model.precision_reason
+    return {key: pb.InferParameter(string_param=value) for key, value in values.items()}
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -59,7 +68,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelMetadataResponse(
                 name=model.name, versions=[model.version], platform=PLATFORMS.get(model.backend, model.backend),
                 inputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.inputs],
-                outputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.outputs])
+                outputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.outputs],
+                parameters=serving_parameters(model))
 
         return await guarded(self.metrics, "ModelMetadata", context, handle)
 
@@ -237,5 +247,6 @@ def model_statistics(model: LoadedModel, metrics: Metrics) -> pb.ModelStatistics
         inference_stats=pb.InferStatistics(success=duration(c.success), fail=duration(c.fail),
                                            queue=duration(c.queue), compute_infer=duration(c.compute)),
         batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=duration(d))
-                     for size, d in sorted(c.batches.items())])
+                     for size, d in sorted(c.batches.items())],
+        parameters=serving_parameters(model, reason=False))
 

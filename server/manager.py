@@ -16,6 +16,7 @@ from pathlib import Path
 from transerve.server.metrics import Metrics
 from transerve.server.model_config import ConfigError, latest_version, load_model_config
 from transerve.server.models import ClassifierModel, Limits, LoadedModel, RequestError, TranslatorModel
+from transerve.server.precision import PrecisionName
 from transerve.server.runtime import BackendError, BackendName, load_runners
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,10 @@ def check_entry_name(name: str) -> None:
 
 class ModelManager:
     def __init__(self, repo: Path, backend: BackendName, metrics: Metrics, limits: Limits, threads: int = 2,
-                 spinning: bool = False) -> None:
+                 spinning: bool = False, precision: PrecisionName | None = None) -> None:
         self.repo, self.backend, self.metrics, self.limits, self.threads = repo, backend, metrics, limits, threads
         self.spinning = spinning
+        self.precision = precision  # `serve --precision`: overrides every entry's config.yaml
         self.models: dict[str, LoadedModel] = {}
         self.states: dict[str, EntryState] = {}
         self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
@@ -103,7 +105,8 @@ class ModelManager:
         self.models[name] = model
         model.observe(self.metrics)
         state.version, state.state, state.reason = model.version, "READY", ""
-        log.info("model %s version %s ready on %s", name, model.version, model.backend)
+        log.info("model %s version %s ready on %s, precision %s", name, model.version, model.backend,
+                 model.precision)
         if old is not None:
             await old.aclose(grace=30)
         return state
@@ -129,13 +132,17 @@ class ModelManager:
         if outside:
             raise ConfigError(f"{entry.name}: {outside} lead out of the repository (symlinks); refusing to load")
         backend = config.backend if self.backend == "auto" and config.backend != "onnxruntime" else self.backend
-        used, runners = load_runners(backend, vdir, config.files, self.threads,  # type: ignore[arg-type]
-                                     self.spinning)
+        runtime = load_runners(backend, vdir, config.files, self.threads,  # type: ignore[arg-type]
+                               self.spinning, self.precision or config.precision)
+        model: LoadedModel
         if config.task == "classify":
-            return ClassifierModel(config, vdir.name, used, runners, entry, self.metrics.on_batch, self.image_pool,
-                                   self.limits)
-        return TranslatorModel(config, vdir.name, used, runners, entry, self.metrics.on_batch, self.limits,
-                               self.metrics)
+            model = ClassifierModel(config, vdir.name, runtime.backend, runtime.runners, entry, self.metrics.on_batch,
+                                    self.image_pool, self.limits)
+        else:
+            model = TranslatorModel(config, vdir.name, runtime.backend, runtime.runners, entry,
+                                    self.metrics.on_batch, self.limits, self.metrics)
+        model.precision, model.precision_reason = runtime.precision, runtime.reason
+        return model
 
     async def unload(self, name: str, grace: float = 30) -> None:
         check_entry_name(name)

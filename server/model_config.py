@@ -64,6 +64,7 @@ class ModelConfig(BaseModel):
     name: str
     task: Literal["classify", "translate"]
     backend: str = "onnxruntime"
+    precision: Literal["auto", "fp32", "int8", "bf16"] = "auto"  # see transerve.server.precision
     default: bool = False
     version: int | None = None  # pin a version; None = the highest
     max_batch_size: int = Field(32, ge=1, le=4096)

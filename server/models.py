@@ -60,6 +60,7 @@ class LoadedModel(ABC):
                  on_batch: Any) -> None:
         self.config, self.version, self.backend, self.runners = config, version, backend, runners
         self.name = config.name
+        self.precision, self.precision_reason = "fp32", ""  # what transerve.server.precision chose, and why
         b = config.batching
         self.batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
             self._run_batch, max_batch_size=config.max_batch_size, max_queue_delay_ms=b.max_queue_delay_ms,

@@ -6,7 +6,8 @@ list[np.ndarray]`` — so the decoding code written against ORT sessions
 (``transerve.server.seq2seq``) drives every backend unchanged.
 
 * ``onnxruntime`` — CPU by default; CUDA / TensorRT execution providers when
-  onnxruntime-gpu provides them.
+  onnxruntime-gpu provides them. Which precision variant it runs (and whether OpenVINO runs the bf16 one
+  instead) is :mod:`transerve.server.precision`'s choice.
 * ``tensorrt`` — native engines (``<graph>.plan`` from ``transerve engine build``), GPU only; CUDA buffers
   from cuda-python (:mod:`transerve.server.tensorrt_runner`), no torch.
 * ``torch`` — the reference: the PyTorch checkpoint ``transerve export --torch-checkpoint`` wrote to
@@ -23,10 +24,13 @@ import importlib
 import importlib.util
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from transerve.server.openvino_runner import OpenVinoRunner
+from transerve.server.precision import PrecisionError, PrecisionName, choose, read_variants
 from transerve.server.private_weights import private_weights
 
 log = logging.getLogger(__name__)
@@ -133,28 +137,50 @@ def tensorrt_ready(vdir: Path, graphs: Sequence[str]) -> tuple[bool, str]:
     return True, "TensorRT engines present for every graph"
 
 
+@dataclass
+class Runtime:
+    """What serves an entry's version: the backend used, one runner per graph, and the precision chosen."""
+
+    backend: str
+    runners: dict[str, GraphRunner]
+    precision: str = "fp32"
+    reason: str = ""
+
+
 def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], threads: int = 2,
-                 spinning: bool = False) -> tuple[str, dict[str, GraphRunner]]:
-    """(backend actually used, one runner per graph) for an entry's version folder."""
+                 spinning: bool = False, precision: PrecisionName = "auto") -> Runtime:
+    """The runtime for an entry's version folder: TensorRT engines where they and a GPU exist (``auto``), the
+    torch reference when asked for, else the precision variant :func:`transerve.server.precision.choose`
+    picks (ONNX Runtime, or OpenVINO for bf16)."""
     if backend in ("auto", "tensorrt"):
         ready, why = tensorrt_ready(vdir, list(files))
         if ready:
             log.info("%s: backend tensorrt (%s)", vdir, why)
             from transerve.server.tensorrt_runner import TensorRTRunner
 
-            return "tensorrt", {g: TensorRTRunner(vdir / f"{g}.plan") for g in files}
+            return Runtime("tensorrt", {g: TensorRTRunner(vdir / f"{g}.plan") for g in files}, "engine", why)
         if backend == "tensorrt":
             raise BackendError(f"{vdir}: backend tensorrt unavailable: {why}")
         log.info("%s: not tensorrt: %s", vdir, why)
     if backend == "torch":
-        return "torch", torch_runners(vdir, files)
-    providers, why = ort_providers()
-    log.info("%s: backend onnxruntime (%s)", vdir, why)
-    for _graph, filename in files.items():
+        return Runtime("torch", torch_runners(vdir, files), "fp32", "backend torch asked for")
+    try:
+        choice = choose(precision, files, read_variants(vdir))
+    except PrecisionError as e:
+        raise BackendError(f"{vdir}: {e}") from None
+    for filename in choice.files.values():
         if not (vdir / filename).is_file():
             raise BackendError(f"{vdir / filename}: missing")
+    log.info("%s: precision %s on %s: %s", vdir, choice.precision, choice.runtime, choice.reason)
     with private_weights(vdir) as folder:  # weights copied: files changing on disk cannot reach a served model
-        return "onnxruntime", {g: OrtRunner(folder / f, threads, providers, spinning) for g, f in files.items()}
+        if choice.runtime == "openvino":
+            runners: dict[str, GraphRunner] = {g: OpenVinoRunner(folder / f, threads, "bf16")
+                                               for g, f in choice.files.items()}
+            return Runtime("openvino", runners, choice.precision, choice.reason)
+        providers, why = ort_providers()
+        log.info("%s: backend onnxruntime (%s)", vdir, why)
+        runners = {g: OrtRunner(folder / f, threads, providers, spinning) for g, f in choice.files.items()}
+        return Runtime("onnxruntime", runners, choice.precision, choice.reason)
 
 
 def torch_runners(vdir: Path, files: dict[str, str]) -> dict[str, GraphRunner]:

@@ -146,10 +146,32 @@ def print_report(report: dict[str, Any], entry: Path) -> None:
     for key, value in {**report["parity"], **{f"accuracy.{k}": v for k, v in report["accuracy"].items()}}.items():
         checks.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
     for variant, info in report.get("variants", {}).items():
-        summary = {k: v for k, v in info.items() if k in ("max_abs_diff_vs_fp32", "accuracy",
-                                                          "token_agreement_vs_pytorch", "runs_on_cpu", "error")}
+        summary = {k: v for k, v in info.items() if k in ("runtime", "max_abs_diff_vs_fp32", "accuracy",
+                                                          "token_agreement_vs_pytorch", "runs_on_cpu", "error",
+                                                          "speed_vs_fp32")}
         checks.add_row(f"variant {variant}", str(summary))
     console.print(checks)
+    console.print(gate_table(report))
+
+
+def gate_table(report: dict[str, Any]) -> Table:
+    """Each variant's accuracy gate against fp32 (what `precision: auto` requires before serving it)."""
+    gates = Table("variant", "runtime", "logit MAE", "bound", "accuracy (fp32)", "token agreement", "speed × fp32",
+                  "gate", title="accuracy gate vs fp32 (export/accuracy_gate.py)")
+    for variant, info in report.get("variants", {}).items():
+        gate = info.get("gate")
+        if gate is None:
+            gates.add_row(variant, info.get("runtime", "onnxruntime"), "", "", "", "", "",
+                          "not measured" + (f": {info['error']}" if "error" in info else ""))
+            continue
+        accuracy = f"{gate['accuracy']:.4f} ({gate['accuracy_fp32']:.4f})" if "accuracy" in gate else ""
+        agreement = f"{gate['token_agreement']:.3f}" if "token_agreement" in gate else ""
+        gates.add_row(variant, info["runtime"], f"{gate['logit_mae']:.4g}", f"{gate['logit_mae_bound']:.4g}", accuracy,
+                      agreement, f"{info.get('speed_vs_fp32', 0):.2f}",
+                      "passed" if gate["passed"] else f"failed: {gate['why']}")
+    if "bf16_skipped" in report:
+        gates.caption = f"bf16 not measured: {report['bf16_skipped']}"
+    return gates
 
 
 class PrecisionName(StrEnum):

@@ -38,6 +38,13 @@ class BackendChoice(StrEnum):
     torch = "torch"
 
 
+class PrecisionChoice(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    int8 = "int8"
+    bf16 = "bf16"
+
+
 def serve_command(
     repo: Annotated[Path, typer.Option(help="Model repository (REPO/NAME/config.yaml + version folders).")]
     = Path("repo"),
@@ -48,6 +55,11 @@ def serve_command(
                                               help="Prometheus /metrics port (0 = any free, -1 = off).")] = 8002,
     backend: Annotated[BackendChoice, typer.Option(help="auto picks TensorRT engines when present and usable, "
                                                    "else ONNX Runtime (GPU providers first).")] = BackendChoice.auto,
+    precision: Annotated[PrecisionChoice | None, typer.Option(
+        help="Serve every entry at this precision, overriding each config.yaml's `precision` (default there: "
+        "auto). auto: per CPU and per graph, bf16 on OpenVINO where the CPU has AVX512-BF16/AMX, else int8 where "
+        "it has VNNI, else fp32 — only variants whose accuracy gate passed at export; the log says which and "
+        "why. An explicit precision that cannot serve an entry fails that entry with the reason.")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain (enables TLS).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
     tls_client_ca: Annotated[Path | None, typer.Option(help="CA that client certificates must be signed by "
@@ -121,7 +133,7 @@ def serve_command(
                            max_concurrent_rpcs=max_concurrent_rpcs,
                            health_port=health_port,
                            grace_seconds=grace, drain_delay=drain_delay, threads=threads,
-                           ort_spinning=ort_spinning)
+                           ort_spinning=ort_spinning, precision=precision.value if precision else None)
     configure_logging(log_format.value, access_log, log_level.value)  # type: ignore[arg-type]
     try:
         with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:

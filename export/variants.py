@@ -1,0 +1,140 @@
+"""Reduced-precision variants of an exported entry, each measured against fp32 and gated.
+
+* ``int8`` — ONNX Runtime dynamic quantization (``*.int8.onnx``), any x86 CPU;
+* ``bf16`` — the fp32 files themselves, run by OpenVINO with the bf16 precision hint; measured only where
+  OpenVINO is installed and the CPU computes bf16 (elsewhere OpenVINO would silently run f32 and the gate
+  would measure the wrong thing);
+* ``fp16`` — for GPUs (TensorRT strongly typed builds); ONNX Runtime's CPU provider may lack its kernels.
+
+Each entry in the report's ``variants`` says its files, runtime and precision, and carries ``gate``
+(:mod:`transerve.export.accuracy_gate`), which ``precision: auto`` reads at load.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from transerve.export import accuracy_gate, precision
+from transerve.export.weights_file import save_graphs
+from transerve.server.cpu import bf16_capable, cpu_flags, cpu_signature
+from transerve.server.openvino_runner import OpenVinoRunner, openvino_available
+from transerve.server.seq2seq import OrtSeq2Seq, make_session, pad_ids
+
+BUILDERS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
+    "int8": precision.quantize_int8, "fp16": precision.convert_fp16}
+
+
+def bf16_skip_reason() -> str | None:
+    """Why the bf16 variant cannot be measured here, or None when it can."""
+    if not openvino_available():
+        return "OpenVINO is not installed (pip install 'transerve[openvino]')"
+    if not bf16_capable(cpu_flags()):
+        return "this CPU has neither AVX512-BF16 nor AMX-BF16"
+    return None
+
+
+def runner_for(vdir: Path, filename: str, variant: str) -> Any:
+    """The runner that serves ``variant`` of one graph file (a session-like ``run(names, feeds)``)."""
+    if variant == "bf16":
+        return OpenVinoRunner(vdir / filename, 2, "bf16")
+    return make_session(vdir / filename)
+
+
+def error_entry(e: Exception) -> dict[str, Any]:
+    return {"runs_on_cpu": False, "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+
+
+def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` runs after one warm-up: the least noisy figure on a shared machine."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def vit_variants(fused: onnx.ModelProto, vdir: Path, wanted: Sequence[str], probe: np.ndarray,
+                 labels: np.ndarray | None, on_status: Callable[[str], None]) -> dict[str, Any]:
+    """The ViT's variants, gated on ``probe`` images (the evaluation set when there is one) and timed on them
+    against fp32."""
+    fp32 = make_session(vdir / "model.onnx")
+    reference = run_batches(fp32, probe)
+    fp32_seconds = best_seconds(lambda: run_batches(fp32, probe))
+    variants: dict[str, Any] = {}
+    for variant in wanted:
+        on_status(f"{vdir.parent.name}: {variant} variant")
+        files = {"model": "model.onnx"}
+        if variant in BUILDERS:
+            save_graphs(vdir, {"model": BUILDERS[variant](fused)}, f".{variant}")
+            files = {"model": f"model.{variant}.onnx"}
+        variants[variant] = {"files": files, **_runtime(variant), **vit_gate(vdir, files, variant, probe,
+                                                                            reference, labels, fp32_seconds)}
+    return variants
+
+
+def _runtime(variant: str) -> dict[str, str]:
+    return {"runtime": "openvino" if variant == "bf16" else "onnxruntime", "precision": variant}
+
+
+def run_batches(runner: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.concatenate([runner.run(None, {"images": images[i:i + batch_size]})[0]
+                           for i in range(0, len(images), batch_size)])
+
+
+def vit_gate(vdir: Path, files: dict[str, str], variant: str, probe: np.ndarray, reference: np.ndarray,
+             labels: np.ndarray | None, fp32_seconds: float) -> dict[str, Any]:
+    try:
+        runner = runner_for(vdir, files["model"], variant)
+        logits = run_batches(runner, probe)
+        speed = fp32_seconds / best_seconds(lambda: run_batches(runner, probe))
+    except Exception as e:  # e.g. fp16 kernels missing on the CPU provider: report, do not fail the export
+        return error_entry(e)
+    checks: dict[str, Any] = accuracy_gate.logit_checks(logits, reference)
+    if labels is not None:
+        checks.update(accuracy=float((logits.argmax(-1) == labels).mean()),
+                      accuracy_fp32=float((reference.argmax(-1) == labels).mean()))
+    return {"runs_on_cpu": True, "max_abs_diff_vs_fp32": checks["logit_max_abs"],
+            **({"accuracy": checks["accuracy"]} if labels is not None else {}),
+            "speed_vs_fp32": round(speed, 3), "measured_on": cpu_signature(), "gate": accuracy_gate.verdict(checks)}
+
+
+def teacher_forced_logits(seq2seq: OrtSeq2Seq, ids: np.ndarray, mask: np.ndarray,
+                          targets: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``[N, T, V]`` with the decoder fed ``targets`` (after BOS) instead of its own choices, and the
+    positions that count (each target's tokens and the EOS after them)."""
+    layout, n = seq2seq.layout, len(targets)
+    steps = 1 + max(len(t) for t in targets)
+    forced = np.full((n, steps), layout.pad_id, np.int64)
+    forced[:, 0] = layout.bos_id
+    valid = np.zeros((n, steps), bool)
+    for row, target in enumerate(targets):
+        forced[row, 1:1 + len(target)] = target
+        valid[row, :len(target) + 1] = True
+    cross, past, logits = seq2seq.encode(ids, mask), seq2seq.empty_cache(n), []
+    for step in range(steps):
+        out, past = seq2seq.step(forced[:, step], mask, past, cross)
+        logits.append(out)
+    return np.stack(logits, 1), valid
+
+
+def translator_gate(variant: OrtSeq2Seq, fp32: OrtSeq2Seq, sources: Sequence[Sequence[int]], pad_id: int,
+                    max_new_tokens: int) -> tuple[dict[str, Any], float]:
+    """Teacher-forced logit error and greedy agreement of ``variant`` against ``fp32``, on ``sources``; and the
+    variant's greedy decoding speed relative to fp32's (the decode loop, batch ``len(sources)``)."""
+    ids, mask = pad_ids(sources, pad_id)
+    greedy_fp32 = fp32.generate(ids, mask, max_new_tokens)
+    greedy = variant.generate(ids, mask, max_new_tokens)
+    speed = best_seconds(lambda: fp32.generate(ids, mask, max_new_tokens)) / \
+        best_seconds(lambda: variant.generate(ids, mask, max_new_tokens))
+    logits, valid = teacher_forced_logits(variant, ids, mask, greedy_fp32)
+    reference, _ = teacher_forced_logits(fp32, ids, mask, greedy_fp32)
+    checks: dict[str, Any] = accuracy_gate.logit_checks(logits, reference, valid)
+    checks["token_agreement"] = float(np.mean([a == b for a, b in zip(greedy, greedy_fp32, strict=True)]))
+    return checks, speed
