@@ -56,7 +56,7 @@ def serve_command(
     backend: Annotated[BackendChoice, typer.Option(help="auto picks TensorRT engines when present and usable, "
                                                    "else ONNX Runtime (GPU providers first).")] = BackendChoice.auto,
     precision: Annotated[PrecisionChoice | None, typer.Option(
-        help="Serve every entry at this precision, overriding each config.yaml's `precision` (default there: "
+        envvar="TRANSERVE_PRECISION", help="Serve every entry at this precision, overriding each config.yaml's `precision` (default there: "
         "auto). auto: per CPU and per graph, bf16 on OpenVINO where the CPU has AVX512-BF16/AMX, else int8 where "
         "it has VNNI, else fp32 — only variants whose accuracy gate passed at export; the log says which and "
         "why. An explicit precision that cannot serve an entry fails that entry with the reason.")] = None,

@@ -1,0 +1,176 @@
+"""ViT by precision: transerve's variants against PyTorch and OpenVINO in the same run.
+
+Usage: ``python bench/precision_bench.py [--repeats 5] [--quick]``
+
+Models (random weights, nothing downloaded): ViT-Tiny/16 and ViT-B/16 at 224 px, batch 1 and 8. Every
+pipeline gets 2 threads. Pipelines:
+
+* ``transerve-fp32`` / ``transerve-int8`` — our export on ONNX Runtime (int8: dynamic, per channel);
+* ``transerve-bf16`` — our export on OpenVINO with the bf16 hint (what ``precision: bf16`` serves);
+* ``openvino-bf16`` — OpenVINO on its own: ``openvino.convert_model`` of the PyTorch module, bf16 hint;
+* ``eager-fp32``, ``eager-bf16-autocast``, ``eager-bf16-weights`` — PyTorch ``inference_mode``.
+
+Each figure is images/s, the median of ``--repeats`` timed runs (min–max beside it), and each pipeline's
+logit MAE against ``transerve-fp32`` on the same input. "Accurate" means MAE ≤ 0.01 (the export's gate for
+unit-scale logits). Targets (issue 15): transerve's best accurate variant ≥ 1.0 × the best peer and ≥ 1.2 ×
+PyTorch eager bf16 (the better of autocast and bf16 weights). Writes its section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from transerve.export import precision
+from transerve.export.weights_file import save_graphs
+from transerve.models.vit import ViT, ViTConfig
+from transerve.server.openvino_runner import OpenVinoRunner, openvino_available
+from transerve.server.seq2seq import make_session
+
+sys.path.insert(0, str(Path(__file__).parent))
+from export_bench import RESULTS, THREADS, command_line, machine, markdown, ours, write_section  # noqa: E402
+
+MAE_BOUND = 0.01
+Runner = Callable[[np.ndarray], np.ndarray]
+PEERS = ("openvino-bf16", "eager-bf16-autocast", "eager-bf16-weights")
+
+
+def timings(run: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def eager_runners(model: ViT) -> dict[str, Runner]:
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+
+    def fp32(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    def autocast(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(torch.from_numpy(x)).float().numpy()
+
+    def weights(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return bf16_model(torch.from_numpy(x).to(torch.bfloat16)).float().numpy()
+
+    return {"eager-fp32": fp32, "eager-bf16-autocast": autocast, "eager-bf16-weights": weights}
+
+
+def openvino_own(model: ViT, image_size: int) -> Runner:
+    """OpenVINO converting the PyTorch module itself (no transerve export), bf16 hint."""
+    import openvino as ov
+
+    example = torch.zeros(1, 3, image_size, image_size)
+    converted = ov.convert_model(model, example_input=example)
+    compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
+                                                          "INFERENCE_NUM_THREADS": THREADS,
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        request.infer({0: x})
+        return np.array(request.get_output_tensor(0).data)
+
+    return run
+
+
+def pipelines(model: ViT, folder: Path) -> dict[str, Runner]:
+    fused = ours(model)
+    save_graphs(folder, {"model": fused, "model_int8": precision.quantize_int8(copy.deepcopy(fused))})
+    runners: dict[str, Runner] = {}
+    for name, path in (("transerve-fp32", folder / "model.onnx"), ("transerve-int8", folder / "model_int8.onnx")):
+        session = make_session(path, THREADS)
+        runners[name] = lambda x, s=session: s.run(None, {"images": x})[0]
+    if openvino_available():
+        ov_runner = OpenVinoRunner(folder / "model.onnx", THREADS, "bf16")
+        runners["transerve-bf16"] = lambda x: ov_runner.run(None, {"images": x})[0]
+        runners["openvino-bf16"] = openvino_own(model, model.config.image_size)
+    return {**runners, **eager_runners(model)}
+
+
+def bench_model(label: str, cfg: ViTConfig, batches: list[int], repeats: int) -> list[dict[str, object]]:
+    torch.manual_seed(0)
+    model = ViT(cfg).eval()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = pipelines(model, Path(tmp))
+        for batch in batches:
+            x = np.random.default_rng(0).standard_normal((batch, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
+            reference = runners["transerve-fp32"](x)
+            stats = {}
+            for name, run in runners.items():
+                mae = float(np.abs(run(x) - reference).mean())
+                times = timings(lambda r=run: r(x), repeats)
+                stats[name] = (batch / statistics.median(times), batch / max(times), batch / min(times), mae)
+            rows.append(summary_row(label, batch, stats))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def summary_row(label: str, batch: int, stats: dict[str, tuple[float, float, float, float]]) -> dict[str, object]:
+    """One table row: each pipeline's img/s (min–max) and MAE, then the targets' ratios, met or missed."""
+    ours_accurate = {k: v for k, v in stats.items() if k.startswith("transerve") and v[3] <= MAE_BOUND}
+    best = max(ours_accurate, key=lambda k: ours_accurate[k][0])
+    peers = {k: v for k, v in stats.items() if k in PEERS}
+    eager_bf16 = max(stats[k][0] for k in ("eager-bf16-autocast", "eager-bf16-weights"))
+    row: dict[str, object] = {"model": label, "batch": batch}
+    for name, (median, low, high, mae) in stats.items():
+        row[name] = f"{median:.1f} ({low:.1f}–{high:.1f}), MAE {mae:.3g}"
+    row["best accurate transerve"] = best
+    if peers:
+        best_peer = max(peers, key=lambda k: peers[k][0])
+        ratio = stats[best][0] / peers[best_peer][0]
+        row["vs best peer (≥ 1.0)"] = f"{ratio:.2f} × {best_peer} {'met' if ratio >= 1.0 else 'MISSED'}"
+    ratio = stats[best][0] / eager_bf16
+    row["vs eager bf16 (≥ 1.2)"] = f"{ratio:.2f} {'met' if ratio >= 1.2 else 'MISSED'}"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a tiny ViT, batch 1, 1 repeat: the smoke test")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    if args.quick:
+        models = {"ViT-micro (smoke)": ViTConfig(image_size=32, patch_size=16, num_classes=10, dim=32, depth=1,
+                                                 num_heads=2)}
+        batches, repeats = [1], 1
+    else:
+        models = {"ViT-Tiny/16": ViTConfig(image_size=224, patch_size=16, num_classes=1000, dim=192, depth=12,
+                                           num_heads=3, mlp_ratio=4.0),
+                  "ViT-B/16": ViTConfig(image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12,
+                                        num_heads=12, mlp_ratio=4.0)}
+        batches, repeats = [1, 8], args.repeats
+    rows = [row for label, cfg in models.items() for row in bench_model(label, cfg, batches, repeats)]
+    table = markdown(rows)
+    print(machine())
+    print(table)
+    if not args.quick:
+        import openvino
+
+        section = (f"## Precision: ViT images/s by pipeline (median of {repeats}, min–max; torch {torch.__version__}, "
+                   f"OpenVINO {openvino.__version__}, onnx {onnx.__version__}, {THREADS} threads)\n\n"
+                   f"{machine()}\n\n{command_line()}\n\n{table}\n")
+        write_section(RESULTS, "## Precision:", section)
+
+
+if __name__ == "__main__":
+    main()
