@@ -5,8 +5,8 @@ and its accuracy gate passed at export (the entry's ``export_report.json``; see
 :mod:`transerve.export.accuracy_gate`). Among those, ``auto`` takes
 
 * the fastest, when the export timed every one of them on this very CPU (same model and SIMD flags): the
-  export measures each variant against fp32 on the gate's inputs (``speed_vs_fp32``), and fp32 wins if
-  nothing beats it;
+  export measures each variant against fp32 on the gate's inputs (``speed_vs_fp32``), and fp32 wins unless
+  one is at least ``MIN_GAIN`` (5 %) faster — a tie is noise, not a reason to give up precision;
 * otherwise the first in the order that measured fastest on the Xeon with AMX (bench/RESULTS.md): ``bf16``
   where the CPU has bf16 instructions, then ``int8`` where it has VNNI. Without VNNI, int8 runs through
   AVX2's saturating ``vpmaddubsw`` path, where neither its speed nor its gate was measured, so ``auto`` stays
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 PrecisionName = Literal["auto", "fp32", "int8", "bf16"]
 REPORT_FILE = "export_report.json"
-
+MIN_GAIN = 1.05  # a reduced precision must beat fp32 by this much where it was timed: not for noise
 
 class PrecisionError(ValueError):
     """The asked-for precision cannot serve this entry here; the message says why."""
@@ -92,9 +92,10 @@ def choose(setting: PrecisionName, fp32_files: dict[str, str], variants: dict[st
     if usable and len(measured) == len(usable):  # timed at export on this very CPU: the fastest wins
         best = max(usable, key=lambda n: float(variants[n]["speed_vs_fp32"]))
         speed = float(variants[best]["speed_vs_fp32"])
-        if speed > 1.0:
+        if speed >= MIN_GAIN:
             return _choice(best, variants[best], f"auto: {best} measured {speed:.2f}× fp32 at export on this CPU")
-        return replace(fp32, reason=f"auto: fp32, faster on this CPU than {usable} (measured at export)")
+        return replace(fp32, reason=f"auto: fp32, as fast on this CPU as {best} ({speed:.2f}× fp32 at export, "
+                       f"under the {MIN_GAIN}× a reduced precision must gain)")
     fast_here = {"bf16": bf16_capable(flags), "int8": vnni_capable(flags)}
     for name in usable:  # not timed on this CPU: the order that measured fastest where we measured
         if fast_here[name]:

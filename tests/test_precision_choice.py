@@ -58,6 +58,8 @@ def test_auto_takes_the_fastest_measured_on_this_cpu() -> None:
     assert "1.80× fp32" in choice.reason
     slower = {"int8": variant("int8", speed=0.9, here=True)}
     assert choose("auto", FP32, slower, flags).precision == "fp32"  # nothing beats fp32 here
+    tie = {"bf16": variant("bf16", speed=1.02, here=True)}
+    assert "under the 1.05× a reduced precision must gain" in choose("auto", FP32, tie, flags).reason
     elsewhere = {"int8": variant("int8", speed=1.8), "bf16": variant("bf16", speed=0.7)}
     assert choose("auto", FP32, elsewhere, flags).precision == "bf16"  # timed on another CPU: flags decide
 
