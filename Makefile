@@ -6,7 +6,7 @@ ZOO ?= zoo
 REPO ?= repo
 PACKAGES := transerve models export server clients/transerve_client
 
-.PHONY: install zoo serve test lint typecheck protos clean
+.PHONY: install zoo serve test lint typecheck protos clean bench
 
 $(BIN)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,13 +33,29 @@ protos: install
 	$(BIN)/python clients/generate_protos.py
 
 lint: install
-	$(BIN)/ruff check $(PACKAGES) tests
+	$(BIN)/ruff check $(PACKAGES) tests bench
 
 typecheck: install
 	$(BIN)/mypy $(PACKAGES)
 
 test: lint typecheck
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# Every benchmark, in one run on this machine, each rewriting its section of bench/RESULTS.md (CPU, flags,
+# commit and command beside each table). Nothing else should run meanwhile: the figures are timings.
+BENCH_WORK ?= /tmp/transerve-bench
+bench: zoo
+	$(BIN)/python bench/precision_bench.py --repeats 5
+	$(BIN)/python bench/export_bench.py --repeats 5
+	$(BIN)/python bench/roofline.py --repeats 5
+	$(BIN)/python bench/fusion_bench.py --zoo $(ZOO) --repeats 5
+	$(BIN)/python bench/ct2_bench.py --work $(BENCH_WORK) --repeats 5
+	$(BIN)/python bench/server_bench.py --repo $(REPO) --repeats 5 --seconds 4
+	$(BIN)/python bench/server_bench.py --repo $(REPO) --repeats 5 --seconds 4 --ort-spinning
+	$(BIN)/python bench/loadtest_bench.py --repo $(REPO)
+	$(BIN)/python bench/memory_bench.py --zoo-repo $(REPO) --work $(BENCH_WORK) --repeats 5
+	$(BIN)/python bench/continuous_bench.py --work $(BENCH_WORK) --seconds 10 --repeats 5
+	$(BIN)/python bench/scaling_bench.py --repo $(REPO) --repeats 5 --duration 5
 
 clean:
 	rm -rf $(VENV) $(ZOO) $(REPO) .mypy_cache .ruff_cache .pytest_cache

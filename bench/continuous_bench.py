@@ -37,7 +37,7 @@ from transerve_client.loadtest import StepResult, TranslateLoad, Workload, open_
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ct2_bench import TranserveLoop
-from export_bench import command_line, markdown, write_section
+from export_bench import command_line, markdown, results_path, write_section
 from opus_model import exported
 from server_bench import start
 
@@ -154,6 +154,7 @@ def plot(results: dict[str, list[StepResult]], path: Path) -> None:
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -200,7 +201,7 @@ def main() -> None:
                         "ratio": round(continuous / static, 2) if static else "∞ (static sustains none swept)",
                         "target": "≥ 2"})
     sat = saturation(repo, args.work, 15.0, args.repeats)
-    plot_path = Path(__file__).parent / "plots" / "continuous-vs-static.png"
+    plot_path = results_path(Path(__file__).with_name("RESULTS.md")).parent / "plots" / "continuous-vs-static.png"
     plot(results, plot_path)
     text = (f"{markdown(compare)}\n\nHighest swept rate sustained (≥ 90 % served, no errors) with p99 under the "
             f"bound. Every step:\n\n{markdown(load_rows)}\n\n![latency vs load](plots/{plot_path.name})\n\n"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import subprocess
 import sys
@@ -157,8 +158,15 @@ def machine() -> str:
     return f"CPU: {model}, {cores()} cores, flags {simd_summary(flags)}; commit {commit or '?'}"
 
 
+def results_path(default: Path) -> Path:
+    """Where results go: ``default`` (bench/RESULTS.md), or ``TRANSERVE_BENCH_RESULTS`` — the smoke test's
+    file, so that a one-iteration run overwrites no measured figure (plots go beside it)."""
+    return Path(os.environ.get("TRANSERVE_BENCH_RESULTS", default))
+
+
 def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping the others."""
+    """Replace this benchmark's section of RESULTS.md (see :func:`results_path`), keeping the others."""
+    path = results_path(path)
     text = path.read_text() if path.exists() else "# Benchmark results\n\nEach section is written by its script.\n\n"
     parts = text.split("\n## ")
     kept = [p for p in parts[1:] if not ("## " + p).startswith(heading)]

@@ -9,11 +9,16 @@ Used by ``ct2_bench.py`` and ``continuous_bench.py``; both build it on first use
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 VOCAB = 58_101
 SHAPE = {"d_model": 512, "encoder_layers": 6, "decoder_layers": 6, "encoder_attention_heads": 8,
          "decoder_attention_heads": 8, "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048}
+if os.environ.get("TRANSERVE_BENCH_SMOKE"):  # tests/test_bench_smoke.py: the same code paths on a tiny model
+    VOCAB = 400
+    SHAPE = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+             "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}
 
 
 def checkpoint(work: Path) -> Path:

@@ -93,6 +93,28 @@ def test_bn_before_matmul_is_folded_forward_through_reshape() -> None:
                                rtol=TOL)
 
 
+def test_bn_after_a_bias_free_matmul_becomes_its_bias() -> None:
+    w, p = RNG.normal(size=(6, 4)), bn_params(4)
+    model = make([helper.make_node("MatMul", ["x", "w"], ["h"]), bn_node("h", "y")], [tensor("x", [3, 6])],
+                 [tensor("y", [3, 4])], {"w": w, **p})
+    x = RNG.normal(size=(3, 6)).astype(np.float32)
+    assert fold_batchnorm(model).changed == {"into_matmul": 1}
+    assert op_counts(model) == {"Add": 1, "MatMul": 1}
+    np.testing.assert_allclose(run(model, x=x)[0], bn_formula(x @ w, p), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_bn_before_gemm_is_folded_forward(trans_b: int) -> None:
+    w, c, p = RNG.normal(size=(4, 3)), RNG.normal(size=3), bn_params(4)
+    stored = w.T if trans_b else w
+    model = make([bn_node("x", "n"), helper.make_node("Gemm", ["n", "w", "c"], ["y"], transB=trans_b)],
+                 [tensor("x", [5, 4])], [tensor("y", [5, 3])], {"w": stored, "c": c, **p})
+    x = RNG.normal(size=(5, 4)).astype(np.float32)
+    assert fold_batchnorm(model).changed == {"forward_into_gemm": 1}
+    assert op_counts(model) == {"Gemm": 1}
+    np.testing.assert_allclose(run(model, x=x)[0], bn_formula(x, p) @ w + c, atol=TOL, rtol=TOL)
+
+
 def test_unfoldable_bn_becomes_mul_add_with_a_warning() -> None:
     p = bn_params(4)
     model = make([bn_node("x", "y")], [tensor("x", [3, 4])], [tensor("y", [3, 4])], p)

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -268,6 +268,17 @@ def test_plaintext_health_port_answers_probes_when_tls_and_auth_are_on(small_rep
         assert server.terminate() == 0
 
 
+def wait_for_load(clients: list[Future[None]], codes: list[grpc.StatusCode], calls: int) -> None:
+    """Until the clients have made ``calls`` calls (a client that died raises here), within 60 s."""
+    deadline = time.monotonic() + 60
+    while len(codes) < calls:
+        for c in clients:
+            if c.done():
+                c.result()
+        assert time.monotonic() < deadline, "no load"
+        threading.Event().wait(0.01)
+
+
 def test_sigterm_under_steady_load_loses_nothing(small_repo: Path) -> None:
     """Kubernetes' order: SIGTERM → health NOT_SERVING at once while RPCs are still served (--drain-delay) →
     new RPCs refused with UNAVAILABLE → accepted ones finished → exit 0. Four clients send back to back
@@ -300,13 +311,7 @@ def test_sigterm_under_steady_load_loses_nothing(small_repo: Path) -> None:
     try:
         with ThreadPoolExecutor(5) as pool:
             clients = [pool.submit(client) for _ in range(4)]
-            deadline = time.monotonic() + 60
-            while len(codes) < 200:  # until load is flowing (a client that died raises here)
-                for c in clients:
-                    if c.done():
-                        c.result()
-                assert time.monotonic() < deadline, "no load"
-                threading.Event().wait(0.01)
+            wait_for_load(clients, codes, 200)
             watcher = pool.submit(watch_health)
             sigterm_at.append(time.monotonic())
             server.process.send_signal(signal.SIGTERM)

@@ -56,10 +56,12 @@ def serve_command(
     backend: Annotated[BackendChoice, typer.Option(help="auto picks TensorRT engines when present and usable, "
                                                    "else ONNX Runtime (GPU providers first).")] = BackendChoice.auto,
     precision: Annotated[PrecisionChoice | None, typer.Option(
-        envvar="TRANSERVE_PRECISION", help="Serve every entry at this precision, overriding each config.yaml's `precision` (default there: "
-        "auto). auto: per CPU and per graph, bf16 on OpenVINO where the CPU has AVX512-BF16/AMX, else int8 where "
-        "it has VNNI, else fp32 — only variants whose accuracy gate passed at export; the log says which and "
-        "why. An explicit precision that cannot serve an entry fails that entry with the reason.")] = None,
+        envvar="TRANSERVE_PRECISION",
+        help="Serve every entry at this precision, overriding each config.yaml's `precision` (default there: "
+        "auto). auto: among the variants whose accuracy gate passed at export and that this machine runs, the "
+        "fastest the export timed on this CPU (≥ 5 % over fp32), else bf16 (OpenVINO) where the CPU has "
+        "AVX512-BF16/AMX, int8 where it has VNNI, fp32 otherwise; the log and ModelMetadata say which and why. "
+        "An explicit precision that cannot serve an entry leaves that entry unavailable, with the reason.")] = None,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain (enables TLS).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key for --tls-cert.")] = None,
     tls_client_ca: Annotated[Path | None, typer.Option(help="CA that client certificates must be signed by "

@@ -12,19 +12,25 @@ layer on either side:
    b' = s·b + t                                   b' = t·W + b
 ```
 
-The chain between BN and the layer may only hold reshapes (and, going
-forward, a Gather over a non-channel axis), each with a single consumer, and
-the weights must be used by that layer alone. A BN that fits neither pattern
+Each neighbourhood is one :class:`Variant` in ``VARIANTS``: its path written
+as data (:class:`~transerve.export.passes.graph.Step`, matched by
+``match_parent_path`` / ``match_child_path`` as ONNX Runtime's fusions do) and
+a fold that absorbs ``s`` and ``t``. The chain between BN and the layer may
+only hold reshapes (and, going forward, a Gather over a non-channel axis),
+each with a single consumer, and the weights must be used by that layer alone. A BN that fits neither pattern
 becomes an explicit per-channel ``Mul`` + ``Add`` and a warning names it, so
 no ``BatchNormalization`` node is ever left behind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper
-from transerve.export.passes.graph import GraphIndex, PassResult
+from transerve.export.passes.graph import GraphIndex, PassResult, Step, match_child_path, match_parent_path
 
 _PASS_THROUGH = ("Reshape", "Flatten")
 
@@ -40,108 +46,6 @@ def bn_affine(index: GraphIndex, bn: onnx.NodeProto) -> tuple[np.ndarray, np.nda
     return s, beta - s * mean
 
 
-def _fold_backward(index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray,
-                   result: PassResult) -> bool:
-    """BN after Conv / MatMul(+Add), possibly through reshapes."""
-    name, add = bn.input[0], None
-    node = index.producer.get(name)
-    while node is not None and node.op_type in _PASS_THROUGH and index.only_consumer(name) is not None:
-        name = node.input[0]
-        node = index.producer.get(name)
-    if node is None or index.only_consumer(name) is None:
-        return False
-    if node.op_type == "Add":
-        bias_name = next((i for i in node.input if index.is_private(i)), None)
-        add, producer_name = node, next((i for i in node.input if i != bias_name), "")
-        node = index.producer.get(producer_name)
-        if bias_name is None or node is None or index.only_consumer(producer_name) is None:
-            return False
-        bias = index.constant(bias_name)
-        if bias is None or bias.shape[-1:] != s.shape:
-            return False
-    if node.op_type == "Conv" and add is None and index.is_private(node.input[1]):
-        w = index.constant(node.input[1])
-        if w is None or w.shape[0] != s.shape[0]:
-            return False
-        index.set_constant(node.input[1], w * s.reshape(-1, *([1] * (w.ndim - 1))))
-        bias = index.constant(node.input[2]) if len(node.input) > 2 else np.zeros_like(s)
-        if len(node.input) > 2 and index.is_private(node.input[2]):
-            index.set_constant(node.input[2], bias * s + t)
-        else:
-            node.input[2:] = [index.add_constant((bias * s + t).astype(np.float32), "folded_bias")]
-        result.count("into_conv")
-    elif node.op_type == "MatMul" and index.is_private(node.input[1]):
-        w = index.constant(node.input[1])
-        if w is None or w.shape[-1] != s.shape[0]:
-            return False
-        index.set_constant(node.input[1], w * s)
-        if add is not None:
-            bias_name = next(i for i in add.input if index.is_private(i))
-            index.set_constant(bias_name, index.constant(bias_name) * s + t)  # type: ignore[operator]
-        else:  # no bias yet: BN's shift becomes one
-            return _replace_with_add(index, bn, t, result, "into_matmul")
-        result.count("into_matmul")
-    else:
-        return False
-    index.rewire(bn.output[0], bn.input[0])
-    index.remove(bn)
-    return True
-
-
-def _fold_forward(index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray,
-                  result: PassResult) -> bool:
-    """BN whose only use, through reshapes or a token Gather, is the data input of MatMul/Gemm."""
-    name = bn.output[0]
-    node = index.only_consumer(name)
-    while node is not None and (node.op_type in _PASS_THROUGH or _is_token_gather(index, node)):
-        if node.input[0] != name:
-            return False
-        name = node.output[0]
-        node = index.only_consumer(name)
-    if node is None or node.input[0] != name or not index.is_private(node.input[1]):
-        return False
-    w = index.constant(node.input[1])
-    if w is None:
-        return False
-    if node.op_type == "MatMul" and w.ndim == 2 and w.shape[0] == s.shape[0]:
-        index.set_constant(node.input[1], w * s[:, None])
-        shift = t @ w
-        add = index.only_consumer(node.output[0])
-        bias_name = next((i for i in add.input if index.is_private(i)), None) if add is not None else None
-        if add is not None and add.op_type == "Add" and bias_name is not None:
-            index.set_constant(bias_name, index.constant(bias_name) + shift)  # type: ignore[operator]
-        else:
-            out = index.fresh_name("folded_bn_shift")
-            new_add = helper.make_node("Add", [out, index.add_constant(shift.astype(np.float32), "folded_bias")],
-                                       [node.output[0]])
-            node.output[0] = out
-            index.producer[out] = node
-            index.insert_after(node, new_add)
-    elif node.op_type == "Gemm" and _gemm_plain(node) and w.ndim == 2:
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        if (w.shape[1] if trans_b else w.shape[0]) != s.shape[0]:
-            return False
-        w_in_out = w.T if trans_b else w
-        index.set_constant(node.input[1], (w_in_out * s[:, None]).T if trans_b else w_in_out * s[:, None])
-        shift = t @ w_in_out
-        if len(node.input) > 2 and index.is_private(node.input[2]):
-            index.set_constant(node.input[2], index.constant(node.input[2]) + shift)  # type: ignore[operator]
-        else:
-            node.input[2:] = [index.add_constant(shift.astype(np.float32), "folded_bias")]
-    else:
-        return False
-    result.count(f"forward_into_{node.op_type.lower()}")
-    index.rewire(bn.output[0], bn.input[0])
-    index.remove(bn)
-    return True
-
-
-def _gemm_plain(node: onnx.NodeProto) -> bool:
-    attrs = {a.name: a for a in node.attribute}
-    return ("transA" not in attrs or attrs["transA"].i == 0) and all(
-        k not in attrs or attrs[k].f == 1.0 for k in ("alpha", "beta"))
-
-
 def _is_token_gather(index: GraphIndex, node: onnx.NodeProto) -> bool:
     """A Gather that picks along an axis other than the last (the channel axis for [.., C] data)."""
     if node.op_type != "Gather":
@@ -151,12 +55,148 @@ def _is_token_gather(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return rank is not None and axis % rank != rank - 1
 
 
-def _replace_with_add(index: GraphIndex, bn: onnx.NodeProto, t: np.ndarray, result: PassResult, key: str) -> bool:
+def _gemm_plain(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    attrs = {a.name: a for a in node.attribute}
+    return ("transA" not in attrs or attrs["transA"].i == 0) and all(
+        k not in attrs or attrs[k].f == 1.0 for k in ("alpha", "beta"))
+
+
+RESHAPES = Step(_PASS_THROUGH, 0, repeat=True)
+RESHAPES_OR_TOKEN_GATHER = Step((*_PASS_THROUGH, "Gather"), 0, repeat=True,
+                                when=lambda index, node: node.op_type != "Gather" or _is_token_gather(index, node))
+Fold = Callable[[GraphIndex, onnx.NodeProto, np.ndarray, np.ndarray, list[onnx.NodeProto]], bool]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One foldable neighbourhood: the path from the BN to the layer, and how the layer absorbs ``s``, ``t``.
+    ``fold`` gets the matched nodes (nearest the BN first) and may still refuse on shapes (returns False)."""
+
+    key: str
+    forward: bool  # the BN feeds the layer (else the layer feeds the BN)
+    path: tuple[Step, ...]
+    fold: Fold
+
+
+def _layer(nodes: list[onnx.NodeProto]) -> onnx.NodeProto:
+    return nodes[-1]
+
+
+def _private_weight(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
+    return index.constant(node.input[1]) if index.is_private(node.input[1]) else None
+
+
+def _fold_into_conv(index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray,
+                    nodes: list[onnx.NodeProto]) -> bool:
+    """``x ─ Conv(W, b) ─ [reshapes] ─ BN``: W' = W·s per output channel, b' = s·b + t."""
+    conv = _layer(nodes)
+    w = _private_weight(index, conv)
+    if w is None or w.shape[0] != s.shape[0]:
+        return False
+    index.set_constant(conv.input[1], w * s.reshape(-1, *([1] * (w.ndim - 1))))
+    bias = index.constant(conv.input[2]) if len(conv.input) > 2 else np.zeros_like(s)
+    if len(conv.input) > 2 and index.is_private(conv.input[2]):
+        index.set_constant(conv.input[2], bias * s + t)
+    else:
+        conv.input[2:] = [index.add_constant((bias * s + t).astype(np.float32), "folded_bias")]
+    return _drop(index, bn)
+
+
+def _fold_into_matmul_add(index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray,
+                          nodes: list[onnx.NodeProto]) -> bool:
+    """``x ─ MatMul(W) ─ Add(b) ─ [reshapes] ─ BN``: W' = W·s, b' = s·b + t."""
+    add, matmul = nodes[-2], nodes[-1]
+    bias_name = next((i for i in add.input if index.is_private(i)), None)
+    w = _private_weight(index, matmul)
+    bias = index.constant(bias_name) if bias_name is not None else None
+    if w is None or bias is None or w.shape[-1] != s.shape[0] or bias.shape[-1:] != s.shape:
+        return False
+    index.set_constant(matmul.input[1], w * s)
+    index.set_constant(bias_name, bias * s + t)  # type: ignore[arg-type]
+    return _drop(index, bn)
+
+
+def _fold_into_matmul(index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray,
+                      nodes: list[onnx.NodeProto]) -> bool:
+    """``x ─ MatMul(W) ─ [reshapes] ─ BN``: W' = W·s, and BN's shift becomes an Add."""
+    matmul = _layer(nodes)
+    w = _private_weight(index, matmul)
+    if w is None or w.shape[-1] != s.shape[0]:
+        return False
+    index.set_constant(matmul.input[1], w * s)
     index.insert_after(bn, helper.make_node("Add", [bn.input[0], index.add_constant(t.astype(np.float32),
                                                                                      "folded_bias")], [bn.output[0]]))
     index.remove(bn)
-    result.count(key)
     return True
+
+
+def _fold_forward_matmul(index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray,
+                         nodes: list[onnx.NodeProto]) -> bool:
+    """``x ─ BN ─ [reshapes | token Gather] ─ MatMul(W) ─ [Add(b)]``: W' = diag(s)·W, b' = t·W + b."""
+    matmul = _layer(nodes)
+    w = _private_weight(index, matmul)
+    if w is None or w.ndim != 2 or w.shape[0] != s.shape[0]:
+        return False
+    index.set_constant(matmul.input[1], w * s[:, None])
+    shift = t @ w
+    add = index.only_consumer(matmul.output[0])
+    bias_name = next((i for i in add.input if index.is_private(i)), None) if add is not None else None
+    if add is not None and add.op_type == "Add" and bias_name is not None:
+        index.set_constant(bias_name, index.constant(bias_name) + shift)  # type: ignore[operator]
+    else:
+        out = index.fresh_name("folded_bn_shift")
+        new_add = helper.make_node("Add", [out, index.add_constant(shift.astype(np.float32), "folded_bias")],
+                                   [matmul.output[0]])
+        matmul.output[0] = out
+        index.producer[out] = matmul
+        index.insert_after(matmul, new_add)
+    return _drop(index, bn)
+
+
+def _fold_forward_gemm(index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray,
+                       nodes: list[onnx.NodeProto]) -> bool:
+    """``x ─ BN ─ [reshapes | token Gather] ─ Gemm(W, b)`` (transB either way): as MatMul, into Gemm's C."""
+    gemm = _layer(nodes)
+    w = _private_weight(index, gemm)
+    trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
+    if w is None or w.ndim != 2 or (w.shape[1] if trans_b else w.shape[0]) != s.shape[0]:
+        return False
+    w_in_out = w.T if trans_b else w
+    index.set_constant(gemm.input[1], (w_in_out * s[:, None]).T if trans_b else w_in_out * s[:, None])
+    shift = t @ w_in_out
+    if len(gemm.input) > 2 and index.is_private(gemm.input[2]):
+        index.set_constant(gemm.input[2], index.constant(gemm.input[2]) + shift)  # type: ignore[operator]
+    else:
+        gemm.input[2:] = [index.add_constant(shift.astype(np.float32), "folded_bias")]
+    return _drop(index, bn)
+
+
+def _drop(index: GraphIndex, bn: onnx.NodeProto) -> bool:
+    """The BN is absorbed: its consumers read its input."""
+    index.rewire(bn.output[0], bn.input[0])
+    index.remove(bn)
+    return True
+
+
+# Tried in order; the first whose path matches and whose fold accepts the shapes wins.
+VARIANTS = (
+    Variant("into_conv", False, (RESHAPES, Step(("Conv",))), _fold_into_conv),
+    Variant("into_matmul", False, (RESHAPES, Step(("Add",), None), Step(("MatMul",))), _fold_into_matmul_add),
+    Variant("into_matmul", False, (RESHAPES, Step(("MatMul",))), _fold_into_matmul),
+    Variant("forward_into_matmul", True, (RESHAPES_OR_TOKEN_GATHER, Step(("MatMul",))), _fold_forward_matmul),
+    Variant("forward_into_gemm", True, (RESHAPES_OR_TOKEN_GATHER, Step(("Gemm",), when=_gemm_plain)),
+            _fold_forward_gemm),
+)
+
+
+def _fold(index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray, result: PassResult) -> bool:
+    for variant in VARIANTS:
+        nodes = (match_child_path(index, bn.output[0], variant.path) if variant.forward
+                 else match_parent_path(index, bn.input[0], variant.path))
+        if nodes and variant.fold(index, bn, s, t, nodes):
+            result.count(variant.key)
+            return True
+    return False
 
 
 def _replace_with_mul_add(index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray,
@@ -188,7 +228,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> PassResult:
                                    "non-constant statistics; left as is")
             continue
         s, t = affine
-        if not (_fold_backward(index, bn, s, t, result) or _fold_forward(index, bn, s, t, result)):
+        if not _fold(index, bn, s, t, result):
             _replace_with_mul_add(index, bn, s, t, result)
     index.commit()
     return result

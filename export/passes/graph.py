@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,6 +135,68 @@ class GraphIndex:
             nodes.extend(_copy(n) for n in self._inserts.get(id(node), []) if id(n) not in self.removed)
         self.graph.ClearField("node")
         self.graph.node.extend(nodes)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a path pattern: a node of one of ``ops`` that the path enters through input ``input``
+    (``None``: whichever input continues the path), optionally repeated (zero or more times) and only where
+    ``when`` holds. Every value along a matched path has that one consumer, so the matched nodes can change."""
+
+    ops: tuple[str, ...]
+    input: int | None = 0
+    repeat: bool = False
+    when: Callable[[GraphIndex, onnx.NodeProto], bool] | None = None
+
+    def accepts(self, index: GraphIndex, node: onnx.NodeProto | None) -> bool:
+        return node is not None and node.op_type in self.ops and (self.when is None or self.when(index, node))
+
+
+def match_parent_path(index: GraphIndex, value: str, steps: Sequence[Step]) -> list[onnx.NodeProto] | None:
+    """The nodes upstream of ``value`` that follow ``steps`` (nearest first), or None — as ONNX Runtime's
+    ``match_parent_path``, with repeatable steps for pass-through ops."""
+    matched: list[onnx.NodeProto] = []
+    for number, step in enumerate(steps):
+        while True:
+            node = index.producer.get(value)
+            if not step.accepts(index, node) or index.only_consumer(value) is None:
+                if step.repeat:
+                    break
+                return None
+            assert node is not None
+            matched.append(node)
+            value = _continuing_input(index, node, step, steps[number + 1:])
+            if not step.repeat:
+                break
+    return matched
+
+
+def _continuing_input(index: GraphIndex, node: onnx.NodeProto, step: Step, rest: Sequence[Step]) -> str:
+    if step.input is not None:
+        return node.input[step.input]
+    following = next((s for s in rest if not s.repeat), None)  # the input produced by the next required step
+    return next((i for i in node.input if following is not None and following.accepts(index, index.producer.get(i))),
+                node.input[0])
+
+
+def match_child_path(index: GraphIndex, value: str, steps: Sequence[Step]) -> list[onnx.NodeProto] | None:
+    """The nodes downstream of ``value`` that follow ``steps``: each the only consumer of the value before it,
+    reading it at input ``step.input``."""
+    matched: list[onnx.NodeProto] = []
+    for step in steps:
+        while True:
+            node = index.only_consumer(value)
+            entered = node is not None and (step.input is None or node.input[step.input] == value)
+            if not (entered and step.accepts(index, node)):
+                if step.repeat:
+                    break
+                return None
+            assert node is not None
+            matched.append(node)
+            value = node.output[0]
+            if not step.repeat:
+                break
+    return matched
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
