@@ -50,6 +50,7 @@ bench: zoo
 	$(BIN)/python bench/roofline.py --repeats 5
 	$(BIN)/python bench/fusion_bench.py --zoo $(ZOO) --repeats 5
 	$(BIN)/python bench/ct2_bench.py --work $(BENCH_WORK) --repeats 5
+	$(BIN)/python bench/int8_format_bench.py --work $(BENCH_WORK) --repeats 5
 	$(BIN)/python bench/server_bench.py --repo $(REPO) --repeats 5 --seconds 4
 	$(BIN)/python bench/server_bench.py --repo $(REPO) --repeats 5 --seconds 4 --ort-spinning
 	$(BIN)/python bench/loadtest_bench.py --repo $(REPO)

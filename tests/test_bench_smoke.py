@@ -30,6 +30,7 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
     "server_bench.py": (["--repo", "{repo}", "--seconds", "0.5", "--repeats", "1"], "## Server"),
     "loadtest_bench.py": (["--repo", "{repo}", "--duration", "0.5"], "## Load generator"),
     "ct2_bench.py": (["--work", "{work}", "--repeats", "1"], "## Offline decode loop vs CTranslate2"),
+    "int8_format_bench.py": (["--work", "{work}", "--repeats", "1"], "## int8 forms"),
     "continuous_bench.py": (["--work", "{work}", "--seconds", "1", "--rates", "4", "--ttft-rates", "4",
                              "--repeats", "1"], "## Continuous batching"),
     "memory_bench.py": (["--zoo-repo", "{repo}", "--work", "{work}", "--repeats", "1", "--requests", "20"],
