@@ -51,10 +51,10 @@ bench: zoo
 	$(BIN)/python bench/fusion_bench.py --zoo $(ZOO) --repeats 5
 	$(BIN)/python bench/ct2_bench.py --work $(BENCH_WORK) --repeats 5
 	$(BIN)/python bench/int8_format_bench.py --work $(BENCH_WORK) --repeats 5
-	$(BIN)/python bench/server_bench.py --repo $(REPO) --repeats 5 --seconds 4
-	$(BIN)/python bench/server_bench.py --repo $(REPO) --repeats 5 --seconds 4 --ort-spinning
+	$(BIN)/python bench/server_bench.py --repo $(REPO) --repeats 5 --seconds 2
+	$(BIN)/python bench/server_bench.py --repo $(REPO) --repeats 5 --seconds 2 --ort-spinning
 	$(BIN)/python bench/loadtest_bench.py --repo $(REPO)
-	$(BIN)/python bench/memory_bench.py --zoo-repo $(REPO) --work $(BENCH_WORK) --repeats 5
+	$(BIN)/python bench/memory_bench.py --zoo-repo $(REPO) --work $(BENCH_WORK) --repeats 5 --requests 500
 	$(BIN)/python bench/continuous_bench.py --work $(BENCH_WORK) --seconds 10 --repeats 5
 	$(BIN)/python bench/scaling_bench.py --repo $(REPO) --repeats 5 --duration 5
 

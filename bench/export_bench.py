@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import onnx
 import torch
 from transerve.export import graphs, precision
 from transerve.export.passes import optimize
+from transerve.export.variants import run_times
 from transerve.models.vit import ViT, ViTConfig
 from transerve.server.cpu import cores, cpu_info, simd_summary
 from transerve.server.seq2seq import make_session
@@ -45,14 +45,7 @@ THREADS = 2
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(run_times(fn, repeats, warmup)) * 1e3
 
 
 def export_plain(model: ViT, opset: int) -> onnx.ModelProto:
@@ -164,9 +157,32 @@ def results_path(default: Path) -> Path:
     return Path(os.environ.get("TRANSERVE_BENCH_RESULTS", default))
 
 
+def versions() -> str:
+    """The versions of what the benchmarks compare, for the line under every table's heading."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for package in ("onnxruntime", "torch", "openvino", "ctranslate2", "grpcio", "ray"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            continue
+    return "Versions: " + ", ".join(found)
+
+
+def with_machine(section: str, line: str) -> str:
+    """``section`` with the machine line (CPU, flags, commit) and the versions under its heading, unless the
+    script already put a machine line there."""
+    if "\nCPU: " in section:
+        return section
+    heading, _, rest = section.partition("\n")
+    return f"{heading}\n\n{line}. {versions()}\n{rest}"
+
+
 def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (see :func:`results_path`), keeping the others."""
-    path = results_path(path)
+    """Replace this benchmark's section of RESULTS.md (see :func:`results_path`), keeping the others; every
+    section carries the machine line."""
+    path, section = results_path(path), with_machine(section, machine())
     text = path.read_text() if path.exists() else "# Benchmark results\n\nEach section is written by its script.\n\n"
     parts = text.split("\n## ")
     kept = [p for p in parts[1:] if not ("## " + p).startswith(heading)]

@@ -23,7 +23,6 @@ import copy
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 import onnx
 import torch
 from transerve.export import precision
+from transerve.export.variants import run_times
 from transerve.export.weights_file import save_graphs
 from transerve.models.vit import ViT, ViTConfig
 from transerve.server.openvino_runner import OpenVinoRunner, openvino_available
@@ -51,17 +51,6 @@ PROFILE_READING = (
     "Runtime's dynamic int8 does not on these random-weight ViTs (MAE 0.011–0.014).")
 Runner = Callable[[np.ndarray], np.ndarray]
 PEERS = ("openvino-bf16", "eager-bf16-autocast", "eager-bf16-weights")
-
-
-def timings(run: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def eager_runners(model: ViT) -> dict[str, Runner]:
@@ -126,7 +115,7 @@ def bench_model(label: str, cfg: ViTConfig, batches: list[int], repeats: int) ->
             stats = {}
             for name, run in runners.items():
                 mae = float(np.abs(run(x) - reference).mean())
-                times = timings(lambda r=run, x=x: r(x), repeats)
+                times = run_times(lambda r=run, x=x: r(x), repeats, warmup=2)
                 stats[name] = (batch / statistics.median(times), batch / max(times), batch / min(times), mae)
             rows.append(summary_row(label, batch, stats))
             print(rows[-1], flush=True)

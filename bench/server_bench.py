@@ -47,8 +47,10 @@ MODEL = "vit-digits"
 
 
 def start(repo: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """A server on ``repo`` at fp32 — the precision of the offline anchors it is compared with (``auto`` could
+    pick a faster variant and flatter the ratio)."""
     cmd = [sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--port", "0", "--metrics-port", "-1",
-           *extra]
+           "--precision", "fp32", *extra]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     for line in process.stdout:

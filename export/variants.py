@@ -49,15 +49,21 @@ def error_entry(e: Exception) -> dict[str, Any]:
     return {"runs_on_cpu": False, "error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
 
 
-def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
-    """The fastest of ``repeats`` runs after one warm-up: the least noisy figure on a shared machine."""
-    run()
+def run_times(run: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` timed runs after ``warmup`` untimed ones (also the benchmarks' timer)."""
+    for _ in range(warmup):
+        run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` runs after one warm-up: the least noisy figure on a shared machine."""
+    return min(run_times(run, repeats))
 
 
 def vit_variants(fused: onnx.ModelProto, vdir: Path, wanted: Sequence[str], probe: np.ndarray,
