@@ -52,6 +52,7 @@ R = TypeVar("R")
 
 REPO_ENV = "TRANSERVE_REPO"
 THREADS_ENV = "TRANSERVE_THREADS"
+PRECISION_ENV = "TRANSERVE_PRECISION"
 REPLICA_HEADER = "x-transerve-replica"
 SERVICER_FUNCTIONS = [
     "transerve_client._proto.transerve_pb2_grpc.add_TranslatorServicer_to_server",
@@ -116,9 +117,11 @@ def _unary_rpc(rpc: str, servicer: str, empty: Callable[[], Any]) -> Callable[..
 class TranserveReplica:
     """One transerve runtime; its methods are the RPC names Ray's proxy routes to."""
 
-    async def __init__(self, repo: str, threads: int = 1, backend: str = "auto") -> None:  # type: ignore[misc]
+    async def __init__(self, repo: str, threads: int = 1, backend: str = "auto",  # type: ignore[misc]
+                       precision: str | None = None) -> None:
         self.metrics = Metrics()
-        self.manager = ModelManager(Path(repo), backend, self.metrics, Limits(), threads)  # type: ignore[arg-type]
+        self.manager = ModelManager(Path(repo), backend, self.metrics, Limits(), threads,  # type: ignore[arg-type]
+                                    precision=precision)  # type: ignore[arg-type]
         self.ready = False
         self.inference = InferenceService(self.manager, self.metrics, lambda: self.ready)
         self.translator = TranslatorService(self.manager, self.metrics)
@@ -227,15 +230,19 @@ class TranserveReplica:
 def app_builder(args: dict[str, str]) -> serve.Application:
     """What ``serve run deploy/ray/serve.yaml`` builds: the repository from ``args.repo`` or ``$TRANSERVE_REPO``,
     ONNX Runtime threads per replica from ``args.threads`` or ``$TRANSERVE_THREADS`` (default 1: one Ray
-    CPU per replica). The config file's ``deployments`` entry sets replicas and autoscaling."""
+    CPU per replica), the precision from ``args.precision`` or ``$TRANSERVE_PRECISION`` (default: each
+    config.yaml's, as ``serve --precision``). The config file's ``deployments`` entry sets replicas and
+    autoscaling."""
     repo = args.get("repo") or os.environ.get(REPO_ENV, "")
     if not repo:
         raise ValueError(f"{REPO_ENV}: not set; run `{REPO_ENV}=/path/to/repo serve run deploy/ray/serve.yaml`")
     threads = int(args.get("threads") or os.environ.get(THREADS_ENV) or 1)
-    return build(Path(repo), threads, args.get("backend", "auto"))
+    precision = args.get("precision") or os.environ.get(PRECISION_ENV) or None
+    return build(Path(repo), threads, args.get("backend", "auto"), precision)
 
 
-def build(repo: Path, threads: int = 1, backend: str = "auto", **options: Any) -> serve.Application:
+def build(repo: Path, threads: int = 1, backend: str = "auto", precision: str | None = None,
+          **options: Any) -> serve.Application:
     """The application from Python (``serve.run(build(repo, num_replicas=2))``); ``options`` are Ray's
     deployment options over this module's defaults."""
     path = repo.expanduser().resolve()
@@ -243,4 +250,6 @@ def build(repo: Path, threads: int = 1, backend: str = "auto", **options: Any) -
         raise ValueError(f"{REPO_ENV}={repo}: {path} is not a directory (an absolute path is safest: Ray "
                          "builds the application in its own worker process)")
     deployment = cast(serve.Deployment, TranserveReplica)  # the decorator made it one; mypy sees the class
-    return (deployment.options(**options) if options else deployment).bind(str(path), threads, backend)
+    if precision not in (None, "auto", "fp32", "int8", "bf16"):
+        raise ValueError(f"precision {precision!r}: one of auto, fp32, int8, bf16")
+    return (deployment.options(**options) if options else deployment).bind(str(path), threads, backend, precision)
