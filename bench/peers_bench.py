@@ -22,13 +22,14 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from importlib.metadata import version
 from pathlib import Path
 
@@ -36,11 +37,12 @@ import yaml
 from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_bench import RESULTS, THREADS, command_line, markdown, write_section
+from export_bench import RESULTS, command_line, markdown, write_section
 
 HERE = Path(__file__).parent / "peers"
 MODEL = "vit-digits"
 CONCURRENCY = 32
+THREADS = 2  # ORT intra-op threads in every server; --threads changes it for all
 PEER_VENVS = {
     "client": ["tritonclient[grpc]==2.73.0", "numpy"],
     "mlserver": ["mlserver==1.7.1", "uvloop==0.21.0", f"onnxruntime=={version('onnxruntime')}", "numpy"],
@@ -85,16 +87,18 @@ def running(cmd: list[str], log: Path, cwd: Path | None = None, env: dict[str, s
                                    env={**os.environ, **(env or {})}, start_new_session=True)
     try:
         yield
-    finally:
-        process.terminate()
+    finally:  # the whole process group: PyTriton leaves tritonserver and its Python stub behind otherwise
+        os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
-def transerve_server(repo: Path, tmp: Path) -> Server:
+def transerve_server(repo: Path, tmp: Path, threads: int) -> Server:
     """Our server on a repository holding only the model, at fp32 (the precision the peers serve)."""
     only = tmp / "repo"
     if not only.exists():
@@ -103,11 +107,11 @@ def transerve_server(repo: Path, tmp: Path) -> Server:
     def start(port: int) -> AbstractContextManager[None]:
         return running([sys.executable, "-m", "transerve", "serve", "--repo", str(only), "--host", "127.0.0.1",
                         "--port", str(port), "--metrics-port", "-1", "--precision", "fp32",
-                        "--threads", str(THREADS)], tmp / "transerve.log")
+                        "--threads", str(threads)], tmp / "transerve.log")
     return start
 
 
-def mlserver_server(python: Path, onnx_path: Path, tmp: Path, max_batch: int) -> Server:
+def mlserver_server(python: Path, onnx_path: Path, tmp: Path, max_batch: int, threads: int) -> Server:
     """MLServer on a folder with our custom ONNX Runtime model (bench/peers/mlserver_runtime.py)."""
     folder = tmp / "mlserver"
     (folder / MODEL).mkdir(parents=True, exist_ok=True)
@@ -115,7 +119,7 @@ def mlserver_server(python: Path, onnx_path: Path, tmp: Path, max_batch: int) ->
     (folder / MODEL / "model-settings.json").write_text(json.dumps({
         "name": MODEL, "implementation": "mlserver_runtime.OnnxClassifier",
         "max_batch_size": max_batch, "max_batch_time": 0.001,
-        "parameters": {"uri": str(onnx_path), "extra": {"threads": THREADS}}}))
+        "parameters": {"uri": str(onnx_path), "extra": {"threads": threads}}}))
 
     def start(port: int) -> AbstractContextManager[None]:
         http, metrics = free_ports(2)
@@ -126,7 +130,7 @@ def mlserver_server(python: Path, onnx_path: Path, tmp: Path, max_batch: int) ->
     return start
 
 
-def pytriton_server(python: Path, onnx_path: Path, tmp: Path, max_batch: int) -> Server:
+def pytriton_server(python: Path, onnx_path: Path, tmp: Path, max_batch: int, threads: int) -> Server:
     libdir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
                             capture_output=True, text=True, check=True).stdout.strip()
 
@@ -134,7 +138,7 @@ def pytriton_server(python: Path, onnx_path: Path, tmp: Path, max_batch: int) ->
         http, metrics = free_ports(2)
         return running([str(python), str(HERE / "pytriton_server.py"), "--onnx", str(onnx_path),
                         "--grpc-port", str(port), "--http-port", str(http), "--metrics-port", str(metrics),
-                        "--threads", str(THREADS), "--max-batch", str(max_batch)], tmp / "pytriton.log",
+                        "--threads", str(threads), "--max-batch", str(max_batch)], tmp / "pytriton.log",
                        env={"LD_LIBRARY_PATH": f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}"})
     return start
 
@@ -181,6 +185,7 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=Path("repo"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/transerve-bench"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=THREADS, help="ONNX Runtime intra-op threads, every server")
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement (concurrency 1, then 32)")
     args = parser.parse_args()
     config = yaml.safe_load((args.repo / MODEL / "config.yaml").read_text())
@@ -189,9 +194,9 @@ def main() -> None:
     pythons = {name: peer_venv(args.work, name) for name in PEER_VENVS}
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        servers = {"transerve": transerve_server(args.repo, tmp),
-                   "MLServer 1.7": mlserver_server(pythons["mlserver"], onnx_path, tmp, max_batch),
-                   "PyTriton 0.7": pytriton_server(pythons["pytriton"], onnx_path, tmp, max_batch)}
+        servers = {"transerve": transerve_server(args.repo, tmp, args.threads),
+                   "MLServer 1.7": mlserver_server(pythons["mlserver"], onnx_path, tmp, max_batch, args.threads),
+                   "PyTriton 0.7": pytriton_server(pythons["pytriton"], onnx_path, tmp, max_batch, args.threads)}
         logs = {"transerve": tmp / "transerve.log", "MLServer 1.7": tmp / "mlserver.log",
                 "PyTriton 0.7": tmp / "pytriton.log"}
         results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
@@ -208,7 +213,7 @@ def main() -> None:
                   f"{heading}: {MODEL} through tritonclient (KServe v2 gRPC), one-image requests (median of "
                   f"{args.repeats} runs of {args.seconds:g} s each, min–max; server and client share the 2 cores; "
                   f"every server runs ONNX Runtime {version('onnxruntime')} on the same fp32 graph, "
-                  f"{THREADS} threads, dynamic batching on)\n\n{command_line()}\n\n{text}\n")
+                  f"{args.threads} intra-op threads, dynamic batching on)\n\n{command_line()}\n\n{text}\n")
 
 
 if __name__ == "__main__":

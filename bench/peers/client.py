@@ -33,7 +33,7 @@ def wait_ready(url: str, model: str, timeout: float) -> None:
         try:
             if client.is_model_ready(model):
                 return
-        except Exception:  # noqa: BLE001 - not listening yet
+        except Exception:  # not listening yet
             pass
         if time.monotonic() > deadline:
             raise SystemExit(f"{model} at {url} not ready after {timeout:g} s")
