@@ -194,27 +194,31 @@ def _translator_variants(model: Seq2SeqTransformer, tokenizer: Tokenizer, fused:
     sources = _gate_sources(model, tokenizer, eval_pairs)
     for variant in _wanted(opts, report):
         opts.on_status(f"{opts.name}: {variant} variant")
-        files = {g: f"{g}.onnx" for g in fused}
-        if variant in variants.BUILDERS:
-            save_graphs(vdir, {g: variants.BUILDERS[variant](p) for g, p in fused.items()}, f".{variant}")
-            files = {g: f"{g}.{variant}.onnx" for g in fused}
-        entry: dict[str, Any] = {"files": files, "runtime": "openvino" if variant == "bf16" else "onnxruntime",
-                                 "precision": variant}
-        try:
-            seq2seq = ort_seq2seq(model, *(variants.runner_for(vdir, files[g], variant)
-                                           for g in ("encoder", "decoder_step_ragged")))
-            checks = _verify_translation(model, tokenizer, seq2seq, eval_pairs, max_new_tokens)
-            entry.update(runs_on_cpu=True, token_agreement_vs_pytorch=1.0 - checks["parity"]["sequences_differing"]
-                         / max(1, checks["parity"]["sequences_compared"]), **checks)
-            gate, speed = variants.translator_gate(seq2seq, fp32, sources, model.config.pad_id, max_new_tokens)
-            if checks["accuracy"]:
-                gate.update(accuracy=checks["accuracy"]["onnx"], accuracy_fp32=report["accuracy"]["onnx"])
-            entry.update(speed_vs_fp32=round(speed, 3), measured_on=cpu_signature(),
-                         gate=accuracy_gate.verdict(gate))
-        except Exception as e:  # fp16 on the CPU provider may lack kernels: report, do not fail the export
-            entry.update(variants.error_entry(e))
-        built[variant] = entry
+        built[variant] = variants.build_measured(variant, fused, vdir, lambda files, v=variant: _translator_variant(
+            model, tokenizer, vdir, files, v, fp32, sources, eval_pairs, max_new_tokens, report))
     return built
+
+
+def _translator_variant(model: Seq2SeqTransformer, tokenizer: Tokenizer, vdir: Path, files: dict[str, str],
+                        variant: str, fp32: OrtSeq2Seq, sources: list[list[int]],
+                        eval_pairs: Sequence[tuple[str, str]] | None, max_new_tokens: int,
+                        report: dict[str, Any]) -> dict[str, Any]:
+    """One built translator variant: parity and exact match as the fp32 export's, its gate and its speed."""
+    entry: dict[str, Any] = {"files": files, "runtime": "openvino" if variant == "bf16" else "onnxruntime",
+                             "precision": variant}
+    try:
+        seq2seq = ort_seq2seq(model, *(variants.runner_for(vdir, files[g], variant)
+                                       for g in ("encoder", "decoder_step_ragged")))
+        checks = _verify_translation(model, tokenizer, seq2seq, eval_pairs, max_new_tokens)
+        entry.update(runs_on_cpu=True, token_agreement_vs_pytorch=1.0 - checks["parity"]["sequences_differing"]
+                     / max(1, checks["parity"]["sequences_compared"]), **checks)
+        gate, speed = variants.translator_gate(seq2seq, fp32, sources, model.config.pad_id, max_new_tokens)
+        if checks["accuracy"]:
+            gate.update(accuracy=checks["accuracy"]["onnx"], accuracy_fp32=report["accuracy"]["onnx"])
+        entry.update(speed_vs_fp32=round(speed, 3), measured_on=cpu_signature(), gate=accuracy_gate.verdict(gate))
+    except Exception as e:  # fp16 on the CPU provider may lack kernels: report, do not fail the export
+        entry.update(variants.error_entry(e))
+    return entry
 
 
 def _gate_sources(model: Seq2SeqTransformer, tokenizer: Tokenizer,

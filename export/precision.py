@@ -46,7 +46,10 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     return len(folded)
 
 
-def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+def quantize_int8(model: onnx.ModelProto, per_channel: bool = True) -> onnx.ModelProto:
+    """ORT dynamic int8 (QInt8 weights) of every MatMul/Gemm, transposed constant weights folded first.
+    ``per_channel``: one weight scale per output column (more accurate) or one per tensor (faster on some
+    CPUs): the export measures both (:data:`transerve.export.variants.INT8_FORMS`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
@@ -60,7 +63,7 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         fold_weight_transposes(clean)
         onnx.save_model(clean, str(src))
         try:
-            quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+            quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
                              op_types_to_quantize=["MatMul", "Gemm"])
         finally:
             root.setLevel(level)

@@ -1,6 +1,8 @@
 """Reduced-precision variants of an exported entry, each measured against fp32 and gated.
 
-* ``int8`` — ONNX Runtime dynamic quantization (``*.int8.onnx``), any x86 CPU;
+* ``int8`` — ONNX Runtime dynamic quantization (``*.int8.onnx``), any x86 CPU, in the form (weight scales per
+  channel or per tensor, :data:`INT8_FORMS`) that measured fastest on the export's CPU among those that passed
+  the gate — the report keeps every form's speed and verdict (``forms``) and which was kept (``form``);
 * ``bf16`` — the fp32 files themselves, run by OpenVINO with the bf16 precision hint; measured only where
   OpenVINO is installed and the CPU computes bf16 (elsewhere OpenVINO would silently run f32 and the gate
   would measure the wrong thing);
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,44 @@ from transerve.server.cpu import bf16_capable, cpu_flags, cpu_signature
 from transerve.server.openvino_runner import OpenVinoRunner, openvino_available
 from transerve.server.seq2seq import OrtSeq2Seq, make_session, pad_ids
 
-BUILDERS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
-    "int8": precision.quantize_int8, "fp16": precision.convert_fp16}
+Builder = Callable[[onnx.ModelProto], onnx.ModelProto]
+INT8_FORMS: dict[str, Builder] = {"per-channel": partial(precision.quantize_int8, per_channel=True),
+                                  "per-tensor": partial(precision.quantize_int8, per_channel=False)}
+BUILDERS: dict[str, dict[str, Builder]] = {"int8": INT8_FORMS, "fp16": {"fp16": precision.convert_fp16}}
+
+
+def build_measured(variant: str, fused: dict[str, onnx.ModelProto], vdir: Path,
+                   evaluate: Callable[[dict[str, str]], dict[str, Any]]) -> dict[str, Any]:
+    """Build ``variant`` of every graph in each of its forms, ``evaluate`` each (gate and speed vs fp32), and
+    keep in ``vdir`` the fastest form whose gate passed (else the first form, whose failure the report
+    shows). A variant with no file of its own (bf16) is evaluated on the fp32 files."""
+    if variant not in BUILDERS:
+        return evaluate({g: f"{g}.onnx" for g in fused})
+    files = {g: f"{g}.{variant}.onnx" for g in fused}
+    built: dict[str, dict[str, onnx.ModelProto]] = {}
+    measured: dict[str, dict[str, Any]] = {}
+    for form, build in BUILDERS[variant].items():
+        built[form] = {g: build(p) for g, p in fused.items()}
+        save_graphs(vdir, built[form], f".{variant}")
+        measured[form] = evaluate(files)
+    kept = pick_form(measured)
+    if kept != form:  # the files on disk are the last form's
+        save_graphs(vdir, built[kept], f".{variant}")
+    if len(measured) == 1:
+        return measured[kept]
+    return {**measured[kept], "form": kept,
+            "forms": {f: {"speed_vs_fp32": m.get("speed_vs_fp32"), "passed": gate_passed(m)}
+                      for f, m in measured.items()}}
+
+
+def gate_passed(entry: dict[str, Any]) -> bool:
+    return bool(entry.get("runs_on_cpu") and entry.get("gate", {}).get("passed"))
+
+
+def pick_form(measured: dict[str, dict[str, Any]]) -> str:
+    """The fastest form that passed its gate; the first form when none did."""
+    passed = [f for f, m in measured.items() if gate_passed(m)]
+    return max(passed, key=lambda f: measured[f]["speed_vs_fp32"]) if passed else next(iter(measured))
 
 
 def bf16_skip_reason() -> str | None:
@@ -76,12 +115,11 @@ def vit_variants(fused: onnx.ModelProto, vdir: Path, wanted: Sequence[str], prob
     variants: dict[str, Any] = {}
     for variant in wanted:
         on_status(f"{vdir.parent.name}: {variant} variant")
-        files = {"model": "model.onnx"}
-        if variant in BUILDERS:
-            save_graphs(vdir, {"model": BUILDERS[variant](fused)}, f".{variant}")
-            files = {"model": f"model.{variant}.onnx"}
-        variants[variant] = {"files": files, **_runtime(variant), **vit_gate(vdir, files, variant, probe,
-                                                                            reference, labels, fp32_seconds)}
+
+        def evaluate(files: dict[str, str], v: str = variant) -> dict[str, Any]:
+            return {"files": files, **_runtime(v), **vit_gate(vdir, files, v, probe, reference, labels, fp32_seconds)}
+
+        variants[variant] = build_measured(variant, {"model": fused}, vdir, evaluate)
     return variants
 
 

@@ -22,7 +22,7 @@ from transerve.export import accuracy_gate, graphs
 from transerve.export.exporter import ExportOptions, export_translator_entry, export_vit_entry, ort_seq2seq
 from transerve.export.passes import optimize
 from transerve.export.precision import quantize_int8
-from transerve.export.variants import bf16_skip_reason, teacher_forced_logits
+from transerve.export.variants import INT8_FORMS, bf16_skip_reason, pick_form, teacher_forced_logits
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
 from transerve.server.openvino_runner import OpenVinoRunner, openvino_available
 from transerve.server.seq2seq import make_session, pad_ids
@@ -68,12 +68,33 @@ def test_vit_variants_are_gated_and_timed(tmp_path: Path) -> None:
     int8 = report["variants"]["int8"]
     assert int8["runtime"] == "onnxruntime" and int8["files"] == {"model": "model.int8.onnx"}
     assert int8["gate"]["logit_mae"] >= 0 and "accuracy_fp32" in int8["gate"] and int8["speed_vs_fp32"] > 0
+    assert set(int8["forms"]) == set(INT8_FORMS) and int8["form"] == pick_form_from_summary(int8["forms"])
+    assert int8["speed_vs_fp32"] == int8["forms"][int8["form"]]["speed_vs_fp32"]
+    scales = [t for t in onnx.load(str(tmp_path / "v" / "1" / "model.int8.onnx")).graph.initializer
+              if t.name.endswith("_scale")]  # the quantizer's weight scales: [columns] per channel, [] per tensor
+    assert scales and {len(t.dims) == 1 for t in scales} == {int8["form"] == "per-channel"}  # the kept form's file
     if bf16_skip_reason() is None:
         bf16 = report["variants"]["bf16"]
         assert bf16["runtime"] == "openvino" and bf16["files"] == {"model": "model.onnx"}
         assert bf16["gate"]["passed"], bf16["gate"]
     else:
         assert "bf16" not in report["variants"] and report["bf16_skipped"] == bf16_skip_reason()
+
+
+def pick_form_from_summary(forms: dict[str, dict[str, object]]) -> str:
+    return pick_form({f: {"runs_on_cpu": True, "gate": {"passed": m["passed"]}, "speed_vs_fp32": m["speed_vs_fp32"]}
+                      for f, m in forms.items()})
+
+
+def test_the_kept_int8_form_is_the_fastest_that_passed() -> None:
+    def measured(speed: float, passed: bool) -> dict[str, object]:
+        return {"runs_on_cpu": True, "gate": {"passed": passed}, "speed_vs_fp32": speed}
+
+    assert pick_form({"per-channel": measured(1.5, True), "per-tensor": measured(1.6, True)}) == "per-tensor"
+    assert pick_form({"per-channel": measured(1.5, True), "per-tensor": measured(1.9, False)}) == "per-channel"
+    assert pick_form({"per-channel": measured(1.5, False), "per-tensor": measured(1.9, False)}) == "per-channel"
+    assert pick_form({"per-channel": {"runs_on_cpu": False, "error": "x"}, "per-tensor": measured(0.9, True)}) \
+        == "per-tensor"
 
 
 @needs_openvino

@@ -158,8 +158,13 @@ def gate_table(report: dict[str, Any]) -> Table:
     """Each variant's accuracy gate against fp32 (what `precision: auto` requires before serving it)."""
     gates = Table("variant", "runtime", "logit MAE", "bound", "accuracy (fp32)", "token agreement", "speed × fp32",
                   "gate", title="accuracy gate vs fp32 (export/accuracy_gate.py)")
-    for variant, info in report.get("variants", {}).items():
-        gate = info.get("gate")
+    notes = []
+    for name, info in report.get("variants", {}).items():
+        gate, variant = info.get("gate"), f"{name} ({info['form']})" if "form" in info else name
+        if "forms" in info:
+            notes.append(f"{name} forms measured here: " + ", ".join(
+                f"{form} {m['speed_vs_fp32'] or 0:.2f}× {'passed' if m['passed'] else 'failed'}"
+                for form, m in info["forms"].items()) + f"; kept {info['form']}")
         if gate is None:
             gates.add_row(variant, info.get("runtime", "onnxruntime"), "", "", "", "", "",
                           "not measured" + (f": {info['error']}" if "error" in info else ""))
@@ -170,7 +175,8 @@ def gate_table(report: dict[str, Any]) -> Table:
                       agreement, f"{info.get('speed_vs_fp32', 0):.2f}",
                       "passed" if gate["passed"] else f"failed: {gate['why']}")
     if "bf16_skipped" in report:
-        gates.caption = f"bf16 not measured: {report['bf16_skipped']}"
+        notes.append(f"bf16 not measured: {report['bf16_skipped']}")
+    gates.caption = "\n".join(notes) or None
     return gates
 
 
