@@ -44,19 +44,25 @@ test: lint typecheck
 # Every benchmark, in one run on this machine, each rewriting its section of bench/RESULTS.md (CPU, flags,
 # commit and command beside each table). Nothing else should run meanwhile: the figures are timings.
 BENCH_WORK ?= /tmp/transerve-bench
+BENCHMARKS := \
+	"precision_bench.py --repeats 5" \
+	"export_bench.py --repeats 5" \
+	"roofline.py --repeats 5" \
+	"fusion_bench.py --zoo $(ZOO) --repeats 5" \
+	"ct2_bench.py --work $(BENCH_WORK) --repeats 5" \
+	"int8_format_bench.py --work $(BENCH_WORK) --repeats 5" \
+	"server_bench.py --repo $(REPO) --repeats 5 --seconds 2" \
+	"server_bench.py --repo $(REPO) --repeats 5 --seconds 2 --ort-spinning --no-realistic" \
+	"peers_bench.py --repo $(REPO) --work $(BENCH_WORK) --repeats 5 --seconds 3" \
+	"loadtest_bench.py --repo $(REPO)" \
+	"memory_bench.py --zoo-repo $(REPO) --work $(BENCH_WORK) --repeats 5 --requests 500" \
+	"continuous_bench.py --work $(BENCH_WORK) --seconds 6 --repeats 5" \
+	"scaling_bench.py --repo $(REPO) --repeats 5 --duration 5"
 bench: zoo
-	$(BIN)/python bench/precision_bench.py --repeats 5
-	$(BIN)/python bench/export_bench.py --repeats 5
-	$(BIN)/python bench/roofline.py --repeats 5
-	$(BIN)/python bench/fusion_bench.py --zoo $(ZOO) --repeats 5
-	$(BIN)/python bench/ct2_bench.py --work $(BENCH_WORK) --repeats 5
-	$(BIN)/python bench/int8_format_bench.py --work $(BENCH_WORK) --repeats 5
-	$(BIN)/python bench/server_bench.py --repo $(REPO) --repeats 5 --seconds 2
-	$(BIN)/python bench/server_bench.py --repo $(REPO) --repeats 5 --seconds 2 --ort-spinning
-	$(BIN)/python bench/loadtest_bench.py --repo $(REPO)
-	$(BIN)/python bench/memory_bench.py --zoo-repo $(REPO) --work $(BENCH_WORK) --repeats 5 --requests 500
-	$(BIN)/python bench/continuous_bench.py --work $(BENCH_WORK) --seconds 10 --repeats 5
-	$(BIN)/python bench/scaling_bench.py --repo $(REPO) --repeats 5 --duration 5
+	@start=$$(date +%s); for b in $(BENCHMARKS); do \
+		t=$$(date +%s); echo "== bench/$$b"; $(BIN)/python bench/$$b || exit 1; \
+		echo "== bench/$$b: $$(( $$(date +%s) - t )) s"; done; \
+	echo "make bench: $$(( $$(date +%s) - start )) s in all"
 
 clean:
 	rm -rf $(VENV) $(ZOO) $(REPO) .mypy_cache .ruff_cache .pytest_cache

@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ort-spinning", action="store_true", help="serve with `transerve serve --ort-spinning`")
     parser.add_argument("--realistic-only", action="store_true", help="only (d), printed, RESULTS.md untouched")
+    parser.add_argument("--no-realistic", action="store_true", help="skip (d) (make bench runs it once)")
     args = parser.parse_args()
     server_args = ["--ort-spinning"] if args.ort_spinning else []
     if args.realistic_only:  # (d) alone, printed: for profiling it
@@ -237,7 +238,8 @@ def main() -> None:
         batched = [measure(on, 1, 32, args.seconds, shape, server_args)[0] for _ in range(args.repeats)]
         batched_tp = [measure(throughput, 1, 32, args.seconds, shape, server_args)[0] for _ in range(args.repeats)]
         unbatched = [measure(off, 1, 32, args.seconds, shape, server_args)[0] for _ in range(args.repeats)]
-        realistic = realistic_rows(Path(tmp), args.repeats, max(args.seconds, 3.0), server_args)
+        realistic = [] if args.no_realistic else realistic_rows(Path(tmp), args.repeats, max(args.seconds, 3.0),
+                                                                  server_args)
     anchor = max(offline_one, offline_two)
     for label, runs in (("1 instance × 2 threads", sat_one), ("2 instances × 1 thread", sat_two)):
         served = statistics.median(runs)

@@ -35,6 +35,8 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
                              "--repeats", "1"], "## Continuous batching"),
     "memory_bench.py": (["--zoo-repo", "{repo}", "--work", "{work}", "--repeats", "1", "--requests", "20"],
                         "## Memory"),
+    "peers_bench.py": (["--repo", "{repo}", "--work", "{work}", "--repeats", "1", "--seconds", "0.5"],
+                       "## Serving peers"),  # installs MLServer, PyTriton and tritonclient into their own venvs
     "scaling_bench.py": (["--repo", "{repo}", "--duration", "1", "--repeats", "1"], "## Scale-out"),
 }
 
