@@ -6,7 +6,7 @@ ZOO ?= zoo
 REPO ?= repo
 PACKAGES := transerve models export server clients/transerve_client
 
-.PHONY: install zoo serve test lint typecheck protos clean bench
+.PHONY: install zoo serve test lint typecheck protos openapi clean bench
 
 $(BIN)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ serve: zoo
 protos: install
 	$(BIN)/python clients/generate_protos.py
 
+# The REST API's OpenAPI document, generated from server/rest.py's routes (tests/test_rest.py checks it is current)
+openapi: install
+	$(BIN)/python -c "from transerve.server.rest import openapi_json; print(openapi_json(), end='')" > protos/openapi.json
+
 lint: install
 	$(BIN)/ruff check $(PACKAGES) tests bench
 
@@ -52,12 +56,12 @@ BENCHMARKS := \
 	"ct2_bench.py --work $(BENCH_WORK) --repeats 5" \
 	"int8_format_bench.py --work $(BENCH_WORK) --repeats 5" \
 	"server_bench.py --repo $(REPO) --repeats 5 --seconds 2" \
-	"server_bench.py --repo $(REPO) --repeats 5 --seconds 2 --ort-spinning --no-realistic" \
-	"peers_bench.py --repo $(REPO) --work $(BENCH_WORK) --repeats 5 --seconds 3" \
+	"peers_bench.py --repo $(REPO) --work $(BENCH_WORK) --repeats 5 --seconds 2" \
+	"rest_bench.py --repo $(REPO) --repeats 5 --seconds 2" \
 	"loadtest_bench.py --repo $(REPO)" \
 	"memory_bench.py --zoo-repo $(REPO) --work $(BENCH_WORK) --repeats 5 --requests 500" \
-	"continuous_bench.py --work $(BENCH_WORK) --seconds 6 --repeats 5" \
-	"scaling_bench.py --repo $(REPO) --repeats 5 --duration 5"
+	"continuous_bench.py --work $(BENCH_WORK) --seconds 4 --repeats 5 --saturation-seconds 5" \
+	"scaling_bench.py --repo $(REPO) --repeats 5 --duration 3"
 bench: zoo
 	@start=$$(date +%s); for b in $(BENCHMARKS); do \
 		t=$$(date +%s); echo "== bench/$$b"; $(BIN)/python bench/$$b || exit 1; \

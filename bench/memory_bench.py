@@ -70,7 +70,7 @@ def start(repo: Path) -> tuple[subprocess.Popen[bytes], str, float]:
     port = free_port()
     began = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--port", str(port),
-                                "--metrics-port", "-1", "--log-level", "warning",
+                                "--metrics-port", "-1", "--log-level", "warning", "--http-port", "0",
                                 "--precision", "fp32"],  # the files config.yaml names: what precision_repo chose
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"

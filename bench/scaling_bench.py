@@ -86,7 +86,7 @@ def wait_serving(address: str, timeout: float = 180) -> None:
 def serve_process(repo: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--port", str(port),
-                                "--metrics-port", "-1", "--threads", str(threads)],
+                                "--metrics-port", "-1", "--threads", str(threads), "--no-http"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return process, f"127.0.0.1:{port}"
 

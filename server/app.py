@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int | None = 8002
+    http_port: int | None = None  # KServe v2 REST (server/rest.py); `transerve serve` opens 8000 unless --no-http
     backend: BackendName = "auto"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -93,6 +96,10 @@ class TranserveServer:
         self._health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self._metrics_http: Any = None
+        self.service = InferenceService(self.manager, self.metrics, lambda: self.ready, bool(options.admin_tokens))
+        self.http_port: int | None = None
+        self._http: Any = None  # uvicorn.Server
+        self._http_task: asyncio.Task[None] | None = None
 
     def _grpc_server(self) -> grpc.aio.Server:
         o = self.options
@@ -107,8 +114,7 @@ class TranserveServer:
                         ("grpc.max_connection_age_grace_ms", int(o.grace_seconds * 1000))]
         server = grpc.aio.server(interceptors=interceptors, options=options,
                                  maximum_concurrent_rpcs=o.max_concurrent_rpcs)
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(self.manager, self.metrics, lambda: self.ready, bool(o.admin_tokens)), server)
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, server)
         transerve_pb2_grpc.add_TranslatorServicer_to_server(TranslatorService(self.manager, self.metrics), server)
         transerve_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.manager, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -147,6 +153,10 @@ class TranserveServer:
         if self.options.health_port is not None:
             self._health_server = self._plaintext_health_server(self.options.health_port)
             await self._health_server.start()
+        if self.options.http_port is not None:
+            self._http, sock = http_server(self.service, self.options)
+            self.http_port = sock.getsockname()[1]
+            self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
         if self.options.metrics_port is not None:
             self._metrics_http, _ = start_http_server(self.options.metrics_port, addr=self.options.host,
                                                       registry=self.metrics.registry)
@@ -163,6 +173,7 @@ class TranserveServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         print(f"transerve: serving {sorted(self.manager.models)} on {self.options.host}:{self.port}"
               f" (metrics on {self.options.host}:{self.metrics_port})"
+              + (f" (REST on {self.options.host}:{self.http_port})" if self.http_port is not None else "")
               + (f" (health on {self.options.host}:{self.health_port})" if self.health_port is not None else ""),
               flush=True)
 
@@ -174,14 +185,44 @@ class TranserveServer:
     async def stop(self) -> None:
         """Drain: NOT_SERVING, stop accepting, finish accepted RPCs and batches."""
         await self.announce_drain()
+        if self._http is not None:  # stops accepting at once; uvicorn lets requests in flight finish
+            self._http.should_exit = True
         if self._server is not None:
             await self._server.stop(self.options.grace_seconds)
+        if self._http_task is not None:
+            await self._http_task
         if self._health_server is not None:
             await self._health_server.stop(0)
         await self.manager.aclose(self.options.grace_seconds)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info("transerve stopped")
+
+
+def http_server(service: InferenceService, o: ServeOptions) -> tuple[Any, socket.socket]:
+    """The REST front end (uvicorn) on a socket bound here, so the port is known (and taken) at once."""
+    from transerve.server.rest import EmbeddedUvicorn, RestApi, build_app  # FastAPI: imported only when REST is on
+
+    api = RestApi(service, o.auth_tokens, o.admin_tokens, o.max_message_mb << 20)
+    tls: dict[str, Any] = {}
+    if o.tls_cert and o.tls_key:
+        tls = {"ssl_certfile": str(o.tls_cert), "ssl_keyfile": str(o.tls_key)}
+        if o.tls_client_ca:
+            tls.update(ssl_ca_certs=str(o.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    server = EmbeddedUvicorn(build_app(api), limit_concurrency=o.max_concurrent_rpcs,
+                             timeout_graceful_shutdown=o.grace_seconds, **tls)
+    family = socket.AF_INET6 if ":" in o.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((o.host, o.http_port or 0))
+    except OSError:
+        sock.close()
+        raise OSError(f"cannot listen on {o.host}:{o.http_port} for REST: the port is in use or the address is not "
+                      "this machine's (choose another --http-port, or --no-http)") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return server, sock
 
 
 async def serve(options: ServeOptions) -> None:

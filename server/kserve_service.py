@@ -18,6 +18,7 @@ from transerve.server.infer_parameters import InferParameters, parse_parameters
 from transerve.server.manager import ControlDisabled, ModelManager, ModelNotFound
 from transerve.server.metrics import Metrics
 from transerve.server.models import ClassifierModel, LoadedModel, RequestError, TranslatorModel, deadline_from
+from transerve.server.tensor_model import TensorModel
 from transerve.server.tensors import fill_response, request_inputs, tensor_metadata
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -64,23 +65,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async def handle(scope: Scope) -> Any:
             model = self.manager.get(request.name, request.version)
             scope.model = model.name
-            c = model.config
-            return pb.ModelMetadataResponse(
-                name=model.name, versions=[model.version], platform=PLATFORMS.get(model.backend, model.backend),
-                inputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.inputs],
-                outputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.outputs],
-                parameters=serving_parameters(model))
+            return model_metadata(model, self.manager)
 
         return await guarded(self.metrics, "ModelMetadata", context, handle)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         async def handle(scope: Scope) -> Any:
-            return await self._infer(request, scope, deadline_from(remaining(context)))
+            return await self.infer(request, scope, deadline_from(remaining(context)))
 
         return await guarded(self.metrics, "ModelInfer", context, handle)
 
-    async def _infer(self, request: pb.ModelInferRequest, scope: Scope, deadline: float | None
-                     ) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, scope: Scope, deadline: float | None
+                    ) -> pb.ModelInferResponse:
+        """One inference, whatever the protocol (gRPC here, REST in :mod:`transerve.server.rest`)."""
         if not request.model_name:
             raise RequestError("model_name: required")
         model = self.manager.get(request.model_name, request.model_version)
@@ -114,7 +111,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     async for response in self._stream_translation(request, scope, remaining(context)):
                         yield pb.ModelStreamInferResponse(infer_response=response)
                 else:
-                    response = await self._infer(request, scope, deadline_from(remaining(context)))
+                    response = await self.infer(request, scope, deadline_from(remaining(context)))
                     yield pb.ModelStreamInferResponse(infer_response=response)
                 finish(self.metrics, scope, "ModelStreamInfer", "OK", time.perf_counter() - start)
             except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
@@ -167,23 +164,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await guarded(self.metrics, "ModelStatistics", context, handle)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
-        models = []
-        for name in self.manager.entry_names():
-            state = self.manager.states.get(name)
-            if state is None or (request.ready and state.state != "READY"):
-                continue
-            models.append(pb.RepositoryIndexResponse.ModelIndex(name=name, version=state.version, state=state.state,
-                                                                reason=state.reason))
-        return pb.RepositoryIndexResponse(models=models)
+        return repository_index(self.manager, request.ready)
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
                                   ) -> pb.RepositoryModelLoadResponse:
         async def handle(scope: Scope) -> Any:
-            self._check_control()
             scope.model = request.model_name
-            state = await self.manager.load(request.model_name)
-            if state.failed:
-                raise RequestError(f"model_name: {request.model_name!r} failed to load: {state.reason}")
+            await self.load(request.model_name)
             return pb.RepositoryModelLoadResponse()
 
         return await guarded(self.metrics, "RepositoryModelLoad", context, handle)
@@ -191,12 +178,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
                                     ) -> pb.RepositoryModelUnloadResponse:
         async def handle(scope: Scope) -> Any:
-            self._check_control()
             scope.model = request.model_name
-            await self.manager.unload(request.model_name)
+            await self.unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
 
         return await guarded(self.metrics, "RepositoryModelUnload", context, handle)
+
+    async def load(self, name: str) -> None:
+        self._check_control()
+        state = await self.manager.load(name)
+        if state.failed:
+            raise RequestError(f"model_name: {name!r} failed to load: {state.reason}")
+
+    async def unload(self, name: str) -> None:
+        self._check_control()
+        await self.manager.unload(name)
 
     def _check_control(self) -> None:
         if not self.repository_control:
@@ -204,11 +200,44 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                   "to allow RepositoryModelLoad/Unload with an admin token")
 
 
+def model_metadata(model: LoadedModel, manager: ModelManager) -> pb.ModelMetadataResponse:
+    """KServe metadata, with parameters saying what serves it (runtime, precision and why) and what the SDK
+    needs to split large calls: ``task``, ``max_batch_size`` (items per request) and ``default`` (whether a
+    request naming no model of this task reaches it)."""
+    c = model.config
+    try:
+        default = manager.default_for(c.task) is model
+    except ModelNotFound:
+        default = False
+    response = pb.ModelMetadataResponse(
+        name=model.name, versions=[model.version], platform=PLATFORMS.get(model.backend, model.backend),
+        inputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.inputs],
+        outputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.outputs],
+        parameters=serving_parameters(model))
+    response.parameters["task"].string_param = c.task
+    response.parameters["max_batch_size"].int64_param = c.max_batch_size
+    response.parameters["default"].bool_param = default
+    return response
+
+
+def repository_index(manager: ModelManager, ready_only: bool) -> pb.RepositoryIndexResponse:
+    models = []
+    for name in manager.entry_names():
+        state = manager.states.get(name)
+        if state is None or (ready_only and state.state != "READY"):
+            continue
+        models.append(pb.RepositoryIndexResponse.ModelIndex(name=name, version=state.version, state=state.state,
+                                                            reason=state.reason))
+    return pb.RepositoryIndexResponse(models=models)
+
+
 async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline: float | None,
                     parameters: InferParameters | None = None) -> dict[str, np.ndarray]:
     expected = [t.name for t in model.config.inputs]
     if sorted(inputs) != sorted(expected):
         raise RequestError(f"inputs: {model.name} takes {expected}, got {sorted(inputs)}")
+    if isinstance(model, TensorModel):
+        return await model.infer(inputs, deadline)
     if isinstance(model, ClassifierModel):
         images = model.check_tensor(inputs["images"], "inputs.images", batched=True)
         return {"logits": await model.logits(images, deadline)}

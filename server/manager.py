@@ -135,7 +135,11 @@ class ModelManager:
         runtime = load_runners(backend, vdir, config.files, self.threads,  # type: ignore[arg-type]
                                self.spinning, self.precision or config.precision)
         model: LoadedModel
-        if config.task == "classify":
+        if config.task == "tensor":
+            from transerve.server.tensor_model import TensorModel
+
+            model = TensorModel(config, vdir.name, runtime.backend, runtime.runners, self.metrics.on_batch)
+        elif config.task == "classify":
             model = ClassifierModel(config, vdir.name, runtime.backend, runtime.runners, entry, self.metrics.on_batch,
                                     self.image_pool, self.limits)
         else:

@@ -17,6 +17,10 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+# why requests leave before or during compute (server/batching.py, server/scheduler.py)
+DROP_REASONS = ("cancelled_queued", "expired_queued", "cancelled_decoding", "expired_decoding")
+
+
 @dataclass
 class Duration:
     count: int = 0
@@ -89,6 +93,11 @@ class Metrics:
         for waited in stats.queue_seconds:
             c.queue.add(waited)
             self.queue_seconds.labels(model).observe(waited)
+
+    def track_drops(self, model: str, reasons: tuple[str, ...] = DROP_REASONS) -> None:
+        """Every drop series of ``model`` at 0 from the start: a dashboard then shows 0, not "no data"."""
+        for reason in reasons:
+            self.dropped.labels(model, reason)
 
     def on_drop(self, model: str, reason: str, count: int) -> None:
         self.dropped.labels(model, reason).inc(count)

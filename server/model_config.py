@@ -62,7 +62,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     name: str
-    task: Literal["classify", "translate"]
+    task: Literal["classify", "translate", "tensor"]  # tensor: any ONNX graph (server/tensor_model.py)
     backend: str = "onnxruntime"
     precision: Literal["auto", "fp32", "int8", "bf16"] = "auto"  # see transerve.server.precision
     default: bool = False

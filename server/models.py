@@ -72,6 +72,7 @@ class LoadedModel(ABC):
         """Let the metrics read this model's queue length when scraped, and count the requests it drops."""
         metrics.queue_length.labels(self.name).set_function(lambda: self.batcher.queued)
         self.batcher.on_drop = lambda reason, count: metrics.on_drop(self.name, reason, count)
+        metrics.track_drops(self.name)
 
     @abstractmethod
     def _run_batch(self, payloads: list[Any]) -> list[Any]:

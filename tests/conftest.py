@@ -23,6 +23,7 @@ class ServerProcess:
     port: int
     metrics_port: int | None
     output: list[str]
+    http_port: int | None = None  # REST (start_server opens an ephemeral one unless told --no-http)
 
     @property
     def address(self) -> str:
@@ -52,7 +53,8 @@ def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0,
     replaces ``python -m transerve`` (another interpreter, or one with modules blocked)."""
     cmd = [*(launcher or [sys.executable, "-m", "transerve"]), "serve", "--repo", str(repo), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", "0",
-           *([] if "--drain-delay" in extra else ["--drain-delay", "0"]), *extra]
+           *([] if "--drain-delay" in extra else ["--drain-delay", "0"]),
+           *([] if {"--http-port", "--no-http"} & set(extra) else ["--http-port", "0"]), *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output: list[str] = []
@@ -67,6 +69,8 @@ def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0,
             if match:
                 found["port"] = int(match.group(1))
                 found["metrics"] = None if match.group(2) == "None" else int(match.group(2))
+                rest = re.search(r"REST on 127\.0\.0\.1:(\d+)", line)
+                found["http"] = int(rest.group(1)) if rest else None
                 ready.set()
         ready.set()  # the process ended: stop waiting
 
@@ -74,7 +78,7 @@ def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0,
     if not ready.wait(timeout) or "port" not in found:
         process.kill()
         raise RuntimeError("server did not start:\n" + "".join(output[-40:]))
-    return ServerProcess(process, int(found["port"] or 0), found["metrics"], output)
+    return ServerProcess(process, int(found["port"] or 0), found["metrics"], output, found.get("http"))
 
 
 def export_random_translator(repo: Path, name: str, *, max_new_tokens: int, max_len: int = 48, d_model: int = 16,

@@ -37,6 +37,7 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
                         "## Memory"),
     "peers_bench.py": (["--repo", "{repo}", "--work", "{work}", "--repeats", "1", "--seconds", "0.5"],
                        "## Serving peers"),  # installs MLServer, PyTriton and tritonclient into their own venvs
+    "rest_bench.py": (["--repo", "{repo}", "--repeats", "1", "--seconds", "0.5"], "## REST vs gRPC"),
     "scaling_bench.py": (["--repo", "{repo}", "--duration", "1", "--repeats", "1"], "## Scale-out"),
 }
 

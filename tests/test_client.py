@@ -208,3 +208,56 @@ def test_unauthenticated_and_resource_exhausted_map_to_errors(small_repo: Path, 
         assert codes == {"OK", "RESOURCE_EXHAUSTED"}
     finally:
         assert server.terminate() == 0
+
+
+def chunk_images(count: int, bad: int | None = None) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    images = [rng.standard_normal((3, 8, 8)).astype(np.float32) for _ in range(count)]
+    if bad is not None:
+        images[bad][0, 0, 0] = np.nan  # refused by the server: non-finite pixels
+    return images
+
+
+def test_calls_over_the_request_limit_are_split_in_order(client: TranserveClient, small_repo: Path) -> None:
+    """200 images (the model takes 64 per request) and 70 texts (32): the answers are those of the items one
+    by one, in order; an error says which items its request held."""
+    images = chunk_images(200)
+    results = client.classify(images, top_k=1)
+    best = np.argmax(offline_logits(small_repo, np.stack(images)), axis=1)
+    assert [r[0].index for r in results] == best.tolist()
+    texts = [TEXTS[i % len(TEXTS)] for i in range(70)]
+    assert client.translate(texts) == offline_translations(small_repo, texts)
+    with pytest.raises(TranserveError) as info:
+        client.classify(chunk_images(200, bad=100))
+    assert info.value.code.name == "INVALID_ARGUMENT" and info.value.items == (64, 128)
+    assert "items 64–127 of the call" in str(info.value)
+    one = client.infer("tiny-vit", {"images": np.stack(images[:3])})  # infer stays one request...
+    assert one["logits"].shape == (3, 10)
+    with pytest.raises(TranserveError, match="the limit is"):  # ...so over the limit it is refused
+        client.infer("tiny-vit", {"images": np.stack(images[:65])})
+
+
+def test_async_client_splits_the_same_way(server: ServerProcess, small_repo: Path) -> None:
+    async def run() -> tuple[list[int], tuple[int, int] | None]:
+        async with AsyncTranserveClient(server.address, timeout=30) as client:
+            results = await client.classify(chunk_images(150), top_k=1)
+            try:
+                await client.classify(chunk_images(150, bad=140))
+            except TranserveError as e:
+                return [r[0].index for r in results], e.items
+            return [r[0].index for r in results], None
+
+    indices, failed = asyncio.run(run())
+    assert indices == np.argmax(offline_logits(small_repo, np.stack(chunk_images(150))), axis=1).tolist()
+    assert failed == (128, 150)
+
+
+def test_loadtest_classifies_without_pillow(server: ServerProcess) -> None:
+    """The client package alone: Pillow blocked, the built-in PNG payload still goes out."""
+    code = ("import sys; sys.modules['PIL'] = None\n"
+            "from transerve_client.loadtest import main\n"
+            f"sys.exit(main(['--url', '{server.address}', '--task', 'classify', '--requests', '20',"
+            " '--concurrency', '2']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,10 +97,10 @@ def test_image_serves_the_zoo_and_drains_on_sigterm(podman: list[str], image: st
     mounted = tmp_path / "models"
     shutil.copytree(zoo_repo, mounted)
     run(["chmod", "-R", "a+rX", str(mounted)])  # the image runs as uid 10001
-    port, metrics = free_port(), free_port()
+    port, metrics, http_port = free_port(), free_port(), free_port()
     name = f"transerve-test-{port}"
     run([*podman, "run", "-d", "--name", name, "--network", "host", "-e", f"TRANSERVE_PORT={port}",
-         "-e", f"TRANSERVE_METRICS_PORT={metrics}",
+         "-e", f"TRANSERVE_METRICS_PORT={metrics}", "-e", f"TRANSERVE_HTTP_PORT={http_port}",
          "-v", f"{mounted}:/mnt/models:ro", image, "serve", "--repo", "/mnt/models", "--host", "127.0.0.1",
          "--grace", "20", "--precision", "fp32"])  # the image has no OpenVINO: fp32 answers alike everywhere
     try:
@@ -110,6 +111,8 @@ def test_image_serves_the_zoo_and_drains_on_sigterm(podman: list[str], image: st
         single = start_server(zoo_repo, "--precision", "fp32")
         try:
             assert answers(f"127.0.0.1:{port}") == answers(single.address)
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=10) as ready:
+                assert ready.status == 200  # the image serves REST too (TRANSERVE_HTTP_PORT)
         finally:
             assert single.terminate() == 0
         began = time.monotonic()

@@ -4,8 +4,9 @@
   is a failure, not a warning.
 * KServe kinds: ``jsonschema`` against KServe's CRDs (``../shared/schemas/kserve/``), made strict by adding
   ``additionalProperties: false`` wherever a schema lists ``properties`` and does not preserve unknown fields.
-* Ours: container name ``kserve-container``, protocols among KServe's grpc-v2 (REST v2 is not served yet),
-  runtime and model format matching the ClusterServingRuntime, one port and no Knative-reserved port, gRPC
+* Ours: container name ``kserve-container``, protocols among KServe's grpc-v2 and v2 (REST), one protocol per
+  runtime, an InferenceService's protocol one its runtime speaks, runtime and model format matching the
+  ClusterServingRuntime, one port (h2c for grpc-v2, the REST --http-port for v2) and no Knative-reserved port, gRPC
   probes on the serving port, termination grace ≥ preStop + the server's drain delay and grace, PDB selector = pod
   labels, metrics port = the server's ``--metrics-port``.
 """
@@ -28,7 +29,7 @@ KSERVE = {"ServingRuntime": "serving.kserve.io_servingruntimes.yaml",
           "ClusterServingRuntime": "serving.kserve.io_clusterservingruntimes.yaml",
           "InferenceService": "serving.kserve.io_inferenceservices.yaml"}
 KNATIVE_RESERVED = {8012, 8013, 8022, 9090, 9091, 8008, 9088}
-PROTOCOLS = {"grpc-v2"}  # what transerve answers (KServe also knows v1, v2, grpc-v1)
+PROTOCOLS = {"grpc-v2", "v2"}  # what transerve answers (KServe also knows v1 and grpc-v1)
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -111,25 +112,32 @@ def container_problems(doc: dict[str, Any]) -> list[str]:
             problems.append(f"terminationGracePeriodSeconds {spec.get('terminationGracePeriodSeconds', 30)} < "
                             f"preStop {pre_stop} + drain delay {delay} + drain grace {grace} + 5 s margin")
         if doc["kind"] != "Deployment":
-            if list(ports) != ["h2c"]:
+            rest = spec.get("protocolVersions") == ["v2"]
+            if (rest and list(ports.values()) != [flag(args, "http-port", 8000)]) or (rest and "h2c" in ports):
+                problems.append(f"{doc['kind']}: v2 (REST) needs its one port at --http-port, not h2c: {ports}")
+            if not rest and list(ports) != ["h2c"]:
                 problems.append(f"{doc['kind']}: exactly one port named h2c, got {list(ports)}")
             if set(ports.values()) & KNATIVE_RESERVED:
                 problems.append(f"{doc['kind']}: port {ports} is reserved by Knative")
     return problems
 
 
-def kserve_problems(docs: list[dict[str, Any]], runtimes: dict[str, set[str]]) -> list[str]:
+def kserve_problems(docs: list[dict[str, Any]], runtimes: dict[str, set[str]],
+                    protocols_of: dict[str, set[str]]) -> list[str]:
     problems = []
     for doc in docs:
         if doc["kind"] in ("ServingRuntime", "ClusterServingRuntime"):
-            wrong = set(doc["spec"].get("protocolVersions", [])) - PROTOCOLS
-            if wrong or not doc["spec"].get("protocolVersions"):
-                problems.append(f"{doc['kind']}: protocolVersions {sorted(wrong) or 'missing'} (transerve: grpc-v2)")
+            protocols = doc["spec"].get("protocolVersions", [])
+            wrong = set(protocols) - PROTOCOLS
+            if wrong or len(protocols) != 1:
+                problems.append(f"{doc['kind']}: protocolVersions {protocols} (transerve: one of grpc-v2, v2 per "
+                                "runtime: each runtime has one port)")
         if doc["kind"] == "InferenceService":
             model = doc["spec"]["predictor"]["model"]
-            if model.get("protocolVersion") not in PROTOCOLS:
-                problems.append(f"InferenceService: protocolVersion {model.get('protocolVersion')!r} must be "
-                                "grpc-v2, set explicitly")
+            speaks = protocols_of.get(model.get("runtime", ""), set())
+            if model.get("protocolVersion") not in PROTOCOLS & speaks:
+                problems.append(f"InferenceService: protocolVersion {model.get('protocolVersion')!r} must be set "
+                                f"explicitly to what runtime {model.get('runtime')!r} speaks ({sorted(speaks)})")
             formats = runtimes.get(model.get("runtime", ""))
             if formats is None or model["modelFormat"]["name"] not in formats:
                 problems.append(f"InferenceService: runtime {model.get('runtime')!r} does not serve format "
@@ -151,7 +159,9 @@ def all_problems(docs: list[dict[str, Any]], context: list[dict[str, Any]]) -> l
                 for d in context if d["kind"] in ("ServingRuntime", "ClusterServingRuntime")}
     problems = [p for d in docs for p in schema_errors(d)]
     problems += [p for d in docs for p in container_problems(d)]
-    problems += kserve_problems(docs, runtimes) + selector_problems(docs if len(docs) > 1 else context)
+    protocols_of = {d["metadata"]["name"]: set(d["spec"].get("protocolVersions", []))
+                    for d in context if d["kind"] in ("ServingRuntime", "ClusterServingRuntime")}
+    problems += kserve_problems(docs, runtimes, protocols_of) + selector_problems(docs if len(docs) > 1 else context)
     return problems
 
 

@@ -56,11 +56,12 @@ def test_structure_matches_the_server() -> None:
     assert len(health) == 1 and "grpc_health.v1" in health[0] and "HealthCheckRequest" in health[0]
     defaults = {name: p.default for name, p in inspect.signature(serve_command).parameters.items()}
     exposed = {int(p) for word, args in final if word == "EXPOSE" for p in args.split()}
-    assert exposed == {defaults["port"], defaults["metrics_port"]}
+    assert exposed == {defaults["port"], defaults["http_port"], defaults["metrics_port"]}
     cmd = next(args for word, args in final if word == "CMD")
     assert '"/mnt/models"' in cmd and '"0.0.0.0"' in cmd
     env = " ".join(args for word, args in final if word == "ENV")
     assert f"TRANSERVE_PORT={defaults['port']}" in env and f"TRANSERVE_METRICS_PORT={defaults['metrics_port']}" in env
+    assert f"TRANSERVE_HTTP_PORT={defaults['http_port']}" in env
     assert "TRANSERVE_PORT" in health[0]  # the health check asks the port the server listens on
     install = next(args for word, args in steps if word == "RUN" and "pip install" in args)
     assert "pip install ./clients ." in install and "[" not in install.split("pip install")[1].split("&&")[0]

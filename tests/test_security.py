@@ -195,7 +195,7 @@ def test_binds_loopback_unless_told_otherwise(small_repo: Path) -> None:
     import sys
 
     process = subprocess.Popen([sys.executable, "-m", "transerve", "serve", "--repo", str(small_repo), "--port", "0",
-                                "--metrics-port", "-1", "--drain-delay", "0"], stdout=subprocess.PIPE,
+                                "--metrics-port", "-1", "--drain-delay", "0", "--no-http"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
         assert process.stdout is not None
@@ -214,3 +214,33 @@ def test_binds_loopback_unless_told_otherwise(small_repo: Path) -> None:
     finally:
         process.terminate()
         assert process.wait(30) == 0
+
+
+def test_rest_takes_the_same_tokens(guarded: ServerProcess) -> None:
+    """REST (server/rest.py) applies the gRPC rules: user tokens for inference, admin for repository control,
+    health without a token; the statuses are KServe's (401, 403) and no token reaches the log."""
+    import http.client
+    import json
+
+    def post(path: str, token: str | None, body: bytes = b"{}") -> tuple[int, dict[str, str]]:
+        connection = http.client.HTTPConnection("127.0.0.1", guarded.http_port, timeout=30)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        status, reply = response.status, json.loads(response.read() or b"{}")
+        connection.close()
+        return status, reply
+
+    doc = json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["seven"]}]}).encode()
+    assert post("/v2/models/tiny-mt/infer", None, doc) == (401, {"error": "missing bearer token"})
+    assert post("/v2/models/tiny-mt/infer", "wrong", doc) == (401, {"error": "invalid bearer token"})
+    status, reply = post("/v2/models/tiny-mt/infer", USER_TOKENS[1], doc)
+    assert status == 200 and reply["outputs"][0]["name"] == "translation"
+    assert post("/v2/models/tiny-mt/infer", ADMIN_TOKEN, doc)[0] == 200
+    assert post("/v2/repository/models/tiny-mt/load", USER_TOKENS[0]) == \
+        (403, {"error": "repository control needs an admin token"})
+    assert post("/v2/repository/models/tiny-mt/load", ADMIN_TOKEN) == (200, {})
+    connection = http.client.HTTPConnection("127.0.0.1", guarded.http_port, timeout=30)
+    connection.request("GET", "/v2/health/ready")
+    assert connection.getresponse().status == 200  # probes carry no token
+    connection.close()

@@ -368,7 +368,8 @@ def test_port_in_use_exits_non_zero_with_one_clear_line(small_repo: Path) -> Non
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run([sys.executable, "-m", "transerve", "serve", "--repo", str(small_repo), "--port",
-                                 str(port), "--metrics-port", "-1"], capture_output=True, text=True, timeout=60)
+                                 str(port), "--metrics-port", "-1", "--no-http"], capture_output=True, text=True,
+                                timeout=60)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"error: cannot listen on 127.0.0.1:{port}: the port is in use or the address is not this " \

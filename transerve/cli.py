@@ -13,6 +13,7 @@ from rich.table import Table
 from transerve import __version__
 from transerve.cli_common import console, fail, require_export_stack
 from transerve.cli_export import engine_build_command, export_command, inspect_command
+from transerve.cli_repo import repo_app
 from transerve.cli_serve import serve_command
 
 app = typer.Typer(help="transerve: export PyTorch Transformers to ONNX/TensorRT and serve them over gRPC.",
@@ -22,6 +23,7 @@ zoo_app = typer.Typer(help="The demo models, trained here on CPU from data that 
 checkpoint_app = typer.Typer(help="Inspect and run PyTorch checkpoint directories offline.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(checkpoint_app, name="checkpoint")
+app.add_typer(repo_app, name="repo")
 engine_app = typer.Typer(help="TensorRT engines for repository entries (GPU machines).", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")
 app.command("export")(export_command)

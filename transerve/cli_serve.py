@@ -51,6 +51,10 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, envvar="TRANSERVE_PORT",
                                       help="gRPC port (0 = any free port).")] = 8001,
+    http_port: Annotated[int, typer.Option(min=0, max=65535, envvar="TRANSERVE_HTTP_PORT",
+                                           help="KServe v2 REST port, beside gRPC (0 = any free port; Triton's "
+                                           "default is 8000).")] = 8000,
+    no_http: Annotated[bool, typer.Option("--no-http", help="Serve gRPC only (no REST port).")] = False,
     metrics_port: Annotated[int, typer.Option(min=-1, max=65535, envvar="TRANSERVE_METRICS_PORT",
                                               help="Prometheus /metrics port (0 = any free, -1 = off).")] = 8002,
     backend: Annotated[BackendChoice, typer.Option(help="auto picks TensorRT engines when present and usable, "
@@ -126,7 +130,8 @@ def serve_command(
         require_export_stack("serve --backend torch", ("torch", "safetensors"))
     if not repo.is_dir():
         raise fail(f"{repo}: no such model repository (build one with `transerve zoo build --repo {repo}`)")
-    options = ServeOptions(repo=repo, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,
+    options = ServeOptions(repo=repo, host=host, port=port, http_port=None if no_http else http_port,
+                           metrics_port=None if metrics_port < 0 else metrics_port,
                            backend=backend.value, tls_cert=tls_cert, tls_key=tls_key,  # type: ignore[arg-type]
                            tls_client_ca=tls_client_ca,
                            auth_tokens=tokens_from(auth_token_file, "TRANSERVE_AUTH_TOKEN"),

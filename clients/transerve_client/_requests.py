@@ -76,12 +76,17 @@ def image_message(image: ImageLike) -> Any:
     raise TypeError(f"cannot send a {type(image).__name__} as an image (path, bytes, PIL image or numpy array)")
 
 
-def classify_request(images: Sequence[ImageLike], model: str | None, top_k: int) -> Any:
+def image_list(images: Sequence[ImageLike] | ImageLike) -> list[ImageLike]:
+    """What ``classify`` accepts as a list of single images: one image alone, a ``[N, C, H, W]`` array, or a
+    sequence of images."""
     if isinstance(images, str | bytes | np.ndarray) and not (isinstance(images, np.ndarray) and images.ndim == 4):
-        images = [images]
-    if isinstance(images, np.ndarray):  # a [N, C, H, W] batch
-        images = list(images)
-    return tpb.ClassifyRequest(model=model or "", images=[image_message(i) for i in images], top_k=top_k)
+        return [images]
+    return list(images)  # type: ignore[arg-type]  # a PathLike alone was handled above
+
+
+def classify_request(images: Sequence[ImageLike], model: str | None, top_k: int) -> Any:
+    return tpb.ClassifyRequest(model=model or "", images=[image_message(i) for i in image_list(images)],
+                               top_k=top_k)
 
 
 def predictions(response: Any) -> list[list[Prediction]]:
@@ -100,3 +105,28 @@ def infer_request(model: str, inputs: dict[str, np.ndarray], version: str = "") 
 
 def infer_outputs(response: Any) -> dict[str, np.ndarray]:
     return tensors_to_numpy(response.outputs, response.raw_output_contents, field="raw_output_contents")
+
+
+MAX_CHUNKS_IN_FLIGHT = 4  # chunks of one large call sent at once: enough to fill a server's batches
+
+
+def batch_limit(metadatas: Sequence[Any], task: str, model: str | None) -> int | None:
+    """Items per request for calls to ``model`` (None: the server's default ``task`` model), read from the
+    ``max_batch_size`` its ModelMetadata carries; None when the server does not say (no splitting)."""
+    for meta in metadatas:
+        params = meta.parameters
+        if "max_batch_size" not in params:
+            continue
+        named = model is not None and meta.name == model
+        default = model is None and params["task"].string_param == task and params["default"].bool_param
+        if named or default:
+            return int(params["max_batch_size"].int64_param) or None
+    return None
+
+
+def chunk_ranges(count: int, limit: int | None) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``limit`` items covering ``count`` (one range without a limit)."""
+    if not limit or count <= limit:
+        return [(0, count)]
+    return [(start, min(start + limit, count)) for start in range(0, count, limit)]
+

@@ -12,7 +12,12 @@ Example::
 ``url`` may name several servers (``"10.0.0.1:8001,10.0.0.2:8001"``, a list) or a ``dns:///name:port``;
 calls are then spread over all of them by gRPC's ``round_robin`` policy (:mod:`transerve_client.targets`).
 
-Every failed call raises :class:`TranserveError` carrying the gRPC status code and the server's message.
+``translate`` and ``classify`` split a call holding more items than the model takes per request (its
+``max_batch_size``, read once from the model's metadata) into requests sent concurrently (at most
+``MAX_CHUNKS_IN_FLIGHT`` at once), and return the results in order; ``infer`` is always one request.
+
+Every failed call raises :class:`TranserveError` carrying the gRPC status code and the server's message
+(for a split call, also the index range of the items the failed request held: ``items``).
 Only ``UNAVAILABLE`` is retried (the server restarting or not yet listening), with exponential backoff and
 jitter, a bounded number of times; every call has a deadline.
 """
@@ -23,6 +28,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,9 +50,15 @@ class TranserveError(Exception):
     """A failed call: ``code`` is the ``grpc.StatusCode``, ``message`` the server's explanation, and
     ``request_id`` the id the server logged the request under (quote it when reporting a problem)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None) -> None:
-        super().__init__(f"{code.name}: {message}" + (f" [request id {request_id}]" if request_id else ""))
-        self.code, self.message, self.request_id = code, message, request_id
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str | None = None,
+                 items: tuple[int, int] | None = None) -> None:
+        where = f"items {items[0]}–{items[1] - 1} of the call: " if items else ""
+        super().__init__(f"{code.name}: {where}{message}" + (f" [request id {request_id}]" if request_id else ""))
+        self.code, self.message, self.request_id, self.items = code, message, request_id, items
+
+    def for_items(self, start: int, stop: int) -> TranserveError:
+        """The same failure, saying which items of a split call (``[start, stop)``) the failed request held."""
+        return TranserveError(self.code, self.message, self.request_id, (start, stop))
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,7 @@ class _Base:
         self.retry = retry or RetryPolicy()
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         self._credentials = _credentials(tls, client_cert, client_key)
+        self._limits: dict[tuple[str, str | None], int | None] = {}  # (task, model) → items per request
 
 
 def _error(e: grpc.RpcError) -> TranserveError:
@@ -119,10 +132,16 @@ class TranserveClient(_Base):
     def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
                   max_new_tokens: int | None = None, length_penalty: float | None = None,
                   timeout: float | None = None) -> list[str]:
-        """Translations of ``texts``, in order (``model=None``: the server's default translator)."""
-        response = self._call(self._translator.Translate,
-                              rq.translate_request(texts, model, beam_size, max_new_tokens, length_penalty), timeout)
-        return [t.text for t in response.translations]
+        """Translations of ``texts``, in order (``model=None``: the server's default translator); more texts
+        than the model takes per request are split (see the module's docstring)."""
+        if isinstance(texts, str):
+            raise TypeError("translate() takes a list of texts; wrap a single text in a list")
+
+        def one(part: Sequence[str]) -> list[str]:
+            request = rq.translate_request(part, model, beam_size, max_new_tokens, length_penalty)
+            return [t.text for t in self._call(self._translator.Translate, request, timeout).translations]
+
+        return self._split(list(texts), self._limit("translate", model, timeout), one)
 
     def translate_stream(self, text: str, *, model: str | None = None, timeout: float | None = None
                          ) -> Iterator[str]:
@@ -137,9 +156,40 @@ class TranserveClient(_Base):
 
     def classify(self, images: Sequence[ImageLike], *, model: str | None = None, top_k: int = 5,
                  timeout: float | None = None) -> list[list[Prediction]]:
-        """Top-``k`` predictions per image; images as paths, bytes, PIL images or numpy arrays."""
-        return rq.predictions(self._call(self._classifier.Classify, rq.classify_request(images, model, top_k),
-                                         timeout))
+        """Top-``k`` predictions per image; images as paths, bytes, PIL images or numpy arrays. More images
+        than the model takes per request are split (see the module's docstring)."""
+        items = rq.image_list(images)
+
+        def one(part: Sequence[ImageLike]) -> list[list[Prediction]]:
+            return rq.predictions(self._call(self._classifier.Classify, rq.classify_request(part, model, top_k),
+                                             timeout))
+
+        return self._split(items, self._limit("classify", model, timeout), one)
+
+    def _limit(self, task: str, model: str | None, timeout: float | None) -> int | None:
+        """The model's items per request, asked once per client (None: unknown, calls are not split)."""
+        if (task, model) not in self._limits:
+            try:
+                names = [model] if model else self.models(timeout)
+                metadatas = [self.model_metadata(name, timeout) for name in names]
+            except TranserveError:
+                metadatas = []
+            self._limits[(task, model)] = rq.batch_limit(metadatas, task, model)
+        return self._limits[(task, model)]
+
+    def _split(self, items: list[Any], limit: int | None, call: Callable[[Sequence[Any]], list[T]]) -> list[T]:
+        ranges = rq.chunk_ranges(len(items), limit)
+        if len(ranges) == 1:
+            return call(items)
+
+        def part(bounds: tuple[int, int]) -> list[T]:
+            try:
+                return call(items[bounds[0]:bounds[1]])
+            except TranserveError as e:
+                raise e.for_items(*bounds) from None
+
+        with ThreadPoolExecutor(min(rq.MAX_CHUNKS_IN_FLIGHT, len(ranges))) as pool:
+            return [result for chunk in pool.map(part, ranges) for result in chunk]
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], *, version: str = "",
               timeout: float | None = None) -> dict[str, np.ndarray]:
@@ -201,10 +251,14 @@ class AsyncTranserveClient(_Base):
     async def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
                         max_new_tokens: int | None = None, length_penalty: float | None = None,
                         timeout: float | None = None) -> list[str]:
-        response = await self._call(self._translator.Translate,
-                                    rq.translate_request(texts, model, beam_size, max_new_tokens, length_penalty),
-                                    timeout)
-        return [t.text for t in response.translations]
+        if isinstance(texts, str):
+            raise TypeError("translate() takes a list of texts; wrap a single text in a list")
+
+        async def one(part: Sequence[str]) -> list[str]:
+            request = rq.translate_request(part, model, beam_size, max_new_tokens, length_penalty)
+            return [t.text for t in (await self._call(self._translator.Translate, request, timeout)).translations]
+
+        return await self._split(list(texts), await self._limit("translate", model, timeout), one)
 
     async def translate_stream(self, text: str, *, model: str | None = None, timeout: float | None = None
                                ) -> AsyncIterator[str]:
@@ -219,8 +273,38 @@ class AsyncTranserveClient(_Base):
 
     async def classify(self, images: Sequence[ImageLike], *, model: str | None = None, top_k: int = 5,
                        timeout: float | None = None) -> list[list[Prediction]]:
-        return rq.predictions(await self._call(self._classifier.Classify, rq.classify_request(images, model, top_k),
-                                               timeout))
+        async def one(part: Sequence[ImageLike]) -> list[list[Prediction]]:
+            return rq.predictions(await self._call(self._classifier.Classify, rq.classify_request(part, model, top_k),
+                                                   timeout))
+
+        return await self._split(rq.image_list(images), await self._limit("classify", model, timeout), one)
+
+    async def _limit(self, task: str, model: str | None, timeout: float | None) -> int | None:
+        if (task, model) not in self._limits:
+            try:
+                names = [model] if model else await self.models(timeout)
+                metadatas = [await self.model_metadata(name, timeout) for name in names]
+            except TranserveError:
+                metadatas = []
+            self._limits[(task, model)] = rq.batch_limit(metadatas, task, model)
+        return self._limits[(task, model)]
+
+    async def _split(self, items: list[Any], limit: int | None,
+                     call: Callable[[Sequence[Any]], Awaitable[list[T]]]) -> list[T]:
+        ranges = rq.chunk_ranges(len(items), limit)
+        if len(ranges) == 1:
+            return await call(items)
+        gate = asyncio.Semaphore(rq.MAX_CHUNKS_IN_FLIGHT)
+
+        async def part(start: int, stop: int) -> list[T]:
+            async with gate:
+                try:
+                    return await call(items[start:stop])
+                except TranserveError as e:
+                    raise e.for_items(start, stop) from None
+
+        chunks = await asyncio.gather(*(part(*bounds) for bounds in ranges))
+        return [result for chunk in chunks for result in chunk]
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], *, version: str = "",
                     timeout: float | None = None) -> dict[str, np.ndarray]:
