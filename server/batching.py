@@ -18,7 +18,8 @@ Queue-time admission (``max_queue_time_ms``): a request that would wait longer
 than the bound is refused at ``submit`` with :class:`QueueFull` rather than
 queued to time out later. The expected wait is the batches ahead of it (the
 queued items over ``max_batch_size``, plus the one computing) times a moving
-average of recent batch compute times, shared over ``instances`` threads.
+average of recent batch times — the larger of compute alone and dispatch-to-dispatch under backlog, which
+also counts what surrounds compute when the event loop is saturated — shared over ``instances`` threads.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ class DynamicBatcher(Generic[P, R]):
         self.on_drop: Callable[[str, int], None] | None = None  # (reason, count): requests dropped before compute
         self.max_queue_time = None if max_queue_time_ms is None else max_queue_time_ms / 1000.0
         self.batch_seconds = 0.0  # moving average of compute time per batch (0 until the first batch)
+        # moving average of dispatch-to-dispatch time under backlog: compute plus what it costs around it
+        # (splitting, delivery, waiting for the GIL while the event loop is busy), which compute alone misses
+        self.cycle_seconds = 0.0
         self.name = name
         self._queue: deque[_Item[P, R]] = deque()
         self._queued_items = 0
@@ -158,7 +162,7 @@ class DynamicBatcher(Generic[P, R]):
     def expected_wait(self, size: int = 1) -> float:
         """Seconds a request of ``size`` items would wait now: the batches ahead of it times the average batch."""
         ahead = (self._queued_items + size - 1) // self.max_batch_size + (1 if self.in_flight else 0)
-        return ahead * self.batch_seconds / self.instances
+        return ahead * max(self.batch_seconds, self.cycle_seconds) / self.instances
 
     def _next_batch(self) -> list[_Item[P, R]] | None:
         """Under ``_cond``: the next batch by the flush rules, or None when stopping with nothing left. Requests
@@ -201,13 +205,19 @@ class DynamicBatcher(Generic[P, R]):
         return [i for i in batch if not i.future.cancelled()]
 
     def _thread_main(self) -> None:
+        previous: float | None = None  # this thread's last dispatch, while work was waiting behind it
         while True:
             with self._cond:
+                backlog = bool(self._queue)
                 batch = self._next_batch()
                 if batch is None:
                     return
                 self._queued_items -= sum(item.size for item in batch)
                 now = time.monotonic()
+                if previous is not None:  # dispatch to dispatch with no idle gap: what a batch really takes
+                    cycle, average = now - previous, self.cycle_seconds
+                    self.cycle_seconds = cycle if average == 0 else 0.8 * average + 0.2 * cycle
+                previous = now if backlog or self._queue else None
                 live = [i for i in batch if not i.future.done() and not _expired(i, now)]
                 expired = [i for i in batch if _expired(i, now)]
                 self.in_flight += 1 if live else 0
