@@ -25,7 +25,7 @@ import yaml
 from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_bench import command_line, machine, markdown, write_section
+from export_bench import command_line, machine, markdown, verdict, write_section
 from opus_model import checkpoint, exported
 
 SOURCES, SOURCE_LEN, NEW_TOKENS, THREADS = 16, 20, 32, 2
@@ -120,7 +120,8 @@ def main() -> None:
         for precision, target in (("fp32", 1.25 if batch == 16 else 1.0), ("int8", 1.1 if batch == 16 else 1.3)):
             ours, theirs = med[(f"transerve {precision}", batch)], med[(f"ct2 {precision}", batch)]
             rows.append({"batch": batch, "precision": precision, "transerve tok/s": round(ours),
-                         "CTranslate2 tok/s": round(theirs), "ratio": round(ours / theirs, 2), "target": f"≥ {target}",
+                         "CTranslate2 tok/s": round(theirs), "ratio": round(ours / theirs, 2),
+                         "target": verdict(f"≥ {target}", ours >= target * theirs),
                          "token agreement vs own fp32": "—" if precision == "fp32" else
                          f"transerve {agreement(outputs['transerve int8'], outputs['transerve fp32']):.3f} / "
                          f"ct2 {agreement(outputs['ct2 int8'], outputs['ct2 fp32']):.3f}"})

@@ -112,6 +112,11 @@ def bench_vit(label: str, cfg: ViTConfig, batches: list[int], repeats: int) -> l
     return rows
 
 
+def verdict(target: str, met: bool) -> str:
+    """A target with its mark, as every table with targets writes it."""
+    return f"{target} {'met' if met else 'MISSED'}"
+
+
 def markdown(rows: list[dict[str, object]]) -> str:
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

@@ -28,8 +28,9 @@ def checkpoint(work: Path) -> Path:
         return directory
     from transerve.models.importers.random_marian import write_random_marian
 
+    # greedy, no forced EOS: the decode loops compare with CTranslate2's plain greedy search
     return write_random_marian(directory, numbers=range(0, 20000, 7), spm_vocab=300, vocab_size=VOCAB,
-                               max_position_embeddings=512, **SHAPE)
+                               max_position_embeddings=512, generation=None, forced_eos_token_id=None, **SHAPE)
 
 
 def exported(work: Path, max_new_tokens: int = 64) -> Path:
@@ -42,6 +43,7 @@ def exported(work: Path, max_new_tokens: int = 64) -> Path:
 
     imported = import_hf_marian(checkpoint(work))
     export_translator_entry(imported.model, imported.tokenizer,
-                            ExportOptions(repo, "opus-shaped", int8=True, default=True, on_status=print),
+                            # no bf16 gate: no benchmark here serves the translator's bf16 variant
+                            ExportOptions(repo, "opus-shaped", int8=True, bf16=False, default=True, on_status=print),
                             max_new_tokens=max_new_tokens)
     return repo

@@ -41,19 +41,20 @@ from export_bench import RESULTS, THREADS, command_line, machine, markdown, ours
 
 MAE_BOUND = 0.01
 PROFILE_READING = (
-    "Reading on the AMD EPYC with AVX512-BF16 and no AMX (2 vCPUs, the table above): the fully connected layers "
-    "run on oneDNN's avx512_bf16 brgemm kernels, 87.5 % of the time at ViT-B/16 batch 8, so every bf16 "
-    "pipeline here is bound by the same GEMM kernels. ViT-B/16 batch 1 against OpenVINO's own conversion "
-    "(0.96) is a tie inside the noise: the min–max ranges overlap (13.8–15.7 vs 14.7–16.2 img/s). What would "
-    "win there: int8, 1.8–2.3× faster than bf16 on this CPU (VNNI), but ONNX Runtime's dynamic int8 misses the "
-    "0.01 MAE gate on these random-weight ViTs (MAE 0.0116–0.0136), so it is not served; a static (calibrated) "
-    "or per-tensor-activation-clipped int8 that passes the gate would. Reading on the Xeon with AMX (2 vCPUs, "
-    "an earlier run): the fully connected layers run on AMX bf16 tiles at about 1.7 TFLOP/s — about 73 % of "
-    "the time — so batch 8 of ViT-B/16 is compute-bound in the GEMMs, where PyTorch's bf16 weights use the "
-    "same oneDNN kernels: 1.2 × PyTorch there would need the other 27 % to vanish. Of that, the attention "
-    "subgraph is about 15 % and the Transpose/Split that OpenVINO makes of our packed-QKV `Attention` node "
-    "about 7 %. What would close it: an attention form OpenVINO fuses without the head transposes (its own SDPA "
-    "pattern), and int8 GEMMs on AMX-INT8 (twice bf16's rate) if a quantized graph passes the 0.01 MAE gate.")
+    "Reading on the AMD EPYC with AVX512-BF16 and no AMX (2 vCPUs): the fully connected layers run on oneDNN's "
+    "avx512_bf16 brgemm kernels, about 87 % of the time at ViT-B/16 batch 8, so every bf16 pipeline here is bound "
+    "by the same GEMM kernels, and transerve-bf16 against OpenVINO's own conversion is within a few per cent "
+    "either way from run to run at ViT-B/16 batch 1 (one earlier run measured 0.96, its min–max ranges "
+    "overlapping OpenVINO's: a tie inside the noise). What would win there: int8, 1.3–2.3× faster than bf16 on "
+    "this CPU (VNNI), but ONNX Runtime's dynamic int8 misses the 0.01 MAE gate on these random-weight ViTs (MAE "
+    "0.011–0.014), so it is not served; a static (calibrated) or per-tensor-activation-clipped int8 that passes "
+    "the gate would. Reading on the Xeon with AMX (2 vCPUs, an earlier run): the fully connected layers run on "
+    "AMX bf16 tiles at about 1.7 TFLOP/s — about 73 % of the time — so batch 8 of ViT-B/16 is compute-bound in "
+    "the GEMMs, where PyTorch's bf16 weights use the same oneDNN kernels: 1.2 × PyTorch there would need the "
+    "other 27 % to vanish. Of that, the attention subgraph is about 15 % and the Transpose/Split that OpenVINO "
+    "makes of our packed-QKV `Attention` node about 7 %. What would close it: an attention form OpenVINO fuses "
+    "without the head transposes (its own SDPA pattern), and int8 GEMMs on AMX-INT8 (twice bf16's rate) if a "
+    "quantized graph passes the 0.01 MAE gate.")
 Runner = Callable[[np.ndarray], np.ndarray]
 PEERS = ("openvino-bf16", "eager-bf16-autocast", "eager-bf16-weights")
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -30,21 +28,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_bench import command_line, markdown, write_section
-from server_bench import MODEL, request
+from server_bench import MODEL, request, start_with_rest
 
 CONCURRENCY = 32
-
-
-def start(repo: Path) -> tuple[subprocess.Popen[str], str, str]:
-    cmd = [sys.executable, "-m", "transerve", "serve", "--repo", str(repo), "--port", "0", "--http-port", "0",
-           "--metrics-port", "-1", "--precision", "fp32"]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert process.stdout is not None
-    for line in process.stdout:
-        match = re.search(r"on (127\.0\.0\.1:\d+) .*REST on (127\.0\.0\.1:\d+)", line)
-        if match:
-            return process, match.group(1), match.group(2)
-    raise RuntimeError("server did not start")
 
 
 async def drive(call: Callable[[], Awaitable[object]], seconds: float) -> dict[str, float]:
@@ -110,16 +96,17 @@ def main() -> None:
     shape = yaml.safe_load((args.repo / MODEL / "config.yaml").read_text())["inputs"][0]["dims"][1:]
     images = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
     runs: dict[str, list[dict[str, float]]] = {}
-    for _ in range(args.repeats):
-        process, grpc_address, http_address = start(args.repo)
-        try:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    process, grpc_address, http_address = start_with_rest(args.repo)  # one server: a restart per repeat costs more
+    assert http_address is not None
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            for _ in range(args.repeats):
                 for label, figures in runner.run(measure_all(grpc_address, http_address, images,
                                                              args.seconds)).items():
                     runs.setdefault(label, []).append(figures)
-        finally:
-            process.terminate()
-            process.wait(60)
+    finally:
+        process.terminate()
+        process.wait(60)
     grpc_c1 = statistics.median(r["c1_ms"] for r in runs["gRPC"])
     grpc_cn = statistics.median(r["cN"] for r in runs["gRPC"])
     rows = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ from transerve.server.cpu import cpu_signature
 from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, make_session
 
 from transerve import __version__
+from transerve.generation import DecodingDefaults, GenerationRules
+
+VERIFY_MAX_NEW_TOKENS = 64  # verification decodes this much at most, whatever budget the entry serves
 
 
 class ExportError(RuntimeError):
@@ -44,6 +47,7 @@ class ExportOptions:
     fp16: bool = False
     default: bool = False
     torch_checkpoint: bool = False  # also write <version>/torch for the `torch` reference backend
+    bf16: bool = True  # with int8: measure the OpenVINO bf16 variant too, where this CPU can run it
     source: str = "transerve"
     on_status: Callable[[str], None] = field(default=lambda message: None)
 
@@ -112,7 +116,9 @@ def _wanted(opts: ExportOptions, report: dict[str, Any]) -> list[str]:
     """The variants to build: int8 and fp16 when asked for; bf16 (OpenVINO) alongside int8 where it can be
     measured here — it needs no file of its own, only its gate (the report says why it was skipped)."""
     wanted = [v for v in ("int8", "fp16") if getattr(opts, v)]
-    if opts.int8:
+    if opts.int8 and not opts.bf16:
+        report["bf16_skipped"] = "not asked for (ExportOptions.bf16 = False)"
+    elif opts.int8:
         skip = variants.bf16_skip_reason()
         if skip is None:
             wanted.append("bf16")
@@ -127,12 +133,16 @@ def _input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
 
 def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opts: ExportOptions, *,
                             eval_pairs: Sequence[tuple[str, str]] | None = None,
-                            max_new_tokens: int = 64) -> dict[str, Any]:
+                            max_new_tokens: int | None = None, decoding: DecodingDefaults | None = None
+                            ) -> dict[str, Any]:
     """Export the translator's encoder and decoder step to ``REPO/NAME`` and return the report.
 
     One decoder graph, ``decoder_step_ragged``: it serves continuous batching and decodes a uniform batch
     for request-level batching too, so the decoder's weights are stored (and loaded) once."""
     start = time.perf_counter()
+    decoding = decoding or DecodingDefaults()
+    decoding = replace(decoding, max_new_tokens=max_new_tokens or decoding.max_new_tokens)
+    verify_tokens = min(decoding.max_new_tokens, VERIFY_MAX_NEW_TOKENS)
     cfg, report = model.config, _base_report(opts, "transformer")
     opts.on_status(f"{opts.name}: exporting encoder and decoder_step_ragged (opset {graphs.OPSET})")
     raw = {"encoder": graphs.export_encoder(model.eval()), "decoder_step_ragged": graphs.export_ragged_step(model)}
@@ -147,28 +157,31 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
                                       "fused": results[-2].changed.get("attention_blocks", 0)}
     opts.on_status(f"{opts.name}: verifying against PyTorch")
     seq2seq = ort_seq2seq(model, make_session(fused["encoder"].SerializeToString()),
-                          make_session(fused["decoder_step_ragged"].SerializeToString()))
-    report.update(_verify_translation(model, tokenizer, seq2seq, eval_pairs, max_new_tokens))
+                          make_session(fused["decoder_step_ragged"].SerializeToString()), decoding.rules)
+    report.update(_verify_translation(model, tokenizer, seq2seq, eval_pairs, verify_tokens))
     config = repository.translator_config(
         opts.name, num_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads, head_dim=cfg.d_model // cfg.num_heads,
         vocab_size=cfg.vocab_size, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, max_len=cfg.max_len,
-        max_new_tokens=max_new_tokens, default=opts.default)
+        decoding=decoding, default=opts.default)
     vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"tokenizer.json": tokenizer.to_str()})
     save_graphs(vdir, fused)  # one weights.bin: the embedding the encoder and decoder share is stored once
     if opts.torch_checkpoint:
         save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
-    report["variants"] = _translator_variants(model, tokenizer, fused, vdir, opts, eval_pairs, max_new_tokens,
-                                                report)
+    report["generation"] = {"beam_size": decoding.beam_size, "max_new_tokens": decoding.max_new_tokens,
+                            **decoding.generation_section()}
+    report["variants"] = _translator_variants(model, tokenizer, fused, vdir, opts, eval_pairs, verify_tokens,
+                                              report, decoding.rules)
     report["export_seconds"] = round(time.perf_counter() - start, 1)
     _check(report, vdir)
     return report
 
 
-def ort_seq2seq(model: Seq2SeqTransformer, encoder: Any, decoder: Any) -> OrtSeq2Seq:
+def ort_seq2seq(model: Seq2SeqTransformer, encoder: Any, decoder: Any,
+                rules: GenerationRules | None = None) -> OrtSeq2Seq:
     cfg = model.config
     layout = DecoderLayout(cfg.num_decoder_layers, cfg.num_heads, cfg.d_model // cfg.num_heads, cfg.bos_id,
                            cfg.eos_id, cfg.pad_id)
-    return OrtSeq2Seq(encoder, decoder, layout)
+    return OrtSeq2Seq(encoder, decoder, layout, rules or GenerationRules())
 
 
 def _verify_translation(model: Seq2SeqTransformer, tokenizer: Tokenizer, seq2seq: OrtSeq2Seq,
@@ -181,16 +194,18 @@ def _verify_translation(model: Seq2SeqTransformer, tokenizer: Tokenizer, seq2seq
         rng = np.random.default_rng(0)
         sources = [[*rng.integers(4, model.config.vocab_size, int(n)).tolist(), eos] for n in rng.integers(1, 20, 32)]
         references = None
-    return verify_translator(model, seq2seq, sources, references, tokenizer.decode_batch, max_new_tokens)
+    return verify_translator(model, seq2seq, sources, references, tokenizer.decode_batch, max_new_tokens,
+                             rules=seq2seq.rules)
 
 
 def _translator_variants(model: Seq2SeqTransformer, tokenizer: Tokenizer, fused: dict[str, onnx.ModelProto],
                          vdir: Path, opts: ExportOptions, eval_pairs: Sequence[tuple[str, str]] | None,
-                         max_new_tokens: int, report: dict[str, Any]) -> dict[str, Any]:
+                         max_new_tokens: int, report: dict[str, Any], rules: GenerationRules) -> dict[str, Any]:
     """Each variant's parity with PyTorch and exact match (as the fp32 export's), and its gate against the
     fp32 graphs: teacher-forced logits and greedy agreement (:mod:`transerve.export.accuracy_gate`)."""
     built: dict[str, Any] = {}
-    fp32 = ort_seq2seq(model, *(make_session(vdir / f"{g}.onnx") for g in ("encoder", "decoder_step_ragged")))
+    encoder, decoder = (make_session(vdir / f"{g}.onnx") for g in ("encoder", "decoder_step_ragged"))
+    fp32 = ort_seq2seq(model, encoder, decoder, rules)
     sources = _gate_sources(model, tokenizer, eval_pairs)
     for variant in _wanted(opts, report):
         opts.on_status(f"{opts.name}: {variant} variant")
@@ -207,8 +222,8 @@ def _translator_variant(model: Seq2SeqTransformer, tokenizer: Tokenizer, vdir: P
     entry: dict[str, Any] = {"files": files, "runtime": "openvino" if variant == "bf16" else "onnxruntime",
                              "precision": variant}
     try:
-        seq2seq = ort_seq2seq(model, *(variants.runner_for(vdir, files[g], variant)
-                                       for g in ("encoder", "decoder_step_ragged")))
+        encoder, decoder = (variants.runner_for(vdir, files[g], variant) for g in ("encoder", "decoder_step_ragged"))
+        seq2seq = ort_seq2seq(model, encoder, decoder, fp32.rules)
         checks = _verify_translation(model, tokenizer, seq2seq, eval_pairs, max_new_tokens)
         entry.update(runs_on_cpu=True, token_agreement_vs_pytorch=1.0 - checks["parity"]["sequences_differing"]
                      / max(1, checks["parity"]["sequences_compared"]), **checks)

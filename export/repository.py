@@ -18,6 +18,8 @@ from typing import Any, Final
 import yaml
 from transerve.server.model_config import latest_version
 
+from transerve.generation import DecodingDefaults
+
 REPORT_FILE: Final = "export_report.json"
 CONFIG_FILE: Final = "config.yaml"
 
@@ -49,12 +51,13 @@ def vit_config(name: str, *, image_size: int, in_chans: int, num_classes: int, p
 
 
 def translator_config(name: str, *, num_layers: int, num_heads: int, head_dim: int, vocab_size: int,
-                      bos_id: int, eos_id: int, pad_id: int, max_len: int, max_new_tokens: int,
+                      bos_id: int, eos_id: int, pad_id: int, max_len: int, decoding: DecodingDefaults,
                       max_batch_size: int = 32, default: bool = False) -> dict[str, Any]:
     return {
         "name": name, "task": "translate", "backend": "onnxruntime", "default": default,
         "max_batch_size": max_batch_size, "batching": batching_defaults(max_batch_size),
-        "max_input_tokens": max_len - 1, "max_new_tokens": max_new_tokens, "beam_size": 1,
+        "max_input_tokens": max_len - 1, "max_new_tokens": decoding.max_new_tokens, "beam_size": decoding.beam_size,
+        "generation": decoding.generation_section(),
         "scheduler": {"mode": "continuous", "max_active_sequences": 64, "max_cached_tokens": 64 * max_len},
         "decoder": {"num_layers": num_layers, "num_heads": num_heads, "head_dim": head_dim,
                     "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id},

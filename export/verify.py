@@ -17,6 +17,8 @@ from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.vit import ViT
 from transerve.server.seq2seq import OrtSeq2Seq, pad_ids
 
+from transerve.generation import GenerationRules
+
 FP32_TOLERANCE: Final = 1e-4
 
 
@@ -76,8 +78,10 @@ def translator_logit_diff(model: Seq2SeqTransformer, seq2seq: OrtSeq2Seq, steps:
 
 def verify_translator(model: Seq2SeqTransformer, seq2seq: OrtSeq2Seq, sources: Sequence[Sequence[int]],
                       references: Sequence[str] | None, decode: Callable[[list[list[int]]], list[str]],
-                      max_new_tokens: int, batch_size: int = 128) -> dict[str, Any]:
-    """Logit parity, greedy-token equality with PyTorch, and exact match against references."""
+                      max_new_tokens: int, batch_size: int = 128, rules: GenerationRules | None = None
+                      ) -> dict[str, Any]:
+    """Logit parity, greedy-token equality with PyTorch (both under the model's generation rules), and exact
+    match against references."""
     from transerve.models.decoding import translate_ids
 
     cfg = model.config
@@ -86,7 +90,8 @@ def verify_translator(model: Seq2SeqTransformer, seq2seq: OrtSeq2Seq, sources: S
     for i in range(0, len(sources), batch_size):
         ids, mask = pad_ids(sources[i:i + batch_size], cfg.pad_id)
         onnx_out += seq2seq.generate(ids, mask, max_new_tokens)
-        torch_out += translate_ids(model, torch.from_numpy(ids), torch.from_numpy(mask).bool(), max_new_tokens)
+        torch_out += translate_ids(model, torch.from_numpy(ids), torch.from_numpy(mask).bool(), max_new_tokens,
+                                   rules=rules or GenerationRules())
     parity = {"max_abs_diff": translator_logit_diff(model, seq2seq),
               "tokens_equal": onnx_out == torch_out,
               "sequences_compared": len(sources),

@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from transerve.models.attention import KVCache
 from transerve.models.transformer import Seq2SeqTransformer
 
-from transerve.search import Hypothesis, SourceBeams, strip_special
+from transerve.search import DEFAULT_RULES, GenerationRules, Hypothesis, SourceBeams, strip_special
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 
@@ -34,14 +35,19 @@ def select_rows(state: Any, rows: Tensor) -> Any:
 
 @torch.no_grad()
 def greedy_search(step: StepFn, state: Any, batch_size: int, bos_id: int, eos_id: int, max_new_tokens: int,
-                  pad_id: int = 0) -> list[list[int]]:
-    """Pick the most likely token at every step; finished rows are fed ``pad_id``."""
+                  pad_id: int = 0, rules: GenerationRules = DEFAULT_RULES) -> list[list[int]]:
+    """Pick the most likely token the rules allow at every step; finished rows are fed ``pad_id``."""
     last = torch.full((batch_size,), bos_id, dtype=torch.long)
     finished = torch.zeros(batch_size, dtype=torch.bool)
     out: list[Tensor] = []
-    for _ in range(max_new_tokens):
+    for made in range(max_new_tokens):
         log_probs, state = step(last, state)
-        last = log_probs.argmax(dim=-1).masked_fill(finished, pad_id)
+        histories = None
+        if rules.needs_history:
+            histories = [[bos_id, *row] for row in (torch.stack(out, 1).tolist() if out else [[]] * batch_size)]
+        forced = np.full(batch_size, made + 1 == max_new_tokens)
+        picked = torch.from_numpy(rules.greedy_pick(log_probs.numpy(), histories, forced, eos_id))
+        last = picked.masked_fill(finished, pad_id)
         out.append(last)
         finished |= last == eos_id
         if bool(finished.all()):
@@ -52,7 +58,8 @@ def greedy_search(step: StepFn, state: Any, batch_size: int, bos_id: int, eos_id
 
 @torch.no_grad()
 def beam_search(step: StepFn, state: Any, batch_size: int, beam_size: int, bos_id: int, eos_id: int,
-                max_new_tokens: int, length_penalty: float = 1.0) -> list[Hypothesis]:
+                max_new_tokens: int, length_penalty: float = 1.0, rules: GenerationRules = DEFAULT_RULES
+                ) -> list[Hypothesis]:
     """Keep the ``beam_size`` best prefixes per source; return the best finished one each.
 
     ``state`` must already hold ``batch_size * beam_size`` rows (source-major).
@@ -61,7 +68,7 @@ def beam_search(step: StepFn, state: Any, batch_size: int, beam_size: int, bos_i
     PyTorch model here, arrays and the exported graphs there), which tests hold equal token for token.
     """
     k = beam_size
-    sources = [SourceBeams(k, bos_id, eos_id, max_new_tokens, length_penalty) for _ in range(batch_size)]
+    sources = [SourceBeams(k, bos_id, eos_id, max_new_tokens, length_penalty, rules) for _ in range(batch_size)]
     last = torch.full((batch_size * k,), bos_id, dtype=torch.long)
     for _ in range(max_new_tokens):
         log_probs, state = step(last, state)
@@ -100,16 +107,17 @@ def recompute_step(model: Seq2SeqTransformer, memory_kv: list[KVCache], src_keep
 
 @torch.no_grad()
 def translate_ids(model: Seq2SeqTransformer, src: Tensor, src_keep: Tensor, max_new_tokens: int,
-                  beam_size: int = 1, length_penalty: float = 1.0, use_cache: bool = True) -> list[list[int]]:
+                  beam_size: int = 1, length_penalty: float = 1.0, use_cache: bool = True,
+                  rules: GenerationRules = DEFAULT_RULES) -> list[list[int]]:
     """Token ids in, generated ids out (EOS stripped); greedy when ``beam_size == 1``."""
     cfg = model.config
     memory_kv = model.memory_kv(model.encode(src, src_keep))
     make_step = model_step if use_cache else recompute_step
     if beam_size == 1:
         return greedy_search(make_step(model, memory_kv, src_keep), None, src.shape[0], cfg.bos_id,
-                             cfg.eos_id, max_new_tokens, cfg.pad_id)
+                             cfg.eos_id, max_new_tokens, cfg.pad_id, rules)
     expand = torch.arange(src.shape[0]).repeat_interleave(beam_size)
     step = make_step(model, select_rows(memory_kv, expand), src_keep.index_select(0, expand))
     best = beam_search(step, None, src.shape[0], beam_size, cfg.bos_id, cfg.eos_id, max_new_tokens,
-                       length_penalty)
+                       length_penalty, rules)
     return [strip_special(h.tokens, cfg.eos_id) for h in best]

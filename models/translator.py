@@ -17,6 +17,8 @@ from transerve.models.checkpoint import CheckpointError, load_checkpoint
 from transerve.models.decoding import translate_ids
 from transerve.models.transformer import Seq2SeqTransformer
 
+from transerve.generation import DecodingDefaults
+
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3 = pad, bos, eos, unk (TransformerConfig defaults)
 
@@ -31,9 +33,13 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tenso
 
 
 class TextTranslator:
-    def __init__(self, model: Seq2SeqTransformer, tokenizer: Tokenizer) -> None:
+    """``decoding``: how the checkpoint decodes by default (an imported one's own generation settings)."""
+
+    def __init__(self, model: Seq2SeqTransformer, tokenizer: Tokenizer,
+                 decoding: DecodingDefaults | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.decoding = decoding or DecodingDefaults()
 
     @classmethod
     def load(cls, directory: Path) -> TextTranslator:
@@ -53,10 +59,13 @@ class TextTranslator:
         return pad_batch([[*enc.ids, eos] for enc in self.tokenizer.encode_batch(list(texts))],
                          self.model.config.pad_id)
 
-    def translate(self, texts: Sequence[str], max_new_tokens: int = 64, beam_size: int = 1,
-                  length_penalty: float = 1.0) -> list[str]:
+    def translate(self, texts: Sequence[str], max_new_tokens: int | None = None, beam_size: int | None = None,
+                  length_penalty: float | None = None) -> list[str]:
+        """Unset settings are the checkpoint's defaults (:attr:`decoding`)."""
         if not texts:
             return []
+        d = self.decoding
         src, keep = self.encode_sources(texts)
-        ids = translate_ids(self.model, src, keep, max_new_tokens, beam_size, length_penalty)
+        ids = translate_ids(self.model, src, keep, max_new_tokens or d.max_new_tokens, beam_size or d.beam_size,
+                            d.length_penalty if length_penalty is None else length_penalty, rules=d.rules)
         return self.tokenizer.decode_batch(ids)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from transerve.generation import GenerationRules
+
 
 class ConfigError(ValueError):
     """A repository entry whose config.yaml is missing or invalid."""
@@ -58,6 +60,24 @@ class DecoderSpec(BaseModel):
     pad_id: int
 
 
+class Generation(BaseModel):
+    """A translator's decoding rules beyond beam size and budget (``beam_size`` and ``max_new_tokens`` are the
+    defaults a request overrides). ``transerve export hf-marian`` writes them from the checkpoint's
+    ``generation_config.json``; the defaults are transerve's own models' (see ``transerve/generation.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    length_penalty: float = Field(1.0, ge=0, le=10)  # the default when a request sends none
+    early_stopping: bool | Literal["never"] = True
+    bad_words_ids: list[list[int]] = Field(default_factory=list)
+    forced_eos: bool = False  # the budget's last token is EOS (Hugging Face's forced_eos_token_id)
+    renormalize_logits: bool = False
+
+    def rules(self, eos_id: int) -> GenerationRules:
+        return GenerationRules.from_settings(self.bad_words_ids, self.forced_eos, self.renormalize_logits,
+                                             self.early_stopping, eos_id)
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -80,6 +100,7 @@ class ModelConfig(BaseModel):
     max_new_tokens: int = Field(64, ge=1)
     beam_size: int = Field(1, ge=1, le=16)
     scheduler: Scheduler = Scheduler()
+    generation: Generation = Generation()
     decoder: DecoderSpec | None = None
     tokenizer: str | None = None
 
@@ -89,6 +110,11 @@ class ModelConfig(BaseModel):
             raise ValueError("a classify model needs 'preprocessing'")
         if self.task == "translate" and (self.decoder is None or self.tokenizer is None):
             raise ValueError("a translate model needs 'decoder' and 'tokenizer'")
+        vocab = self.decoder.vocab_size if self.decoder is not None else None
+        for word in self.generation.bad_words_ids:
+            if not word or (vocab is not None and not all(0 <= t < vocab for t in word)):
+                raise ValueError(f"generation.bad_words_ids: {word} is not a token sequence within the vocabulary "
+                                 f"(0 to {vocab})")
         return self
 
 

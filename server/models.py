@@ -216,8 +216,9 @@ class TranslatorModel(LoadedModel):
         self.tokenizer = load_tokenizer(entry / config.tokenizer)
         d = config.decoder
         self.layout = DecoderLayout(d.num_layers, d.num_heads, d.head_dim, d.bos_id, d.eos_id, d.pad_id)
+        self.rules = config.generation.rules(d.eos_id)
         step = runners.get("decoder_step_ragged") or runners["decoder_step"]  # the ragged step decodes both ways
-        self.seq2seq = OrtSeq2Seq(runners["encoder"], step, self.layout)
+        self.seq2seq = OrtSeq2Seq(runners["encoder"], step, self.layout, self.rules)
         self.limits = limits
         self.scheduler: ContinuousScheduler | None = None
         if config.scheduler.mode == "continuous":
@@ -241,7 +242,8 @@ class TranslatorModel(LoadedModel):
                     metrics.time_to_first_token.labels(self.name).observe(request.first_token_at - request.enqueued)
 
         scheduler = ContinuousScheduler.over_graphs(self.runners["encoder"], self.runners["decoder_step_ragged"],
-                                                    layout, caps, name=self.name, on_finish=finished)
+                                                    layout, caps, name=self.name, on_finish=finished,
+                                                    rules=self.rules)
         if metrics is not None:
             stats = scheduler.stats
             metrics.active_sequences.labels(self.name).set_function(lambda: stats.active_sequences)
@@ -297,14 +299,13 @@ class TranslatorModel(LoadedModel):
             group = [i for i, p in enumerate(payloads)
                      if (p.options.beam_size, p.options.length_penalty) == (beam, penalty)]
             rows = [r for i in group for r in payloads[i].sources]
+            budgets = [payloads[i].options.max_new_tokens for i in group for _ in payloads[i].sources]
             ids, mask = pad_ids(rows, self.layout.pad_id)
-            out = self.seq2seq.generate(ids, mask, max(payloads[i].options.max_new_tokens for i in group),
-                                        beam_size=beam, length_penalty=penalty)
+            out = self.seq2seq.generate(ids, mask, budgets, beam_size=beam, length_penalty=penalty)
             start = 0
             for i in group:
-                job = payloads[i]
-                results[i] = [row[:job.options.max_new_tokens] for row in out[start:start + len(job.sources)]]
-                start += len(job.sources)
+                results[i] = out[start:start + len(payloads[i].sources)]
+                start += len(payloads[i].sources)
         return [results[i] for i in range(len(payloads))]
 
     def _options(self, max_new_tokens: int | None, beam_size: int | None, length_penalty: float | None
@@ -315,7 +316,7 @@ class TranslatorModel(LoadedModel):
         beam = beam_size or self.config.beam_size
         if beam > MAX_BEAM:
             raise RequestError(f"beam_size: {beam} exceeds the limit of {MAX_BEAM}")
-        penalty = 1.0 if length_penalty is None else float(length_penalty)
+        penalty = self.config.generation.length_penalty if length_penalty is None else float(length_penalty)
         if not 0.0 <= penalty <= MAX_LENGTH_PENALTY:
             raise RequestError(f"length_penalty: {penalty} is outside 0 to {MAX_LENGTH_PENALTY}")
         return DecodeOptions(budget, beam, penalty)
@@ -346,7 +347,7 @@ class TranslatorModel(LoadedModel):
         source = self.encode([text], "text")[0]
         pieces = Detokenizer(self.tokenizer)
         if self.scheduler is None:
-            progress = self._static_stream(source, o.max_new_tokens, deadline)
+            progress = self._static_stream(source, o, deadline)
         else:
             progress = self._scheduled_stream(source, o, deadline)
         async for step in progress:
@@ -366,19 +367,27 @@ class TranslatorModel(LoadedModel):
                 ids += event.tokens
                 yield TokenProgress(list(ids), False)
 
-    async def _static_stream(self, source: list[int], budget: int, deadline: float | None
+    async def _static_stream(self, source: list[int], o: DecodeOptions, deadline: float | None
                              ) -> AsyncIterator[TokenProgress]:
-        """Greedy, one sequence stepped alone (request-level mode has no shared step to join)."""
-        s2s, loop = self.seq2seq, asyncio.get_running_loop()
-        ids, mask = pad_ids([source], self.layout.pad_id)
+        """Greedy: one sequence stepped alone (request-level mode has no shared step to join). A beam search
+        settles its tokens only at the end: it decodes with the batch and streams its result whole."""
+        if o.beam_size > 1:
+            ids = await self.batcher.submit(TranslateJob([source], o), size=1, deadline=deadline)
+            yield TokenProgress(ids[0], True)
+            return
+        s2s, loop, layout = self.seq2seq, asyncio.get_running_loop(), self.layout
+        ids, mask = pad_ids([source], layout.pad_id)
         cross = await loop.run_in_executor(None, s2s.encode, ids, mask)
-        past, last, tokens = s2s.empty_cache(1), np.array([self.layout.bos_id]), []
-        for _ in range(budget):
+        past, last = s2s.empty_cache(1), np.array([layout.bos_id])
+        tokens: list[int] = []
+        for made in range(o.max_new_tokens):
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("deadline passed while decoding")
             logits, past = await loop.run_in_executor(None, s2s.step, last, mask, past, cross)
-            token = int(logits[0].argmax())
-            if token == self.layout.eos_id:
+            history = [[layout.bos_id, *tokens]] if self.rules.needs_history else None
+            token = int(self.rules.greedy_pick(logits, history, np.array([made + 1 == o.max_new_tokens]),
+                                               layout.eos_id)[0])
+            if token == layout.eos_id:
                 break
             tokens.append(token)
             last = np.array([token])

@@ -42,7 +42,7 @@ from transerve.server.kv_cache import BatchRows
 from transerve.server.runtime import GraphRunner, run_into
 from transerve.server.seq2seq import DecoderLayout
 
-from transerve.search import SourceBeams, log_softmax, strip_special
+from transerve.search import DEFAULT_RULES, GenerationRules, SourceBeams, log_softmax, strip_special
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ class ContinuousScheduler:
     def __init__(self, runner: SequenceRunner, layout: DecoderLayout, caps: SchedulerCaps, name: str = "",
                  on_step: Callable[[int, float], None] | None = None,
                  on_finish: Callable[[SequenceRequest], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.runner, self.layout, self.caps, self.name = runner, layout, caps, name
+                 clock: Callable[[], float] = time.monotonic, rules: GenerationRules = DEFAULT_RULES) -> None:
+        self.runner, self.layout, self.caps, self.name, self.rules = runner, layout, caps, name, rules
         self._on_step, self._on_finish, self._clock = on_step, on_finish, clock
         self._waiting: deque[SequenceRequest] = deque()
         self._cond = threading.Condition()
@@ -351,13 +351,13 @@ class ContinuousScheduler:
             for r in group:
                 if r.beam_size > 1:
                     r.beams = SourceBeams(r.beam_size, self.layout.bos_id, self.layout.eos_id, r.max_new_tokens,
-                                          r.length_penalty)
+                                          r.length_penalty, self.rules)
             self._batch.join(group, [c[rows] for c in cross], mask[rows])
 
     def _update(self, logits: np.ndarray, outbox: Outbox) -> None:
         """Apply one step's logits: next tokens, beam reorders, finished requests leave, metrics."""
         batch, now = self._batch, self._clock()
-        best = logits.argmax(axis=1)  # every greedy row at once
+        best = self._greedy_picks(logits)
         finished: list[SequenceRequest] = []
         for request in batch.requests:
             if request.first_token_at is None:
@@ -379,6 +379,20 @@ class ContinuousScheduler:
                 self.decode_seconds = took if average == 0 else 0.8 * average + 0.2 * took
         batch.remove(finished)
         self._account(made)
+
+    def _greedy_picks(self, logits: np.ndarray) -> np.ndarray:
+        """Every greedy row's next token at once, under the model's rules (a beam row's pick is not read)."""
+        rules, requests = self.rules, self._batch.requests
+        forced, histories = None, None
+        if rules.forced_eos:
+            forced = np.zeros(len(logits), bool)
+            for r in requests:
+                forced[r.row_ids[0]] = r.beams is None and len(r.tokens) + 1 >= r.max_new_tokens
+        if rules.needs_history:
+            histories = [[self.layout.bos_id]] * len(logits)
+            for r in requests:
+                histories[r.row_ids[0]] = [self.layout.bos_id, *r.tokens]
+        return rules.greedy_pick(logits, histories, forced, self.layout.eos_id)
 
     def _next(self, request: SequenceRequest, logits: np.ndarray, best: np.ndarray) -> RowsOutcome:
         eos = self.layout.eos_id

@@ -21,7 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from transerve.search import beam_search, greedy_search, log_softmax, strip_special
+from transerve.search import (
+    DEFAULT_RULES,
+    Budgets,
+    GenerationRules,
+    beam_search,
+    greedy_search,
+    log_softmax,
+    strip_special,
+)
 
 
 def session_options(threads: int = 2, spinning: bool = True) -> Any:
@@ -59,10 +67,11 @@ class DecoderLayout:
 
 
 class OrtSeq2Seq:
-    """An encoder and a decoder step, and the cache layout they share."""
+    """An encoder and a decoder step, the cache layout they share, and the model's generation rules."""
 
-    def __init__(self, encoder: Any, decoder: Any, layout: DecoderLayout) -> None:
-        self.encoder, self.decoder, self.layout = encoder, decoder, layout
+    def __init__(self, encoder: Any, decoder: Any, layout: DecoderLayout, rules: GenerationRules = DEFAULT_RULES
+                 ) -> None:
+        self.encoder, self.decoder, self.layout, self.rules = encoder, decoder, layout, rules
         layers = layout.num_layers
         self.past_names = [f"past_{k}_{i}" for i in range(layers) for k in ("k", "v")]
         self.cross_names = [f"cross_{k}_{i}" for i in range(layers) for k in ("k", "v")]
@@ -95,9 +104,9 @@ class OrtSeq2Seq:
         logits, *present = self.decoder.run(None, feeds)
         return logits, present
 
-    def generate(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, beam_size: int = 1,
+    def generate(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: Budgets, beam_size: int = 1,
                  length_penalty: float = 1.0) -> list[list[int]]:
-        """Token ids for each source (EOS stripped), greedy when ``beam_size == 1``."""
+        """Token ids for each source (EOS stripped), greedy when ``beam_size == 1``; one budget or one each."""
         batch, layout = ids.shape[0], self.layout
         cross = self.encode(ids, mask)
         rows = np.arange(batch).repeat(beam_size)
@@ -108,9 +117,10 @@ class OrtSeq2Seq:
             return (logits if beam_size == 1 else log_softmax(logits)), present
 
         if beam_size == 1:
-            return greedy_search(step, None, batch, layout.bos_id, layout.eos_id, max_new_tokens, layout.pad_id)
+            return greedy_search(step, None, batch, layout.bos_id, layout.eos_id, max_new_tokens, layout.pad_id,
+                                 self.rules)
         best = beam_search(step, None, batch, beam_size, layout.bos_id, layout.eos_id, max_new_tokens,
-                           length_penalty)
+                           length_penalty, self.rules)
         return [strip_special(h.tokens, layout.eos_id) for h in best]
 
 

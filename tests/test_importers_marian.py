@@ -69,7 +69,7 @@ def test_greedy_ids_and_logits_match_generate(marian_dir: Path, tmp_path: Path) 
     from transerve.models.decoding import translate_ids
 
     assert sum(len(row) for row in expected) > 10  # the random model really generates
-    assert translate_ids(ours.model, src, keep, 12) == expected
+    assert translate_ids(ours.model, src, keep, 12, rules=ours.decoding.rules) == expected
     report = export_translator_entry(ours.model, ours.tokenizer, ExportOptions(tmp_path, "marian"),
                                      eval_pairs=[(s, "") for s in SOURCES], max_new_tokens=12)
     assert report["parity"]["tokens_equal"] is True and report["parity"]["max_abs_diff"] <= 1e-4
@@ -95,7 +95,8 @@ def test_cli_exports_a_marian_directory(marian_dir: Path, tmp_path: Path) -> Non
 
 
 def test_continuous_batching_scheduler_decodes_marian_like_generate(marian_dir: Path, tmp_path: Path) -> None:
-    """The server's scheduler over the exported Marian graphs: greedy = ``generate``, beam = offline beam."""
+    """The server's scheduler over the exported Marian graphs, with the checkpoint's rules: greedy = ``generate``,
+    beam = offline beam (tests/test_marian_generation.py holds beams to ``generate`` too)."""
     import asyncio
 
     from transerve.models.decoding import translate_ids
@@ -109,7 +110,7 @@ def test_continuous_batching_scheduler_decodes_marian_like_generate(marian_dir: 
     layout = DecoderLayout(c.num_decoder_layers, c.num_heads, c.d_model // c.num_heads, c.bos_id, c.eos_id, c.pad_id)
     scheduler = ContinuousScheduler.over_graphs(make_session(vdir / "encoder.onnx"),
                                                 make_session(vdir / "decoder_step_ragged.onnx"), layout,
-                                                SchedulerCaps())
+                                                SchedulerCaps(), rules=ours.decoding.rules)
     sources = [hf_tok(s)["input_ids"] for s in SOURCES]
 
     async def serve() -> list[list[int]]:
@@ -129,7 +130,8 @@ def test_continuous_batching_scheduler_decodes_marian_like_generate(marian_dir: 
     beams = []
     for src in sources:
         ids = torch.tensor([src])
-        beams += translate_ids(ours.model, ids, torch.ones_like(ids, dtype=torch.bool), 12, beam_size=3)
+        beams += translate_ids(ours.model, ids, torch.ones_like(ids, dtype=torch.bool), 12, beam_size=3,
+                               rules=ours.decoding.rules)
     assert served == greedy + beams
     assert sum(len(row) for row in greedy) > 10
 

@@ -45,7 +45,10 @@ def export_command(
     torch_checkpoint: Annotated[bool, typer.Option("--torch-checkpoint", help="Also write the PyTorch checkpoint "
                                                    "that only `serve --backend torch` (the reference) reads.")]
     = False,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Translators: generation budget in config.yaml.")] = 64,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        min=1, help="Translators: the generation budget (limit and default) in config.yaml. Default: the "
+        "checkpoint's own (hf-marian: generation_config.json's max_new_tokens, or max_length − 1), else 64.")]
+    = None,
 ) -> None:
     """Export a checkpoint to ONNX, fold BatchNorm, fuse attention, verify parity, write REPO/NAME."""
     require_export_stack("export")
@@ -61,7 +64,7 @@ def export_command(
         if source in (Source.transformer, Source.hf_marian):
             translator = _load_translator(source, checkpoint)
             report = export_translator_entry(translator.model, translator.tokenizer, opts,
-                                             max_new_tokens=max_new_tokens)
+                                             max_new_tokens=max_new_tokens, decoding=translator.decoding)
         else:
             model, meta = _load_vit(source, checkpoint)
             report = export_vit_entry(model, opts, **meta)
@@ -151,6 +154,9 @@ def print_report(report: dict[str, Any], entry: Path) -> None:
                                                           "speed_vs_fp32")}
         checks.add_row(f"variant {variant}", str(summary))
     console.print(checks)
+    if "generation" in report:
+        console.print("decoding defaults (config.yaml; a request overrides beam, budget, length penalty): "
+                      + ", ".join(f"{k} {v}" for k, v in report["generation"].items()), highlight=False)
     console.print(gate_table(report))
 
 

@@ -6,6 +6,12 @@ Reads what ``MarianMTModel.save_pretrained`` + ``MarianTokenizer.save_pretrained
 Swish FFNs, split-layout sinusoidal positions, √C-scaled tied embeddings and a
 ``final_logits_bias``; decoding starts from the pad token and stops at ``</s>`` (id 0).
 
+Decoding follows the checkpoint's own generation settings (``generation_config.json``, as
+``from_pretrained`` reads it): default beam size and budget, length penalty, early stopping, bad
+words (the pad token), forced EOS and renormalised scores — :mod:`transerve.generation`. A setting
+that would change ``generate()``'s output and that transerve does not apply is refused by name,
+never ignored.
+
 The tokenizer becomes a ``tokenizers`` Unigram over Marian's own ids (``vocab.json``)
 scored with the source sentencepiece model's piece scores, with that model's
 precompiled normaliser — the same segmentation sentencepiece makes, without
@@ -14,7 +20,9 @@ sentencepiece at serving time.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -22,6 +30,16 @@ from transerve.models.checkpoint import CheckpointError
 from transerve.models.importers.vit import StateDict, need, read_json, read_weights
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
 from transerve.models.translator import TextTranslator
+
+from transerve.generation import DecodingDefaults, GenerationRules
+
+# generate() settings that change its output and that transerve does not apply, with their neutral values
+UNSUPPORTED = {"do_sample": False, "num_beam_groups": 1, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,
+               "encoder_no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+               "min_length": 0, "min_new_tokens": 0, "forced_bos_token_id": None, "suppress_tokens": None,
+               "begin_suppress_tokens": None, "exponential_decay_length_penalty": None, "sequence_bias": None,
+               "force_words_ids": None, "constraints": None}
+LIBRARY_MAX_LENGTH = 20  # generate()'s budget (decoder start included) when a checkpoint sets none
 
 SPECIALS = ("</s>", "<unk>", "<pad>")
 
@@ -75,6 +93,51 @@ def marian_config(directory: Path) -> TransformerConfig:
         scale_embeddings=bool(c.get("scale_embedding", True)), output_bias=True)
 
 
+def _decoder_start(directory: Path, cfg: TransformerConfig) -> TransformerConfig:
+    """The generation settings' ``decoder_start_token_id`` wins over ``config.json``'s, as in ``generate()``."""
+    start = generation_settings(directory)[0].get("decoder_start_token_id")
+    return cfg if start is None else dataclasses.replace(cfg, bos_id=int(start))
+
+
+def generation_settings(directory: Path) -> tuple[dict[str, Any], Path]:
+    """``generation_config.json`` when the checkpoint has one (it wins, as in ``from_pretrained``), else the
+    generation fields older checkpoints keep in ``config.json``."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        path = directory / "config.json"
+    return read_json(path), path
+
+
+def marian_decoding(directory: Path, cfg: TransformerConfig) -> DecodingDefaults:
+    """How ``MarianMTModel.generate()`` decodes this checkpoint when called without arguments."""
+    settings, path = generation_settings(directory)
+    odd = [f"{k}={settings[k]!r}" for k, neutral in UNSUPPORTED.items() if settings.get(k) not in (neutral, None)]
+    if odd:
+        raise CheckpointError(f"{path}: {', '.join(odd)}: generate() would apply {'these' if len(odd) > 1 else 'this'}"
+                              " and transerve does not (it applies num_beams, max_length/max_new_tokens, "
+                              "length_penalty, early_stopping, bad_words_ids, forced_eos_token_id, renormalize_logits)")
+    forced = settings.get("forced_eos_token_id")
+    if isinstance(forced, list):
+        forced = forced[0] if len(set(forced)) == 1 else forced
+    if forced is not None and forced != cfg.eos_id:
+        raise CheckpointError(f"{path}: forced_eos_token_id {forced} is not the EOS token {cfg.eos_id} (unsupported)")
+    if settings.get("max_new_tokens"):
+        budget = int(settings["max_new_tokens"])
+    elif settings.get("max_length"):
+        budget = int(settings["max_length"]) - 1  # max_length counts the decoder start token
+    else:
+        budget = min(LIBRARY_MAX_LENGTH + 1, cfg.max_len) - 1
+    raw_penalty = settings.get("length_penalty")
+    penalty = 1.0 if raw_penalty is None else float(raw_penalty)
+    if not 0.0 <= penalty <= 10.0:
+        raise CheckpointError(f"{path}: length_penalty {penalty} is outside 0 to 10 (unsupported)")
+    early = settings.get("early_stopping") or False
+    rules = GenerationRules.from_settings(settings.get("bad_words_ids") or (), forced is not None,
+                                          bool(settings.get("renormalize_logits")), early, cfg.eos_id)
+    return DecodingDefaults(int(settings.get("num_beams") or 1), max(1, min(budget, cfg.max_len - 1)), penalty,
+                            rules)
+
+
 def _linear(state: StateDict, ours: str, theirs: str, out: StateDict) -> None:
     out[f"{ours}.weight"], out[f"{ours}.bias"] = state[f"{theirs}.weight"], state[f"{theirs}.bias"]
 
@@ -111,7 +174,7 @@ def marian_state(state: StateDict, cfg: TransformerConfig, source: Path) -> Stat
 
 
 def import_hf_marian(directory: Path) -> TextTranslator:
-    cfg = marian_config(directory)
+    cfg = _decoder_start(directory, marian_config(directory))
     state = read_weights(directory)
     try:
         mapped = marian_state(state, cfg, directory)
@@ -122,4 +185,4 @@ def import_hf_marian(directory: Path) -> TextTranslator:
         model.load_state_dict(mapped, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{directory}: does not match its config: {str(e).splitlines()[-1].strip()}") from None
-    return TextTranslator(model.eval(), marian_tokenizer(directory))
+    return TextTranslator(model.eval(), marian_tokenizer(directory), marian_decoding(directory, cfg))
