@@ -28,6 +28,10 @@ class Batching(BaseModel):
     max_queue_size: int = Field(256, ge=1)
     instances: int = Field(1, ge=1, le=64)
     flush_when_idle: bool = True  # no waiting while the backend is idle (see server/batching.py)
+    # a request to an idle model estimated to compute in under this runs on the event loop: no thread hops
+    # (see server/batching.py); 0 turns it off. Only models whose batch is plain compute use it (classifiers,
+    # tensor models).
+    inline_below_ms: float = Field(0.5, ge=0, le=10)
     # refuse at admission (RESOURCE_EXHAUSTED) a request expected to wait longer than this; None: no bound
     max_queue_time_ms: float | None = Field(None, gt=0, le=3_600_000)
 

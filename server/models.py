@@ -56,6 +56,9 @@ class Limits:
 class LoadedModel(ABC):
     """What every task shares: identity, config, batcher lifecycle."""
 
+    #: ``_run_batch`` is plain compute that may run on the event loop (the batcher's inline fast path)
+    computes_inline = False
+
     def __init__(self, config: ModelConfig, version: str, backend: str, runners: dict[str, GraphRunner],
                  on_batch: Any) -> None:
         self.config, self.version, self.backend, self.runners = config, version, backend, runners
@@ -66,7 +69,7 @@ class LoadedModel(ABC):
             self._run_batch, max_batch_size=config.max_batch_size, max_queue_delay_ms=b.max_queue_delay_ms,
             preferred_batch_sizes=b.preferred_batch_sizes, max_queue_size=b.max_queue_size, instances=b.instances,
             on_batch=lambda stats: on_batch(self.name, stats), name=config.name, flush_when_idle=b.flush_when_idle,
-            max_queue_time_ms=b.max_queue_time_ms)
+            max_queue_time_ms=b.max_queue_time_ms, inline_below_ms=b.inline_below_ms if self.computes_inline else 0)
 
     def observe(self, metrics: Metrics) -> None:
         """Let the metrics read this model's queue length when scraped, and count the requests it drops."""
@@ -91,6 +94,7 @@ class LoadedModel(ABC):
 
 
 class ClassifierModel(LoadedModel):
+    computes_inline = True
     def __init__(self, config: ModelConfig, version: str, backend: str, runners: dict[str, GraphRunner],
                  entry: Path, on_batch: Any, image_pool: ThreadPoolExecutor, limits: Limits) -> None:
         super().__init__(config, version, backend, runners, on_batch)

@@ -54,6 +54,7 @@ def batches_on_first_axis(inputs: list[dict[str, Any]], outputs: list[dict[str, 
 
 
 class TensorModel(LoadedModel):
+    computes_inline = True
     def __init__(self, config: ModelConfig, version: str, backend: str, runners: dict[str, GraphRunner],
                  on_batch: Any) -> None:
         super().__init__(config, version, backend, runners, on_batch)

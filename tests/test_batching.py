@@ -8,7 +8,8 @@ import time
 from collections.abc import Sequence
 
 import pytest
-from transerve.server.batching import DeadlineExceeded, DynamicBatcher, QueueFull
+from transerve.server import batching
+from transerve.server.batching import INLINE_PROBE, DeadlineExceeded, DynamicBatcher, QueueFull
 
 
 class Recorder:
@@ -25,9 +26,11 @@ class Recorder:
         self.gate = threading.Event()
         self.gate.set()
         self.fail_next = False
+        self.threads: list[str] = []  # where each batch ran: a batcher thread, or the caller's (inline)
 
     def __call__(self, payloads: list[int]) -> Sequence[int]:
         self.entered.set()
+        self.threads.append(threading.current_thread().name)
         self.gate.wait(10)
         self.batches.append(list(payloads))
         if self.fail_next:
@@ -185,5 +188,72 @@ def test_close_finishes_accepted_work() -> None:
         assert [p.result() for p in pending] == [0, 2, 4, 6, 8]
         with pytest.raises(QueueFull, match="shutting down"):
             await batcher.submit(1)
+
+    run(main())
+
+
+def test_lone_cheap_requests_run_inline_with_a_thread_probe() -> None:
+    """Measured cheap and alone: computed on the caller's (event loop) thread, but every INLINE_PROBE + 1-th
+    request takes a batcher thread; the first one does too, since nothing has been measured yet."""
+    async def main() -> None:
+        backend = Recorder()
+        batcher = await started(backend, flush_when_idle=True, inline_below_ms=1000.0)
+        results = [await batcher.submit(i) for i in range(2 * INLINE_PROBE + 2)]
+        assert results == [2 * i for i in range(2 * INLINE_PROBE + 2)]
+        main_thread = threading.current_thread().name
+        on_caller = [name == main_thread for name in backend.threads]
+        assert on_caller == [False] + [True] * INLINE_PROBE + [False] + [True] * INLINE_PROBE
+        assert batcher.in_flight == 0 and batcher.queued == 0
+        await batcher.aclose()
+
+    run(main())
+
+
+def test_overlapping_requests_batch_on_the_thread_and_hold_inline_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests that meet in submit batch as before, and a lone request soon after does not run inline."""
+    monkeypatch.setattr(batching, "OVERLAP_HOLD", 3600.0)  # "soon" may be slow on a loaded CI machine
+
+    async def main() -> None:
+        backend = Recorder()
+        batcher = await started(backend, flush_when_idle=True, inline_below_ms=1000.0)
+        await batcher.submit(0)  # measured: cheap from now on
+        assert await asyncio.gather(*(batcher.submit(i) for i in range(1, 7))) == [2 * i for i in range(1, 7)]
+        assert await batcher.submit(7) == 14
+        main_thread = threading.current_thread().name
+        assert main_thread not in backend.threads
+        assert sorted(p for batch in backend.batches[1:-1] for p in batch) == list(range(1, 7))
+        assert len(backend.batches) < 8  # the six overlapping requests shared batches
+        await batcher.aclose()
+
+    run(main())
+
+
+@pytest.mark.parametrize("options", [{"inline_below_ms": 0.0}, {"inline_below_ms": 1e-9},
+                                     {"inline_below_ms": 1000.0, "flush_when_idle": False}],
+                         ids=["off", "costlier-than-the-bound", "waiting-batcher"])
+def test_no_inline_when_off_or_too_costly(options: dict[str, object]) -> None:
+    async def main() -> None:
+        backend = Recorder()
+        batcher = await started(backend, **{"flush_when_idle": True, "max_queue_delay_ms": 1.0, **options})
+        for i in range(4):
+            assert await batcher.submit(i) == 2 * i
+        assert threading.current_thread().name not in backend.threads
+        await batcher.aclose()
+
+    run(main())
+
+
+def test_an_inline_failure_fails_only_its_request() -> None:
+    async def main() -> None:
+        backend = Recorder()
+        batcher = await started(backend, flush_when_idle=True, inline_below_ms=1000.0)
+        await batcher.submit(0)
+        backend.fail_next = True
+        with pytest.raises(RuntimeError, match="exploded"):
+            await batcher.submit(1)
+        assert backend.threads[-1] == threading.current_thread().name  # it did run inline
+        assert await batcher.submit(2) == 4
+        assert batcher.in_flight == 0
+        await batcher.aclose()
 
     run(main())
