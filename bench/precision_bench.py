@@ -147,9 +147,11 @@ def summary_row(label: str, batch: int, stats: dict[str, tuple[float, float, flo
     return row
 
 
-def profile_openvino(cfg: ViTConfig, batch: int, top: int = 8) -> str:
-    """Where transerve-bf16's time goes on OpenVINO (its per-node counters, summed by node and kernel kind):
-    the profile that says what would close a missed target."""
+Spent = dict[tuple[str, str], float]  # (node or op, kernel) -> seconds per run
+
+
+def profile_openvino(cfg: ViTConfig, batch: int, runs: int = 5) -> Spent:
+    """Where transerve-bf16's time goes on OpenVINO: its per-node counters, summed by node and kernel kind."""
     import openvino as ov
 
     torch.manual_seed(0)
@@ -163,15 +165,62 @@ def profile_openvino(cfg: ViTConfig, batch: int, top: int = 8) -> str:
         x = np.random.default_rng(0).standard_normal((batch, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
         for _ in range(3):
             request.infer({"images": x})
-        spent: dict[tuple[str, str], float] = {}
-        for node in request.profiling_info:
-            key = (node.node_type, node.exec_type)
-            spent[key] = spent.get(key, 0.0) + node.real_time.total_seconds()
+        spent: Spent = {}
+        for _ in range(runs):  # the counters hold the last inference only
+            request.infer({"images": x})
+            for node in request.profiling_info:
+                key = (node.node_type, node.exec_type)
+                spent[key] = spent.get(key, 0.0) + node.real_time.total_seconds() / runs
+    return spent
+
+
+def profile_eager_bf16(cfg: ViTConfig, batch: int, runs: int = 5) -> Spent:
+    """Where PyTorch eager with bf16 weights spends its time: the profiler's self CPU time per aten op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = ViT(cfg).eval().to(torch.bfloat16)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, 3, cfg.image_size, cfg.image_size))
+                         .astype(np.float32)).to(torch.bfloat16)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(runs):
+                model(x)
+    return {(event.key, "aten"): event.self_cpu_time_total / 1e6 / runs for event in prof.key_averages()
+            if event.self_cpu_time_total > 0}
+
+
+GEMM_KINDS = ("FullyConnected", "aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul")
+
+
+def gemm_seconds(spent: Spent) -> float:
+    return sum(seconds for (kind, _), seconds in spent.items() if kind in GEMM_KINDS)
+
+
+def profile_table(spent: Spent, top: int = 6) -> str:
     total = sum(spent.values())
-    lines = ["| node | kernel | ms | share |", "|---|---|---|---|"]
-    lines += [f"| {kind} | {kernel} | {seconds * 1e3:.1f} | {100 * seconds / total:.1f} % |"
+    lines = ["| node / op | kernel | ms per run | share |", "|---|---|---|---|"]
+    lines += [f"| {kind} | {kernel} | {seconds * 1e3:.2f} | {100 * seconds / total:.1f} % |"
               for (kind, kernel), seconds in sorted(spent.items(), key=lambda item: -item[1])[:top]]
+    gemm = gemm_seconds(spent)
+    lines.append(f"| all matrix multiplications |  | {gemm * 1e3:.2f} | {100 * gemm / total:.1f} % |")
+    lines.append(f"| total |  | {total * 1e3:.2f} | 100 % |")
     return "\n".join(lines)
+
+
+def batch1_profile(cfg: ViTConfig) -> str:
+    """ViT-B/16 at batch 1 on both sides of the eager-bf16 target, and the ratio no non-GEMM work can beat:
+    PyTorch's total over transerve's GEMM time alone (both call oneDNN's bf16 GEMMs)."""
+    ours_spent, eager_spent = profile_openvino(cfg, 1), profile_eager_bf16(cfg, 1)
+    ceiling = sum(eager_spent.values()) / gemm_seconds(ours_spent)
+    return (f"Where the time goes at ViT-B/16 batch 1, this run (transerve-bf16: OpenVINO's per-node counters, "
+            f"mean of 5 runs after warm-up; eager-bf16-weights: torch.profiler's self CPU time per op, same "
+            f"runs):\n\n**transerve-bf16**\n\n{profile_table(ours_spent)}\n\n**eager-bf16-weights**\n\n"
+            f"{profile_table(eager_spent)}\n\nCeiling from this profile: even with everything but its matrix "
+            f"multiplications gone, transerve-bf16 would be {ceiling:.2f} × eager-bf16-weights "
+            f"({'above' if ceiling >= 1.2 else 'below'} the 1.2 target).")
 
 
 def main() -> None:
@@ -197,13 +246,11 @@ def main() -> None:
     if not args.quick:
         import openvino
 
-        profile = profile_openvino(models["ViT-B/16"], 8)
+        profile = batch1_profile(models["ViT-B/16"])
         print(profile)
         section = (f"## Precision: ViT images/s by pipeline (median of {repeats}, min–max; torch {torch.__version__}, "
                    f"OpenVINO {openvino.__version__}, onnx {onnx.__version__}, {THREADS} threads)\n\n"
-                   f"{machine()}\n\n{command_line()}\n\n{table}\n\n"
-                   f"Where transerve-bf16's time goes, ViT-B/16 batch 8 (OpenVINO's per-node counters, one run "
-                   f"after warm-up):\n\n{profile}\n\n{PROFILE_READING}\n")
+                   f"{machine()}\n\n{command_line()}\n\n{table}\n\n{profile}\n\n{PROFILE_READING}\n")
         write_section(RESULTS, "## Precision:", section)
 
 
