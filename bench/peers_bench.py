@@ -12,8 +12,10 @@ Triton's dynamic batcher, MLServer's adaptive batching. Server and client share 
 
 Per repeat, each server is started, the client measures (1) the median round trip of one-image requests made
 back to back and (2) images/s with 32 one-image requests in flight, and the server is stopped. Figures are
-medians over ``--repeats`` (min–max beside). Targets (issue 15): round trip at concurrency 1 ≤ 0.7 × MLServer's
-and ≤ 0.5 × PyTriton's; throughput at concurrency 32 ≥ 1.5 × both.
+medians over ``--repeats`` (min–max beside). A fourth row, the floor, is grpc.aio on uvloop answering with a
+prepared response (``peers/floor_server.py``): what a Python gRPC front end costs before any work. Targets
+(issue 15): round trip at concurrency 1 ≤ 0.7 × MLServer's and ≤ 0.5 × PyTriton's; throughput at concurrency
+32 ≥ 1.5 × both.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ PEER_VENVS = {
     "pytriton": ["nvidia-pytriton==0.7.0", f"onnxruntime=={version('onnxruntime')}", "numpy"],
 }
 Server = Callable[[int], AbstractContextManager[None]]
+FLOOR = "floor: grpc.aio, canned reply"  # a reference row, not a peer (no ratio)
 PROFILE_READING = (
     "Where the time goes at concurrency 32 (measured on the AMD EPYC with AVX-512, 2 vCPUs, with py-spy and the "
     "per-thread CPU counters in /proc): the transerve process used about 1.3 cores for 2 200–2 900 requests/s — "
@@ -61,7 +64,11 @@ PROFILE_READING = (
     "1`, 4 MB HTTP/2 frames, the throughput batching setting. What would close it: a front end outside the "
     "Python event loop (a C++ or Rust gRPC front end handing tensors to the batcher, as Triton does for its "
     "Python backend), or request parsing off the loop thread; more server processes need more cores than the "
-    "two this client shares.")
+    "two this client shares. At concurrency 1 the floor row is the reference: what transerve adds to it is its "
+    "handler (parsing, validation, metrics: ≈ 0.15 ms per request by py-spy) and ONNX Runtime (≈ 0.08 ms); the "
+    "two thread hops to a batcher thread and back (≈ 0.05–0.25 ms in alternating A/B runs here) are gone since "
+    "requests to an idle classifier compute on the event loop (`batching.inline_below_ms`). Round trips on this "
+    "shared VM swing by ± 30 % between 2 s runs, so a ratio near its bound can flip from run to run.")
 
 
 def peer_venv(work: Path, name: str) -> Path:
@@ -121,6 +128,14 @@ def transerve_server(repo: Path, tmp: Path, threads: int) -> Server:
         return running([sys.executable, "-m", "transerve", "serve", "--repo", str(only), "--host", "127.0.0.1",
                         "--port", str(port), "--metrics-port", "-1", "--no-http", "--precision", "fp32",
                         "--threads", str(threads)], tmp / "transerve.log")
+    return start
+
+
+def floor_server(tmp: Path) -> Server:
+    """grpc.aio answering with a prepared response (bench/peers/floor_server.py): Python gRPC's own cost."""
+    def start(port: int) -> AbstractContextManager[None]:
+        return running([sys.executable, str(HERE / "floor_server.py"), "--port", str(port), "--model", MODEL],
+                       tmp / "floor.log")
     return start
 
 
@@ -208,9 +223,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         servers = {"transerve": transerve_server(args.repo, tmp, args.threads),
+                   FLOOR: floor_server(tmp),
                    "MLServer 1.7": mlserver_server(pythons["mlserver"], onnx_path, tmp, max_batch, args.threads),
                    "PyTriton 0.7": pytriton_server(pythons["pytriton"], onnx_path, tmp, max_batch, args.threads)}
-        logs = {"transerve": tmp / "transerve.log", "MLServer 1.7": tmp / "mlserver.log",
+        logs = {"transerve": tmp / "transerve.log", FLOOR: tmp / "floor.log", "MLServer 1.7": tmp / "mlserver.log",
                 "PyTriton 0.7": tmp / "pytriton.log"}
         results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
         with Progress() as progress:

@@ -50,17 +50,32 @@ class GraphRunner(Protocol):
 
 
 class OrtRunner:
-    def __init__(self, path: Path, threads: int, providers: list[str], spinning: bool = False) -> None:
+    """One ONNX Runtime session; with ``small_batches`` (a batch limit), also a one-thread session for the
+    batch sizes where it measures faster (:mod:`transerve.server.small_batches`)."""
+
+    def __init__(self, path: Path, threads: int, providers: list[str], spinning: bool = False,
+                 small_batches: int = 0) -> None:
         import onnxruntime as ort
         from transerve.server.seq2seq import session_options
 
-        self.session = ort.InferenceSession(str(path), session_options(threads, spinning=spinning),
-                                            providers=providers)
+        def make_session(count: int) -> Any:
+            return ort.InferenceSession(str(path), session_options(count, spinning=spinning), providers=providers)
+
+        self.session = make_session(threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.single: Any = None
+        self.single_up_to = 0  # batches of at most this many items run on ``single``
+        if small_batches and threads > 1 and providers == ["CPUExecutionProvider"]:
+            from transerve.server.small_batches import single_thread_session
+
+            self.single, self.single_up_to = single_thread_session(path, self.session, make_session, small_batches)
 
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self.session.run(list(output_names) if output_names else None, feeds))
+        names = list(output_names) if output_names else None
+        if self.single is not None and len(feeds[self.input_names[0]]) <= self.single_up_to:
+            return list(self.single.run(names, feeds))
+        return list(self.session.run(names, feeds))
 
 
 class TorchRunner:
@@ -148,10 +163,11 @@ class Runtime:
 
 
 def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], threads: int = 2,
-                 spinning: bool = False, precision: PrecisionName = "auto") -> Runtime:
+                 spinning: bool = False, precision: PrecisionName = "auto", small_batches: int = 0) -> Runtime:
     """The runtime for an entry's version folder: TensorRT engines where they and a GPU exist (``auto``), the
     torch reference when asked for, else the precision variant :func:`transerve.server.precision.choose`
-    picks (ONNX Runtime, or OpenVINO for bf16)."""
+    picks (ONNX Runtime, or OpenVINO for bf16). ``small_batches``: the batch limit of a model whose graphs
+    take a one-thread session for small batches where that measures faster (0: none)."""
     if backend in ("auto", "tensorrt"):
         ready, why = tensorrt_ready(vdir, list(files))
         if ready:
@@ -179,7 +195,8 @@ def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], thread
             return Runtime("openvino", runners, choice.precision, choice.reason)
         providers, why = ort_providers()
         log.info("%s: backend onnxruntime (%s)", vdir, why)
-        runners = {g: OrtRunner(folder / f, threads, providers, spinning) for g, f in choice.files.items()}
+        runners = {g: OrtRunner(folder / f, threads, providers, spinning, small_batches)
+                   for g, f in choice.files.items()}
         return Runtime("onnxruntime", runners, choice.precision, choice.reason)
 
 

@@ -114,8 +114,11 @@ class GatedRunner:
         self.inner, self.gate, self.entered = inner, threading.Event(), threading.Event()
         self.gate.set()
         self.output_names = [o.name for o in inner.get_outputs()]  # no IOBinding: the scheduler's copying path
+        self.hold_when: Any = None  # checked as each step starts: True closes the gate before that step
 
     def run(self, names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.hold_when is not None and self.hold_when():
+            self.gate.clear()
         self.entered.set()
         assert self.gate.wait(20)
         return list(self.inner.run(names, feeds))
@@ -128,12 +131,16 @@ def test_cancelled_and_expired_requests_free_the_cache(graphs: tuple[Seq2SeqTran
     async def main() -> None:
         s = scheduler((model, encoder, gated))
         s.start()
+        # once every sequence holds a cached token, the next step waits: none can finish before the clients leave
+        gated.hold_when = lambda: s.stats.cached_tokens >= 20
         streams = [s.generate(src, 30) for src in sources(20, seed=7)]
         firsts = await asyncio.gather(*(anext(g) for g in streams))  # every one is decoding
         assert all(e.tokens for e in firsts)
         assert s.stats.cached_tokens > 0
         for g in streams:
             await g.aclose()  # the client goes away mid-decode
+        gated.hold_when = None
+        gated.gate.set()
         kept = await s.run(sources(1, seed=8)[0], 5)  # the loop survives and serves the next request
         assert kept == offline(model, sources(1, seed=8)[0], 5, 1)
         gated.gate.clear()
