@@ -192,9 +192,10 @@ class DynamicBatcher(Generic[P, R]):
             with self._cond:
                 self.in_flight -= 1
             self._maybe_idle()
-        self._measured(size, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self._measured(size, seconds)
         if self._on_batch is not None:
-            self._on_batch(BatchStats(size, [0.0], time.perf_counter() - start))
+            self._on_batch(BatchStats(size, [0.0], seconds))
         return result
 
     def _measured(self, size: int, seconds: float) -> None:

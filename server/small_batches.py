@@ -2,10 +2,11 @@
 
 ONNX Runtime's intra-op pool splits each node's work across its threads and joins them after it. For a model
 that computes a request in tens of microseconds the fork–join costs more than it saves: vit-digits at batch 1
-on 2 cores runs in ≈ 70 µs on one thread and ≈ 140 µs on two, while at batch 64 two threads win. So a model
+on 2 cores ran in 71–74 µs on one thread and 86–148 µs on two (offline, several runs), while at batch 64 two
+threads win (1.8 vs 2.8 ms). So a model
 whose graph is small (a second session holds a second copy of its weights) gets a one-thread session beside
 its pool session, and batches up to the crossover measured at load — on this CPU, with zeros of the graph's
-own input types — run on it. At concurrency 1 that is the round trip's ORT time halved; at concurrency 32
+own input types — run on it. At concurrency 1 that shortens the round trip's ORT time; at concurrency 32
 (batches of a few images) the CPU the pool's second thread spent spinning and joining goes to gRPC instead.
 """
 
