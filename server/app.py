@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
+from transerve.server.active_calls import ActiveCalls
 from transerve.server.auth import BearerTokenInterceptor, server_credentials
 from transerve.server.kserve_service import InferenceService
 from transerve.server.malformed import MalformedRequestInterceptor
@@ -40,6 +41,7 @@ from transerve.server.task_service import ClassifierService, TranslatorService
 from transerve_client._proto import inference_pb2, inference_pb2_grpc, transerve_pb2, transerve_pb2_grpc
 
 log = logging.getLogger(__name__)
+ORPHAN_QUIET = 0.25  # s with no handler running, once stopping, before calls no handler took are cancelled
 
 SERVICE_NAMES = [inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
                  transerve_pb2.DESCRIPTOR.services_by_name["Translator"].full_name,
@@ -93,6 +95,7 @@ class TranserveServer:
         self.port = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self.active_calls = ActiveCalls()  # handlers running on the serving port: when the drain may end
         self._health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self._metrics_http: Any = None
@@ -105,7 +108,8 @@ class TranserveServer:
         o = self.options
         limit = o.max_message_mb << 20
         auth = [BearerTokenInterceptor(o.auth_tokens, o.admin_tokens)] if o.auth_tokens or o.admin_tokens else []
-        interceptors = [*auth, MalformedRequestInterceptor()]  # last: it must see the registered handlers
+        # the malformed-request wrapper goes last: it must see the registered handlers
+        interceptors = [*auth, MalformedRequestInterceptor(self.active_calls)]
         options: list[tuple[str, int]] = [("grpc.max_receive_message_length", limit),
                                           ("grpc.max_send_message_length", limit),
                                           *pending_call_options(o.max_concurrent_rpcs)]
@@ -130,6 +134,22 @@ class TranserveServer:
             raise OSError(f"cannot listen on {address}: the port is in use or the address is not this "
                           "machine's (choose another --port / --host)") from None
         return server
+
+    async def _stop_grpc(self) -> None:
+        """Stop accepting, let every running handler finish within the grace period — and end the grace as
+        soon as none has run for a moment, cancelling calls gRPC accepted but handed to no handler
+        (:mod:`transerve.server.active_calls`), instead of holding their clients for the whole grace."""
+        assert self._server is not None
+        stopping = asyncio.ensure_future(self._server.stop(self.options.grace_seconds))
+        idle = asyncio.ensure_future(self.active_calls.wait_idle(quiet=ORPHAN_QUIET))
+        try:
+            await asyncio.wait({stopping, idle}, return_when=asyncio.FIRST_COMPLETED)
+            if not stopping.done():
+                log.info("every handler has answered; cancelling calls gRPC accepted but handed to none")
+                await self._server.stop(0)
+            await stopping
+        finally:
+            idle.cancel()
 
     def _plaintext_health_server(self, port: int) -> grpc.aio.Server:
         """grpc.health.v1 only, plaintext, no token: what Kubernetes' gRPC probes can reach when the serving
@@ -188,7 +208,7 @@ class TranserveServer:
         if self._http is not None:  # stops accepting at once; uvicorn lets requests in flight finish
             self._http.should_exit = True
         if self._server is not None:
-            await self._server.stop(self.options.grace_seconds)
+            await self._stop_grpc()
         if self._http_task is not None:
             await self._http_task
         if self._health_server is not None:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 from transerve.server.batching import DeadlineExceeded, QueueFull
-from transerve.server.manager import ControlDisabled, ModelNotFound
+from transerve.server.manager import ControlDisabled, ModelLoading, ModelNotFound
 from transerve.server.metrics import Metrics
 from transerve.server.models import RequestError
 from transerve.server.request_log import REQUEST_ID_HEADER, Scope, log_access
@@ -22,6 +22,7 @@ T = TypeVar("T")
 CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (TensorError, grpc.StatusCode.INVALID_ARGUMENT),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelLoading, grpc.StatusCode.UNAVAILABLE),  # before its base class: a loading model is retried
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -26,6 +26,11 @@ class ModelNotFound(LookupError):
     """Unknown model or version (→ NOT_FOUND)."""
 
 
+class ModelLoading(ModelNotFound):
+    """A model the repository holds but that is still loading (→ UNAVAILABLE, which clients retry): the gRPC
+    port listens before the first load ends, so that health can say NOT_SERVING meanwhile."""
+
+
 class ControlDisabled(RuntimeError):
     """Repository control asked of a server that does not allow it (→ UNIMPLEMENTED)."""
 
@@ -62,6 +67,7 @@ class ModelManager:
         self.precision = precision  # `serve --precision`: overrides every entry's config.yaml
         self.models: dict[str, LoadedModel] = {}
         self.states: dict[str, EntryState] = {}
+        self.starting = True  # until the first load_all ends: an absent model may be one still to load
         self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
 
     def entry_names(self) -> list[str]:
@@ -87,8 +93,11 @@ class ModelManager:
         return entry
 
     async def load_all(self) -> None:
-        for name in self.entry_names():
-            await self.load(name)
+        try:
+            for name in self.entry_names():
+                await self.load(name)
+        finally:
+            self.starting = False
 
     async def load(self, name: str) -> EntryState:
         """(Re)load one entry; the old instance, if any, is drained after the new one is ready."""
@@ -163,6 +172,8 @@ class ModelManager:
             return self.default_for(task or "")
         model = self.models.get(name)
         if model is None:
+            if self._still_loading(name):
+                raise ModelLoading(f"model {name!r} is loading; retry shortly")
             reason = self.states.get(name, EntryState(name, reason="not in the repository")).reason
             raise ModelNotFound(f"model {name!r} is not available ({reason or 'not loaded'})")
         if version and version != model.version:
@@ -176,10 +187,19 @@ class ModelManager:
         marked = [m for m in candidates if m.config.default]
         if len(marked) == 1 or len(candidates) == 1:
             return (marked or candidates)[0]
+        if not candidates and (self.starting or any(s.state == "LOADING" for s in self.states.values())):
+            raise ModelLoading(f"no {task} model is loaded yet: the repository is loading; retry shortly")
         if not candidates:
             raise ModelNotFound(f"no {task} model is loaded")
         raise ModelNotFound(f"several {task} models are loaded and none is marked default: name one of "
                             f"{sorted(m.name for m in candidates)}")
+
+    def _still_loading(self, name: str) -> bool:
+        """Loading now, or waiting for the server's first load (an entry of that name is on disk)."""
+        state = self.states.get(name)
+        if state is not None:
+            return state.state == "LOADING"
+        return self.starting and bool(ENTRY_NAME.fullmatch(name)) and (self.repo / name / "config.yaml").is_file()
 
     async def aclose(self, grace: float) -> None:
         await asyncio.gather(*(m.aclose(grace) for m in self.models.values()))

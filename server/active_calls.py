@@ -1,0 +1,41 @@
+"""How many RPC handlers are running, so that a drain can end gRPC's grace period once none is.
+
+``grpc.aio.Server.stop(grace)`` returns when every call gRPC's core handed to the application has ended, or
+when ``grace`` runs out. A call the transport matched in the instant shutdown began can be handed to no
+handler at all (grpc.aio's serving loop stops, dropping a request-call result that lands after another
+request-call's shutdown failure): it then holds the grace period — and its client, until the client's own
+deadline — for the full 30 s. Counting our own handlers tells the drain when only such orphans remain; it
+then cancels them (their clients see ``CANCELLED`` at once, as for any call refused in that instant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class ActiveCalls:
+    """Handlers in progress on one gRPC server (each wrapped by :mod:`transerve.server.malformed`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+
+    async def wait_idle(self, quiet: float, poll: float = 0.01) -> None:
+        """Until no handler has run for ``quiet`` seconds. The quiet time covers a call gRPC already handed
+        over whose handler task has not started yet (it starts on the loop's next turn)."""
+        loop = asyncio.get_running_loop()
+        idle_since: float | None = None
+        while True:
+            now = loop.time()
+            if self.count:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= quiet:
+                return
+            await asyncio.sleep(poll)
