@@ -18,8 +18,8 @@ calls are then spread over all of them by gRPC's ``round_robin`` policy (:mod:`t
 
 Every failed call raises :class:`TranserveError` carrying the gRPC status code and the server's message
 (for a split call, also the index range of the items the failed request held: ``items``).
-Only ``UNAVAILABLE`` is retried (the server restarting, not yet listening, or its models still loading), with exponential backoff and
-jitter, a bounded number of times; every call has a deadline.
+Only ``UNAVAILABLE`` is retried (the server restarting, not yet listening, or its models still loading), with
+exponential backoff and jitter, a bounded number of times; every call has a deadline.
 """
 
 from __future__ import annotations
