@@ -185,13 +185,19 @@ def with_machine(section: str, line: str) -> str:
 
 
 def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (see :func:`results_path`), keeping the others; every
-    section carries the machine line."""
+    """Replace this benchmark's section of RESULTS.md (see :func:`results_path`) in place, keeping the others;
+    a new section goes last. Every section carries the machine line."""
     path, section = results_path(path), with_machine(section, machine())
     text = path.read_text() if path.exists() else "# Benchmark results\n\nEach section is written by its script.\n\n"
-    parts = text.split("\n## ")
-    kept = [p for p in parts[1:] if not ("## " + p).startswith(heading)]
-    path.write_text("\n## ".join([parts[0].rstrip("\n") + "\n", *kept]).rstrip("\n") + "\n\n" + section)
+    head, *parts = text.split("\n## ")
+    sections = ["## " + p.rstrip("\n") + "\n" for p in parts]
+    mine = [i for i, p in enumerate(sections) if p.startswith(heading)]
+    if mine:  # rewritten where it stands, so a rerun of one script keeps the file's order
+        sections[mine[0]] = section.rstrip("\n") + "\n"
+        sections = [p for i, p in enumerate(sections) if i not in mine[1:]]
+    else:
+        sections.append(section.rstrip("\n") + "\n")
+    path.write_text("\n".join([head.rstrip("\n") + "\n", *sections]))
 
 
 if __name__ == "__main__":
