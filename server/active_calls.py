@@ -1,12 +1,13 @@
 """How many RPC handlers are running, so that a drain can end gRPC's grace period once none is.
 
 ``grpc.aio.Server.stop(grace)`` returns when every call gRPC's core handed to the application has ended, or
-when ``grace`` runs out. A call the transport matched in the instant shutdown began can be handed to no
-handler at all (grpc.aio's serving loop stops, dropping a request-call result that lands after another
-request-call's shutdown failure): it then holds the grace period — and its client, until the client's own
-deadline — for the full 30 s. Counting our own handlers tells the drain when only such orphans remain; it
-then cancels them (their clients see ``CANCELLED`` at once, as for any call refused in that instant).
-"""
+when ``grace`` runs out. CI once saw a call sent as the drain began end ``DEADLINE_EXCEEDED`` at its 30 s
+deadline with no handler having run (no access-log line): a call the core matched in the instant shutdown
+began but that reached no handler — by our reading of grpc.aio's serving loop, a request-call result that
+lands after the loop stopped on another request-call's shutdown failure is dropped (not reproduced in 90
+stress rounds here). Such an orphan holds the grace period, and its client, for the whole 30 s. Counting our
+own handlers tells the drain when only orphans can remain; it then cancels them (their clients see
+``CANCELLED`` at once, as for any call refused in that instant)."""
 
 from __future__ import annotations
 
