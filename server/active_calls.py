@@ -3,11 +3,11 @@
 ``grpc.aio.Server.stop(grace)`` returns when every call gRPC's core handed to the application has ended, or
 when ``grace`` runs out. CI once saw a call sent as the drain began end ``DEADLINE_EXCEEDED`` at its 30 s
 deadline, which no handler of ours answers in that time. The likeliest cause: a call the core matched in the
-instant shutdown began but that reached no handler — by our reading of grpc.aio's serving loop, a request-call result that
-lands after the loop stopped on another request-call's shutdown failure is dropped (not reproduced in 90
-stress rounds here). Such an orphan holds the grace period, and its client, for the whole 30 s. Counting our
-own handlers tells the drain when only orphans can remain; it then cancels them (their clients see
-``CANCELLED`` at once, as for any call refused in that instant)."""
+instant shutdown began but that reached no handler — by our reading of grpc.aio's serving loop, a
+request-call result that lands after the loop stopped on another request-call's shutdown failure is dropped
+(not reproduced in 90 stress rounds here). Such an orphan holds the grace period, and its client, for the
+whole 30 s. Counting our own handlers tells the drain when only orphans can remain; it then cancels them
+(their clients see ``CANCELLED`` at once, as for any call refused in that instant)."""
 
 from __future__ import annotations
 
