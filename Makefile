@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ZOO ?= zoo
 REPO ?= repo
-PACKAGES := transerve models export server clients/transerve_client
+PACKAGES := common cli models export server clients/transerve_client
 
 .PHONY: install zoo serve test lint typecheck protos openapi clean bench
 
@@ -32,9 +32,9 @@ serve: zoo
 protos: install
 	$(BIN)/python clients/generate_protos.py
 
-# The REST API's OpenAPI document, generated from server/rest.py's routes (tests/test_rest.py checks it is current)
+# The REST API's OpenAPI document, generated from server/edge/rest.py's routes (tests/test_rest.py checks it is current)
 openapi: install
-	$(BIN)/python -c "from transerve.server.rest import openapi_json; print(openapi_json(), end='')" > protos/openapi.json
+	$(BIN)/python -c "from transerve.server.edge.rest import openapi_json; print(openapi_json(), end='')" > protos/openapi.json
 
 lint: install
 	$(BIN)/ruff check $(PACKAGES) tests bench

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, make_session
+from transerve.server.backends.sessions import make_session
+from transerve.server.engine.seq2seq import DecoderLayout, OrtSeq2Seq
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_bench import command_line, machine, markdown, verdict, write_section

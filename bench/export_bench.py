@@ -37,8 +37,8 @@ from transerve.export import graphs, precision
 from transerve.export.passes import optimize
 from transerve.export.variants import run_times
 from transerve.models.vit import ViT, ViTConfig
-from transerve.server.cpu import cores, cpu_info, simd_summary
-from transerve.server.seq2seq import make_session
+from transerve.server.backends.cpu import cores, cpu_info, simd_summary
+from transerve.server.backends.sessions import make_session
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 THREADS = 2

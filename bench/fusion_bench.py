@@ -26,7 +26,7 @@ from transerve.export.passes import optimize
 from transerve.models.checkpoint import load_checkpoint
 from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.vit import ViT
-from transerve.server.seq2seq import make_session
+from transerve.server.backends.sessions import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_bench import command_line, markdown, median_ms, write_section

@@ -33,8 +33,8 @@ from transerve.export import precision
 from transerve.export.variants import run_times
 from transerve.export.weights_file import save_graphs
 from transerve.models.vit import ViT, ViTConfig
-from transerve.server.openvino_runner import OpenVinoRunner, openvino_available
-from transerve.server.seq2seq import make_session
+from transerve.server.backends.openvino_runner import OpenVinoRunner, openvino_available
+from transerve.server.backends.sessions import make_session
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_bench import RESULTS, THREADS, command_line, machine, markdown, ours, write_section

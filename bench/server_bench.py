@@ -45,7 +45,7 @@ import yaml
 from transerve.export.exporter import ExportOptions, export_vit_entry
 from transerve.export.variants import run_times
 from transerve.models.vit import ViT, ViTConfig
-from transerve.server.seq2seq import make_session
+from transerve.server.backends.sessions import make_session
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 

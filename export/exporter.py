@@ -17,18 +17,18 @@ from typing import Any
 import numpy as np
 import onnx
 from tokenizers import Tokenizer
+from transerve import __version__
 from transerve.export import accuracy_gate, graphs, repository, variants
 from transerve.export.passes import PassResult, Target, op_counts, optimize
 from transerve.export.verify import FP32_TOLERANCE, verify_translator, verify_vit
 from transerve.export.weights_file import save_graphs
+from transerve.generation import DecodingDefaults, GenerationRules
 from transerve.models.checkpoint import save_checkpoint
 from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.vit import ViT
-from transerve.server.cpu import cpu_signature
-from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, make_session
-
-from transerve import __version__
-from transerve.generation import DecodingDefaults, GenerationRules
+from transerve.server.backends.cpu import cpu_signature
+from transerve.server.backends.sessions import make_session
+from transerve.server.engine.seq2seq import DecoderLayout, OrtSeq2Seq
 
 VERIFY_MAX_NEW_TOKENS = 64  # verification decodes this much at most, whatever budget the entry serves
 

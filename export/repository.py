@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import yaml
-from transerve.server.model_config import latest_version
-
 from transerve.generation import DecodingDefaults
+from transerve.server.engine.model_config import latest_version
 
 REPORT_FILE: Final = "export_report.json"
 CONFIG_FILE: Final = "config.yaml"

@@ -88,7 +88,7 @@ def dim_ranges(config: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
         new_max = int(config.get("max_new_tokens", 64))
         ranges["src_len"] = (1, min(32, src_max), src_max)
         # decoder_step_ragged: one placeholder slot to start; under continuous batching late joiners' left
-        # padding keeps the cache below twice the longest live row plus one (server/kv_cache.py)
+        # padding keeps the cache below twice the longest live row plus one (server/engine/kv_cache.py)
         ranges["past_len"] = (1, min(16, new_max), 2 * new_max + 2)
     return ranges
 

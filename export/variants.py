@@ -24,9 +24,10 @@ import numpy as np
 import onnx
 from transerve.export import accuracy_gate, precision
 from transerve.export.weights_file import save_graphs
-from transerve.server.cpu import bf16_capable, cpu_flags, cpu_signature
-from transerve.server.openvino_runner import OpenVinoRunner, openvino_available
-from transerve.server.seq2seq import OrtSeq2Seq, make_session, pad_ids
+from transerve.server.backends.cpu import bf16_capable, cpu_flags, cpu_signature
+from transerve.server.backends.openvino_runner import OpenVinoRunner, openvino_available
+from transerve.server.backends.sessions import make_session
+from transerve.server.engine.seq2seq import OrtSeq2Seq, pad_ids
 
 Builder = Callable[[onnx.ModelProto], onnx.ModelProto]
 INT8_FORMS: dict[str, Builder] = {"per-channel": partial(precision.quantize_int8, per_channel=True),

@@ -13,11 +13,10 @@ from typing import Any, Final
 import numpy as np
 import onnxruntime as ort
 import torch
+from transerve.generation import GenerationRules
 from transerve.models.transformer import Seq2SeqTransformer
 from transerve.models.vit import ViT
-from transerve.server.seq2seq import OrtSeq2Seq, pad_ids
-
-from transerve.generation import GenerationRules
+from transerve.server.engine.seq2seq import OrtSeq2Seq, pad_ids
 
 FP32_TOLERANCE: Final = 1e-4
 

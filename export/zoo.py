@@ -18,7 +18,6 @@ from transerve.models.zoo.build import zoo_entries
 from transerve.models.zoo.digits import DigitsRecipe, split_digits
 from transerve.models.zoo.numbers import NumbersRecipe
 from transerve.models.zoo.numbers_data import make_split
-
 from transerve.preprocessing import ImagePreprocessing
 
 DEFAULTS = {"vit-digits": True, "vit-digits-bn": False, "mt-en-de-numbers": True}

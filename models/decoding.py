@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 from transerve.models.attention import KVCache
 from transerve.models.transformer import Seq2SeqTransformer
-
 from transerve.search import DEFAULT_RULES, GenerationRules, Hypothesis, SourceBeams, strip_special
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]

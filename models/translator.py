@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
+from transerve.generation import DecodingDefaults
 from transerve.models.checkpoint import CheckpointError, load_checkpoint
 from transerve.models.decoding import translate_ids
 from transerve.models.transformer import Seq2SeqTransformer
-
-from transerve.generation import DecodingDefaults
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3 = pad, bos, eos, unk (TransformerConfig defaults)

@@ -28,16 +28,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-from transerve.server.active_calls import ActiveCalls
-from transerve.server.auth import BearerTokenInterceptor, server_credentials
-from transerve.server.kserve_service import InferenceService
-from transerve.server.malformed import MalformedRequestInterceptor
-from transerve.server.manager import ModelManager
-from transerve.server.metrics import Metrics
-from transerve.server.models import Limits
-from transerve.server.precision import PrecisionName
-from transerve.server.runtime import BackendName
-from transerve.server.task_service import ClassifierService, TranslatorService
+from transerve.server.backends.precision import PrecisionName
+from transerve.server.backends.runtime import BackendName
+from transerve.server.edge.active_calls import ActiveCalls
+from transerve.server.edge.auth import BearerTokenInterceptor, server_credentials
+from transerve.server.edge.kserve_service import InferenceService
+from transerve.server.edge.malformed import MalformedRequestInterceptor
+from transerve.server.edge.task_service import ClassifierService, TranslatorService
+from transerve.server.engine.loaded_model import Limits
+from transerve.server.engine.manager import ModelManager
+from transerve.server.engine.metrics import Metrics
 from transerve_client._proto import inference_pb2, inference_pb2_grpc, transerve_pb2, transerve_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int | None = 8002
-    http_port: int | None = None  # KServe v2 REST (server/rest.py); `transerve serve` opens 8000 unless --no-http
+    http_port: int | None = None  # KServe v2 REST (server/edge/rest.py); `transerve serve` opens 8000 unless --no-http
     backend: BackendName = "auto"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -138,7 +138,7 @@ class TranserveServer:
     async def _stop_grpc(self) -> None:
         """Stop accepting, let every running handler finish within the grace period — and end the grace as
         soon as none has run for a moment, cancelling calls gRPC accepted but handed to no handler
-        (:mod:`transerve.server.active_calls`), instead of holding their clients for the whole grace."""
+        (:mod:`transerve.server.edge.active_calls`), instead of holding their clients for the whole grace."""
         assert self._server is not None
         stopping = asyncio.ensure_future(self._server.stop(self.options.grace_seconds))
         idle = asyncio.ensure_future(self.active_calls.wait_idle(quiet=ORPHAN_QUIET))
@@ -221,7 +221,7 @@ class TranserveServer:
 
 def http_server(service: InferenceService, o: ServeOptions) -> tuple[Any, socket.socket]:
     """The REST front end (uvicorn) on a socket bound here, so the port is known (and taken) at once."""
-    from transerve.server.rest import EmbeddedUvicorn, RestApi, build_app  # FastAPI: imported only when REST is on
+    from transerve.server.edge.rest import EmbeddedUvicorn, RestApi, build_app  # FastAPI: imported only when REST is on
 
     api = RestApi(service, o.auth_tokens, o.admin_tokens, o.max_message_mb << 20)
     tls: dict[str, Any] = {}

@@ -134,9 +134,8 @@ def long_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real demo zoo, trained once per test session (minutes: only slow tests use it)."""
-    from typer.testing import CliRunner
-
     from transerve.cli import app
+    from typer.testing import CliRunner
 
     out = tmp_path_factory.mktemp("zoo")
     result = CliRunner().invoke(app, ["zoo", "build", "--out", str(out)])

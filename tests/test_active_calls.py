@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 import pytest
-from transerve.server.active_calls import ActiveCalls
-from transerve.server.malformed import Malformed, safe_handler
+from transerve.server.edge.active_calls import ActiveCalls
+from transerve.server.edge.malformed import Malformed, safe_handler
 
 
 class Context:

@@ -8,8 +8,9 @@ import time
 from collections.abc import Sequence
 
 import pytest
-from transerve.server import batching
-from transerve.server.batching import INLINE_PROBE, DeadlineExceeded, DynamicBatcher, QueueFull
+from transerve.server.engine import batching
+from transerve.server.engine.batching import INLINE_PROBE, DynamicBatcher
+from transerve.server.exceptions import DeadlineExceeded, QueueFull
 
 
 class Recorder:

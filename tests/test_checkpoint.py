@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from transerve.cli import app
 from transerve.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
 from transerve.models.vit import ViT, ViTConfig
 from typer.testing import CliRunner
-
-from transerve.cli import app
 
 
 def small_models() -> list[torch.nn.Module]:

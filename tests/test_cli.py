@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typer.testing import CliRunner
-
 from transerve import __version__
 from transerve.cli import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 

@@ -17,9 +17,8 @@ import pytest
 from conftest import ServerProcess, free_port, start_server
 from PIL import Image
 from test_server import TEXTS, offline_logits, offline_translations
-from transerve_client import AsyncTranserveClient, RetryPolicy, TranserveClient, TranserveError
-
 from transerve.preprocessing import ImagePreprocessing
+from transerve_client import AsyncTranserveClient, RetryPolicy, TranserveClient, TranserveError
 
 PIXELS = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
 

@@ -7,7 +7,7 @@ U+FFFD; the reference is the tokenizer's own decode of the whole sequence.
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transerve.server.models import Detokenizer
+from transerve.server.engine.detokenizer import Detokenizer
 
 TEXT = "fünf € 🙂 zweiundvierzig"
 

@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from transerve.cli_serve import serve_command
+from transerve.cli.serve_command import serve_command
 
 DOCKERFILE = Path(__file__).resolve().parents[1] / "deploy" / "Dockerfile"
 

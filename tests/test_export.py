@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from transerve.cli import app
 from transerve.export.exporter import ExportOptions, export_translator_entry, export_vit_entry, ort_seq2seq
 from transerve.models.checkpoint import save_checkpoint
 from transerve.models.decoding import translate_ids
@@ -17,10 +18,9 @@ from transerve.models.translator import TOKENIZER_FILE
 from transerve.models.vit import ViT, ViTConfig
 from transerve.models.zoo.numbers import train_tokenizer
 from transerve.models.zoo.numbers_data import NumbersDataConfig, make_split
-from transerve.server.seq2seq import make_session, pad_ids
+from transerve.server.backends.sessions import make_session
+from transerve.server.engine.seq2seq import pad_ids
 from typer.testing import CliRunner
-
-from transerve.cli import app
 
 REPORT_KEYS = {"passes", "op_counts_before", "op_counts_after", "parity", "accuracy"}
 

@@ -83,9 +83,8 @@ def test_not_a_marian_checkpoint(tmp_path: Path, marian_dir: Path) -> None:
 
 
 def test_cli_exports_a_marian_directory(marian_dir: Path, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
     from transerve.cli import app
+    from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["export", "hf-marian", str(marian_dir), "--repo", str(tmp_path / "repo"),
                                       "--name", "opus", "--max-new-tokens", "12"], terminal_width=200)
@@ -100,8 +99,8 @@ def test_continuous_batching_scheduler_decodes_marian_like_generate(marian_dir: 
     import asyncio
 
     from transerve.models.decoding import translate_ids
-    from transerve.server.scheduler import ContinuousScheduler, DecoderLayout, SchedulerCaps
-    from transerve.server.seq2seq import make_session
+    from transerve.server.backends.sessions import make_session
+    from transerve.server.engine.scheduler import ContinuousScheduler, DecoderLayout, SchedulerCaps
 
     hf_model, hf_tok = reference(marian_dir)
     ours = import_hf_marian(marian_dir)
@@ -140,7 +139,7 @@ def test_marian_export_decodes_like_pytorch_in_both_scheduler_modes(marian_dir: 
     """Serving's numpy search over the exported Marian graphs, request-level and continuous, against the
     PyTorch search: greedy and beams 1–5 × length penalties 0.5–2, mixed source lengths, token for token."""
     from test_search import assert_modes_equal_offline
-    from transerve.server.seq2seq import make_session
+    from transerve.server.backends.sessions import make_session
 
     ours = import_hf_marian(marian_dir)
     export_translator_entry(ours.model, ours.tokenizer, ExportOptions(tmp_path, "marian"), max_new_tokens=12)

@@ -206,9 +206,8 @@ def test_wrong_architecture_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", list(SOURCES))
 def test_cli_exports_each_source_directory(kind: str, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
     from transerve.cli import app
+    from typer.testing import CliRunner
 
     SOURCES[kind](tmp_path / "ckpt")
     result = CliRunner().invoke(app, ["export", kind, str(tmp_path / "ckpt"), "--repo", str(tmp_path / "repo"),

@@ -135,8 +135,8 @@ def test_tensorrt_runner_module_needs_no_torch() -> None:
     code = ("import sys\n"
             f"for name in {BLOCKED!r}:\n"
             "    sys.modules[name] = None\n"
-            "from transerve.server.tensorrt_runner import gpu_count\n"
-            "from transerve.server.runtime import tensorrt_ready\n"
+            "from transerve.server.backends.tensorrt_runner import gpu_count\n"
+            "from transerve.server.backends.runtime import tensorrt_ready\n"
             "print(gpu_count() >= 0, 'torch' not in str(tensorrt_ready(__import__('pathlib').Path('.'), [])))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

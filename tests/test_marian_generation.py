@@ -55,9 +55,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def entry(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint through ``transerve export hf-marian`` with no decoding options: all from the checkpoint."""
-    from typer.testing import CliRunner
-
     from transerve.cli import app
+    from typer.testing import CliRunner
 
     repo = tmp_path_factory.mktemp("repo")
     result = CliRunner().invoke(app, ["export", "hf-marian", str(checkpoint), "--repo", str(repo), "--name", "opus"],
@@ -85,7 +84,7 @@ def sources(checkpoint: Path, texts: list[str]) -> list[list[int]]:
 
 
 def test_the_checkpoints_settings_reach_config_yaml(entry: Path) -> None:
-    from transerve.server.model_config import load_model_config
+    from transerve.server.engine.model_config import load_model_config
 
     config = load_model_config(entry)
     pad = config.decoder.pad_id if config.decoder else -1
@@ -131,10 +130,9 @@ def test_rules_score_as_the_librarys_logits_processors(forced: bool) -> None:
     """Bad words (one token, two tokens, EOS alone — dropped, as there), forced EOS and renormalisation against
     transformers' own processors on random log-probabilities, in the order generate() chains them."""
     import_or_skip("transformers")
-    from transformers.generation import logits_process as lp
-
     from transerve.generation import GenerationRules
     from transerve.search import log_softmax
+    from transformers.generation import logits_process as lp
 
     eos, vocab, bad = 0, 12, [[5], [3, 7], [0]]
     histories = [[11, 3], [11, 4], [3, 3]]  # decoder start first; rows 0 and 2 end in the two-token word's prefix
@@ -158,9 +156,10 @@ CASES = [  # (beam_size, max_new_tokens): None = the checkpoint's default (beam 
 def decode_both_modes(entry: Path, rows: list[list[int]], beam: int, budget: int) -> tuple[list[list[int]], ...]:
     """Request-level (one padded batch) and continuous (every source its own request) over the exported graphs,
     with the rules config.yaml carries."""
-    from transerve.server.model_config import latest_version, load_model_config
-    from transerve.server.scheduler import ContinuousScheduler, SchedulerCaps
-    from transerve.server.seq2seq import DecoderLayout, OrtSeq2Seq, make_session, pad_ids
+    from transerve.server.backends.sessions import make_session
+    from transerve.server.engine.model_config import latest_version, load_model_config
+    from transerve.server.engine.scheduler import ContinuousScheduler, SchedulerCaps
+    from transerve.server.engine.seq2seq import DecoderLayout, OrtSeq2Seq, pad_ids
 
     config = load_model_config(entry)
     d, vdir = config.decoder, latest_version(entry)
@@ -185,7 +184,7 @@ def decode_both_modes(entry: Path, rows: list[list[int]], beam: int, budget: int
 @pytest.mark.parametrize(("beam", "budget"), CASES)
 def test_both_scheduler_modes_decode_like_generate(checkpoint: Path, entry: Path, beam: int | None,
                                                    budget: int | None) -> None:
-    from transerve.server.model_config import load_model_config
+    from transerve.server.engine.model_config import load_model_config
 
     config = load_model_config(entry)
     overrides = {k: v for k, v in (("num_beams", beam), ("max_new_tokens", budget)) if v is not None}

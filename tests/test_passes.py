@@ -25,7 +25,7 @@ from transerve.export.passes import (
 )
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
 from transerve.models.vit import ViT, ViTConfig
-from transerve.server.seq2seq import make_session
+from transerve.server.backends.sessions import make_session
 
 TOL = 1e-5
 RNG = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """``precision: auto | fp32 | int8 | bf16``: which variant serves, on which CPU, and why.
 
-The rules (transerve/server/precision.py): only variants whose accuracy gate passed; the fastest when the
+The rules (transerve/server/backends/precision.py): only variants whose accuracy gate passed; the fastest when the
 export timed them on this very CPU; else bf16 where the CPU has bf16 instructions, int8 where it has VNNI,
 else fp32. Explicit precisions are refused, with the reason, rather than replaced.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from transerve.server import precision
-from transerve.server.cpu import cpu_signature
-from transerve.server.precision import PrecisionError, choose
+from transerve.server.backends import precision
+from transerve.server.backends.cpu import cpu_signature
+from transerve.server.backends.precision import choose
+from transerve.server.exceptions import PrecisionError
 
 FP32 = {"model": "model.onnx"}
 AMX = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"})

@@ -20,7 +20,7 @@ import yaml
 from conftest import start_server
 from transerve.export.accuracy_gate import ACCURACY_DROP
 from transerve.models.zoo.digits import DigitsRecipe, split_digits
-from transerve.server.precision import choose, read_variants
+from transerve.server.backends.precision import choose, read_variants
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb

@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 from PIL import Image
-
 from transerve.preprocessing import ImagePreprocessing
 
 

@@ -57,7 +57,7 @@ def test_exported_ragged_step_matches_pytorch() -> None:
     import numpy as np
     from transerve.export.graphs import export_ragged_step, kv_names
     from transerve.export.passes import count_attention, optimize
-    from transerve.server.seq2seq import make_session
+    from transerve.server.backends.sessions import make_session
 
     m = model()
     proto = export_ragged_step(m)

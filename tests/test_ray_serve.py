@@ -35,7 +35,7 @@ SERVE_YAML = Path(__file__).resolve().parent.parent / "deploy" / "ray" / "serve.
 
 if os.environ.get("CI") == "true":
     import ray.serve  # noqa: F401  (CI installs the dev extra, which brings Ray: fail here, never skip)
-ray_serve = pytest.importorskip("transerve.server.ray_serve", reason="Ray Serve is not installed "
+ray_serve = pytest.importorskip("transerve.server.edge.ray_serve", reason="Ray Serve is not installed "
                                 "(pip install 'transerve[ray]')")
 
 
@@ -77,7 +77,7 @@ def test_every_rpc_of_the_proxied_services_has_a_deployment_method() -> None:
                 inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
                 health_pb2.DESCRIPTOR.services_by_name["Health"]]
     missing = {m.name for s in services for m in s.methods if not callable(getattr(replica, m.name, None))}
-    assert missing == {"Watch"}  # on purpose: see Check's comment in transerve.server.ray_serve
+    assert missing == {"Watch"}  # on purpose: see Check's comment in transerve.server.edge.ray_serve
 
 
 def test_builder_names_what_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

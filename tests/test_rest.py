@@ -1,7 +1,7 @@
 """KServe v2 REST beside gRPC: a client no one here wrote (``tritonclient.http``), raw requests for every error
 path, the spec's field names, and the OpenAPI document generated from the routes.
 
-REST answers must be the gRPC answers: both run the same servicer (server/rest.py), so logits are compared
+REST answers must be the gRPC answers: both run the same servicer (server/edge/rest.py), so logits are compared
 exactly (the server serves fp32, so batching cannot move the last digits) and translations token for token.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from conftest import ServerProcess, start_server
-from transerve.server.rest import HTTP_STATUS, openapi_json
+from transerve.server.edge.rest import HTTP_STATUS, openapi_json
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client.codec import add_tensor, tensors_to_numpy

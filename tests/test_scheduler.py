@@ -19,9 +19,9 @@ from transerve.export.graphs import export_ragged_step, export_translator
 from transerve.export.passes import optimize
 from transerve.models.decoding import translate_ids
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
-from transerve.server.batching import DeadlineExceeded, QueueFull
-from transerve.server.scheduler import ContinuousScheduler, DecoderLayout, SchedulerCaps
-from transerve.server.seq2seq import make_session
+from transerve.server.backends.sessions import make_session
+from transerve.server.engine.scheduler import ContinuousScheduler, DecoderLayout, SchedulerCaps
+from transerve.server.exceptions import DeadlineExceeded, QueueFull
 
 VOCAB = 48
 

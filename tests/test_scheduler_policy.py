@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from transerve.server.batching import DeadlineExceeded, QueueFull
-from transerve.server.scheduler import ContinuousScheduler, SchedulerCaps
-from transerve.server.seq2seq import DecoderLayout
+from transerve.server.engine.scheduler import ContinuousScheduler, SchedulerCaps
+from transerve.server.engine.seq2seq import DecoderLayout
+from transerve.server.exceptions import DeadlineExceeded, QueueFull
 
 LAYOUT = DecoderLayout(num_layers=1, num_heads=1, head_dim=1, bos_id=1, eos_id=2, pad_id=0)
 VOCAB = 16
@@ -203,7 +203,7 @@ def test_a_cancelled_stream_leaves_at_the_next_step() -> None:
     assert out == expected(30, 30)
     assert runner.steps[0] == [2] and sorted(runner.steps[1]) == [1, 2]
     assert all(1 not in step for step in runner.steps[3:])  # out at the first plan after the cancellation
-    assert s.stats.active_sequences == 0 and s.stats.cached_tokens == 0 and s._reserved == 0
+    assert s.stats.active_sequences == 0 and s.stats.cached_tokens == 0 and s._budget.reserved == 0
 
 
 def test_drain_finishes_accepted_and_queued_work_then_refuses() -> None:

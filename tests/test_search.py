@@ -21,10 +21,10 @@ from transerve.export.exporter import ort_seq2seq
 from transerve.export.graphs import export_encoder, export_ragged_step
 from transerve.export.passes import optimize
 from transerve.models.decoding import model_step, select_rows, translate_ids
-from transerve.server.scheduler import ContinuousScheduler, SchedulerCaps
-from transerve.server.seq2seq import make_session, pad_ids
-
 from transerve.search import beam_search, greedy_search, log_softmax, strip_special
+from transerve.server.backends.sessions import make_session
+from transerve.server.engine.scheduler import ContinuousScheduler, SchedulerCaps
+from transerve.server.engine.seq2seq import pad_ids
 
 BEAMS = [1, 2, 3, 4, 5]
 PENALTIES = [0.5, 1.0, 2.0]

@@ -217,7 +217,7 @@ def test_binds_loopback_unless_told_otherwise(small_repo: Path) -> None:
 
 
 def test_rest_takes_the_same_tokens(guarded: ServerProcess) -> None:
-    """REST (server/rest.py) applies the gRPC rules: user tokens for inference, admin for repository control,
+    """REST (server/edge/rest.py) applies the gRPC rules: user tokens for inference, admin for repository control,
     health without a token; the statuses are KServe's (401, 403) and no token reaches the log."""
     import http.client
     import json

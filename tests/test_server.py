@@ -17,14 +17,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from transerve.export.exporter import ort_seq2seq
 from transerve.models.checkpoint import load_checkpoint
-from transerve.server.seq2seq import make_session, pad_ids
+from transerve.preprocessing import ImagePreprocessing
+from transerve.server.backends.sessions import make_session
+from transerve.server.engine.seq2seq import pad_ids
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
 from transerve_client.codec import decode_bytes, encode_bytes
-
-from transerve.preprocessing import ImagePreprocessing
 
 TEXTS = ["three hundred and forty-two", "seven", "one thousand and one"]
 
@@ -228,7 +228,7 @@ def test_default_log_names_the_backend_and_writes_no_access_lines(channel: grpc.
     """`--backend auto` says which backend it picked and why; without --access-log requests are not logged."""
     kserve(channel).ModelInfer(image_request(np.zeros((1, 3, 8, 8), np.float32)))
     output = "".join(server.output)
-    assert re.search(r"INFO transerve\.server\.runtime: \S+tiny-vit/1: backend onnxruntime \(.+\)", output)
+    assert re.search(r"INFO transerve\.server\.backends\.runtime: \S+tiny-vit/1: backend onnxruntime \(.+\)", output)
     assert "ready on onnxruntime" in output and "transerve.access" not in output
 
 

@@ -334,7 +334,7 @@ def test_sigterm_under_steady_load_loses_nothing(small_repo: Path) -> None:
     # Every call the server accepted (its access log) ended OK, and the client saw each of those OK: nothing
     # accepted was lost or cut short. The rest were refused before any handler ran — UNAVAILABLE, or CANCELLED
     # for a call gRPC's transport received in the instant it shut down (it never reached a handler either; the
-    # drain cancels one gRPC accepted but handed to no handler, server/active_calls.py).
+    # drain cancels one gRPC accepted but handed to no handler, server/edge/active_calls.py).
     assert served["OK"] == counts["OK"] >= 200 and sum(served.values()) == served["OK"], (counts, served)
     refused = len(codes) - counts["OK"]
     assert set(counts) <= {"OK", "UNAVAILABLE", "CANCELLED"} and 1 <= refused <= 8, counts
@@ -387,10 +387,11 @@ def test_a_model_still_loading_is_unavailable_not_missing(small_repo: Path) -> N
     failing over to a restarting server gives up. Names the repository lacks stay NOT_FOUND throughout."""
     import asyncio
 
-    from transerve.server.errors import status_of
-    from transerve.server.manager import ModelManager, ModelNotFound
-    from transerve.server.metrics import Metrics
-    from transerve.server.models import Limits
+    from transerve.server.edge.rpc import status_of
+    from transerve.server.engine.loaded_model import Limits
+    from transerve.server.engine.manager import ModelManager
+    from transerve.server.engine.metrics import Metrics
+    from transerve.server.exceptions import ModelNotFound
 
     def code(call: Any) -> grpc.StatusCode | None:
         try:

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from transerve.server import small_batches
-from transerve.server.runtime import OrtRunner
-from transerve.server.small_batches import crossover, example_feeds
+from transerve.server.backends import small_batches
+from transerve.server.backends.sessions import OrtRunner
+from transerve.server.backends.small_batches import crossover, example_feeds
 
 CPU = ["CPUExecutionProvider"]
 

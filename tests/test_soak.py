@@ -42,7 +42,7 @@ MAX_RSS_GROWTH = 0.05
 CONCURRENCY = 8
 LEAKING_SERVER = """
 import sys
-from transerve.server.metrics import Metrics
+from transerve.server.engine.metrics import Metrics
 held = []
 counted = Metrics.on_request
 def on_request(self, *args):

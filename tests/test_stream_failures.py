@@ -18,7 +18,8 @@ import grpc
 import numpy as np
 import pytest
 from transerve.server.app import ServeOptions, TranserveServer
-from transerve.server.models import ClassifierModel, TranslatorModel
+from transerve.server.engine.classifier import ClassifierModel
+from transerve.server.engine.translator import TranslatorModel
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb

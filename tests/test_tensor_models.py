@@ -17,15 +17,14 @@ import pytest
 import yaml
 from conftest import ServerProcess, start_server
 from onnx import TensorProto, helper
-from transerve.server.model_config import ModelConfig
-from transerve.server.seq2seq import make_session
-from transerve.server.tensor_model import TensorModel
+from transerve.cli import app
+from transerve.server.backends.sessions import make_session
+from transerve.server.engine.model_config import ModelConfig
+from transerve.server.engine.tensor_model import TensorModel
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client.codec import add_tensor, tensors_to_numpy
 from typer.testing import CliRunner
-
-from transerve.cli import app
 
 
 def mixed_graph(path: Path) -> None:

@@ -94,7 +94,7 @@ def test_missing_tensorrt_is_a_clear_error(vit_entry: Path) -> None:
 @pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and a CUDA GPU")
 def test_engine_matches_onnxruntime_within_fp16(vit_entry: Path, tmp_path: Path) -> None:
     import tensorrt as trt
-    from transerve.server.seq2seq import make_session
+    from transerve.server.backends.sessions import make_session
 
     results = build_engines(EngineRequest(vit_entry, precision="fp16", timing_cache=tmp_path / "timing.cache"))
     assert results["model"]["cached"] is False
@@ -119,8 +119,8 @@ def test_engine_matches_onnxruntime_within_fp16(vit_entry: Path, tmp_path: Path)
 @pytest.mark.skipif(not HAS_TENSORRT, reason="needs TensorRT and a CUDA GPU")
 def test_serving_runner_matches_onnxruntime_without_torch_buffers(vit_entry: Path, tmp_path: Path) -> None:
     """The server's TensorRTRunner (cuda-python buffers) on the built engine, twice (buffers reused and grown)."""
-    from transerve.server.seq2seq import make_session
-    from transerve.server.tensorrt_runner import TensorRTRunner
+    from transerve.server.backends.sessions import make_session
+    from transerve.server.backends.tensorrt_runner import TensorRTRunner
 
     results = build_engines(EngineRequest(vit_entry, precision="fp16", timing_cache=tmp_path / "timing.cache"))
     runner = TensorRTRunner(Path(results["model"]["plan"]))

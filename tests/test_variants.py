@@ -24,8 +24,9 @@ from transerve.export.passes import optimize
 from transerve.export.precision import quantize_int8
 from transerve.export.variants import INT8_FORMS, bf16_skip_reason, pick_form, teacher_forced_logits
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
-from transerve.server.openvino_runner import OpenVinoRunner, openvino_available
-from transerve.server.seq2seq import make_session, pad_ids
+from transerve.server.backends.openvino_runner import OpenVinoRunner, openvino_available
+from transerve.server.backends.sessions import make_session
+from transerve.server.engine.seq2seq import pad_ids
 
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed (openvino extra)")
 

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from transerve.cli import app
 from transerve.models.checkpoint import load_checkpoint
 from transerve.models.translator import TextTranslator
 from typer.testing import CliRunner
-
-from transerve.cli import app
 
 
 @pytest.mark.slow

@@ -26,12 +26,11 @@ from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transerve.generation import DecodingDefaults, GenerationRules
 from transerve.models.checkpoint import CheckpointError
 from transerve.models.importers.vit import StateDict, need, read_json, read_weights
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
 from transerve.models.translator import TextTranslator
-
-from transerve.generation import DecodingDefaults, GenerationRules
 
 # generate() settings that change its output and that transerve does not apply, with their neutral values
 UNSUPPORTED = {"do_sample": False, "num_beam_groups": 1, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,

@@ -20,7 +20,6 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from transerve.models.vit import ViT, ViTConfig
 from transerve.models.zoo.training import TrainConfig, seed_everything, train
-
 from transerve.preprocessing import ImagePreprocessing
 
 LABELS = [str(d) for d in range(10)]

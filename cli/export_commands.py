@@ -1,0 +1,218 @@
+"""``transerve export`` and ``transerve inspect``: checkpoints → verified model-repository entries."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from transerve.cli.common import console, fail, require_export_stack
+
+
+class Source(StrEnum):
+    vit = "vit"
+    transformer = "transformer"
+    hf_marian = "hf-marian"
+    hf_vit = "hf-vit"
+    torchvision_vit = "torchvision-vit"
+    timm_vit = "timm-vit"
+
+
+class TargetName(StrEnum):
+    onnxruntime = "onnxruntime"
+    standard = "standard"
+    tensorrt_legacy = "tensorrt-legacy"
+
+
+
+
+def export_command(
+    source: Annotated[Source, typer.Argument(help="What the directory holds: vit or transformer (transerve "
+                                             "checkpoints), hf-marian, hf-vit, torchvision-vit, timm-vit.")],
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory, as its library saved it.")],
+    repo: Annotated[Path, typer.Option(help="Model repository to write REPO/NAME into.")] = Path("repo"),
+    name: Annotated[str | None, typer.Option(help="Entry name (default: the checkpoint folder's name).")] = None,
+    target: Annotated[TargetName, typer.Option(help="Runtime the graph is shaped for: onnxruntime (CPU/GPU), "
+                                               "standard (plain ONNX ops), tensorrt-legacy (TensorRT < 10.14).")]
+    = TargetName.onnxruntime,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write an int8 variant (ORT dynamic quantization).")]
+    = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 variant (for GPUs).")] = False,
+    version: Annotated[int, typer.Option(min=1, help="Version folder to write.")] = 1,
+    torch_checkpoint: Annotated[bool, typer.Option("--torch-checkpoint", help="Also write the PyTorch checkpoint "
+                                                   "that only `serve --backend torch` (the reference) reads.")]
+    = False,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        min=1, help="Translators: the generation budget (limit and default) in config.yaml. Default: the "
+        "checkpoint's own (hf-marian: generation_config.json's max_new_tokens, or max_length − 1), else 64.")]
+    = None,
+) -> None:
+    """Export a checkpoint to ONNX, fold BatchNorm, fuse attention, verify parity, write REPO/NAME."""
+    require_export_stack("export")
+    from transerve.export.exporter import ExportError, ExportOptions, export_translator_entry, export_vit_entry
+    from transerve.export.passes import PassError
+    from transerve.models.checkpoint import CheckpointError
+
+    opts = ExportOptions(repo=repo, name=name or checkpoint.resolve().name, version=version,
+                         target=target.value, int8=int8, fp16=fp16, torch_checkpoint=torch_checkpoint,
+                         source=f"{source.value}:{checkpoint}",
+                         on_status=lambda message: console.print(f"[dim]…[/] {message}", highlight=False))
+    try:
+        if source in (Source.transformer, Source.hf_marian):
+            translator = _load_translator(source, checkpoint)
+            report = export_translator_entry(translator.model, translator.tokenizer, opts,
+                                             max_new_tokens=max_new_tokens, decoding=translator.decoding)
+        else:
+            model, meta = _load_vit(source, checkpoint)
+            report = export_vit_entry(model, opts, **meta)
+    except (CheckpointError, PassError, ExportError) as e:
+        raise fail(str(e)) from None
+    print_report(report, repo / opts.name)
+
+
+def _load_translator(source: Source, checkpoint: Path):  # type: ignore[no-untyped-def]
+    from transerve.models.checkpoint import CheckpointError, read_checkpoint_config
+    from transerve.models.translator import TextTranslator
+
+    if source is Source.hf_marian:
+        from transerve.models.importers.marian import import_hf_marian
+
+        return import_hf_marian(checkpoint)
+    arch = read_checkpoint_config(checkpoint)[0]
+    if arch != "transformer":
+        raise CheckpointError(f"{checkpoint}: holds a {arch}, not a transformer (unsupported architecture for "
+                              "this source)")
+    return TextTranslator.load(checkpoint)
+
+
+def _load_vit(source: Source, checkpoint: Path) -> tuple[Any, dict[str, Any]]:
+    from transerve.models.checkpoint import CheckpointError, load_checkpoint
+    from transerve.models.importers.vit import VIT_IMPORTERS
+    from transerve.models.vit import ViT
+
+    if source is not Source.vit:
+        model, meta = VIT_IMPORTERS[source.value](checkpoint)
+        return model, {"labels": meta["labels"], "preprocessing": meta["preprocessing"]}
+    model, extra = load_checkpoint(checkpoint)
+    if not isinstance(model, ViT):
+        raise CheckpointError(f"{checkpoint}: holds a {type(model).__name__}, not a vit (unsupported architecture "
+                              "for this source)")
+    return model, {"labels": _labels(extra, model.config.num_classes),
+                   "preprocessing": _preprocessing(extra, model.config.image_size)}
+
+
+def _labels(extra: dict[str, Any], num_classes: int) -> list[str]:
+    labels = extra.get("report", {}).get("labels") or extra.get("labels")
+    return list(labels) if labels else [str(i) for i in range(num_classes)]
+
+
+def _preprocessing(extra: dict[str, Any], image_size: int) -> dict[str, Any]:
+    prep = extra.get("report", {}).get("preprocessing") or extra.get("preprocessing")
+    return dict(prep) if prep else {"size": image_size, "mean": [0.5] * 3, "std": [0.5] * 3, "resample": "bilinear"}
+
+
+def inspect_command(entry: Annotated[Path, typer.Argument(help="A repository entry, e.g. repo/vit-digits.")]) -> None:
+    """Print an entry's export report: passes, op counts before/after, parity, accuracy, variants."""
+    import onnx
+    from transerve.export.repository import latest_version, read_report
+
+    try:
+        report = read_report(entry)
+        for path in sorted(latest_version(entry).glob("*.onnx")):
+            try:
+                onnx.checker.check_model(str(path))
+            except Exception as e:
+                raise ValueError(f"{path}: corrupt ONNX ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e)) from None
+    print_report(report, entry)
+
+
+def print_report(report: dict[str, Any], entry: Path) -> None:
+    passes = Table("graph", "pass", "nodes changed", "details", title=f"{entry} — passes (target {report['target']})")
+    for p in report["passes"]:
+        details = ", ".join(f"{k} {v}" for k, v in p["changed"].items()) + "".join(f"\n⚠ {w}" for w in p["warnings"])
+        passes.add_row(p["graph"], p["name"], str(p["nodes_changed"]), details)
+    console.print(passes)
+    ops = Table("graph", "op", "before", "after", title="op counts")
+    for graph, after in report["op_counts_after"].items():
+        before = report["op_counts_before"][graph]
+        for op in sorted(set(before) | set(after)):
+            if before.get(op, 0) != after.get(op, 0) or op in ("Attention", "BatchNormalization"):
+                ops.add_row(graph, op, str(before.get(op, 0)), str(after.get(op, 0)))
+    console.print(ops)
+    checks = Table("check", "value", title="verification")
+    for key, value in {**report["parity"], **{f"accuracy.{k}": v for k, v in report["accuracy"].items()}}.items():
+        checks.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
+    for variant, info in report.get("variants", {}).items():
+        summary = {k: v for k, v in info.items() if k in ("runtime", "max_abs_diff_vs_fp32", "accuracy",
+                                                          "token_agreement_vs_pytorch", "runs_on_cpu", "error",
+                                                          "speed_vs_fp32")}
+        checks.add_row(f"variant {variant}", str(summary))
+    console.print(checks)
+    if "generation" in report:
+        console.print("decoding defaults (config.yaml; a request overrides beam, budget, length penalty): "
+                      + ", ".join(f"{k} {v}" for k, v in report["generation"].items()), highlight=False)
+    console.print(gate_table(report))
+
+
+def gate_table(report: dict[str, Any]) -> Table:
+    """Each variant's accuracy gate against fp32 (what `precision: auto` requires before serving it)."""
+    gates = Table("variant", "runtime", "logit MAE", "bound", "accuracy (fp32)", "token agreement", "speed × fp32",
+                  "gate", title="accuracy gate vs fp32 (export/accuracy_gate.py)")
+    notes = []
+    for name, info in report.get("variants", {}).items():
+        gate, variant = info.get("gate"), f"{name} ({info['form']})" if "form" in info else name
+        if "forms" in info:
+            notes.append(f"{name} forms measured here: " + ", ".join(
+                f"{form} {m['speed_vs_fp32'] or 0:.2f}× {'passed' if m['passed'] else 'failed'}"
+                for form, m in info["forms"].items()) + f"; kept {info['form']}")
+        if gate is None:
+            gates.add_row(variant, info.get("runtime", "onnxruntime"), "", "", "", "", "",
+                          "not measured" + (f": {info['error']}" if "error" in info else ""))
+            continue
+        accuracy = f"{gate['accuracy']:.4f} ({gate['accuracy_fp32']:.4f})" if "accuracy" in gate else ""
+        agreement = f"{gate['token_agreement']:.3f}" if "token_agreement" in gate else ""
+        gates.add_row(variant, info["runtime"], f"{gate['logit_mae']:.4g}", f"{gate['logit_mae_bound']:.4g}", accuracy,
+                      agreement, f"{info.get('speed_vs_fp32', 0):.2f}",
+                      "passed" if gate["passed"] else f"failed: {gate['why']}")
+    if "bf16_skipped" in report:
+        notes.append(f"bf16 not measured: {report['bf16_skipped']}")
+    gates.caption = "\n".join(notes) or None
+    return gates
+
+
+class PrecisionName(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def engine_build_command(
+    entry: Annotated[Path, typer.Argument(help="A repository entry, e.g. repo/vit-digits.")],
+    precision: Annotated[PrecisionName, typer.Option(help="Engine precision (TensorRT ≥ 11 takes it from the "
+                                                     "ONNX variant of that name).")] = PrecisionName.fp16,
+    workspace_gb: Annotated[float, typer.Option(min=0.25, help="Builder workspace limit in GiB.")] = 4.0,
+    timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file, read and updated.")]
+    = Path(".cache/tensorrt-timing.cache"),
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when a cached engine matches.")] = False,
+) -> None:
+    """Build TensorRT engines (REPO/NAME/<version>/<graph>.plan) for an entry; needs TensorRT 10+ and a GPU.
+
+    Profiles (min/opt/max batch, source and cache length) come from the entry's
+    config.yaml; an engine whose (ONNX, TensorRT version, GPU, flags) hash is
+    unchanged is reused.
+    """
+    require_export_stack("engine build", ("onnx",))
+    from transerve.export.tensorrt_engine import EngineBuildError, EngineRequest, build_engines
+
+    request = EngineRequest(entry, precision.value, workspace_gb, timing_cache, force,  # type: ignore[arg-type]
+                            on_status=lambda m: console.print(f"[dim]…[/] {m}", highlight=False))
+    try:
+        results = build_engines(request)
+    except (EngineBuildError, FileNotFoundError) as e:
+        raise fail(str(e)) from None
+    for graph, info in results.items():
+        console.print(f"{graph}: {info['plan']} ({'cached' if info['cached'] else 'built'}, key {info['key']})")

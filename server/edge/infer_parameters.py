@@ -1,0 +1,88 @@
+"""``ModelInferRequest.parameters``: the request-level settings KServe clients send, checked at the edge.
+
+A parameter this server does not know is refused rather than ignored: a client that sends ``beam_sise: 4``
+or ``top_k`` to a model that has no such setting believes it changed something, and silent acceptance hides
+the mistake (the message lists what the model takes). Types are checked against the oneof the client set —
+``beam_size: "four"`` is refused, an integer-valued ``length_penalty`` is accepted as the number it is.
+
+Accepted:
+- every model: ``timeout`` (microseconds, Triton's meaning; the tighter of it and the gRPC deadline wins);
+- translators: ``beam_size``, ``max_new_tokens``, ``length_penalty`` (as ``TranslateOptions``) and
+  ``stream`` (Triton's decoupled convention, ``ModelStreamInfer`` only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from transerve.server.exceptions import RequestError
+
+MAX_TIMEOUT_US = 24 * 3600 * 1_000_000  # a day: anything longer is a unit mistake, not a deadline
+_INTEGER_KINDS = ("int64_param", "uint64_param")
+_NUMBER_KINDS = (*_INTEGER_KINDS, "double_param")
+# name → (accepted oneof kinds, what the message says it must be)
+_COMMON = {"timeout": (_INTEGER_KINDS, "an integer of microseconds")}
+_TRANSLATE = {"beam_size": (_INTEGER_KINDS, "an integer"), "max_new_tokens": (_INTEGER_KINDS, "an integer"),
+              "length_penalty": (_NUMBER_KINDS, "a number"), "stream": (("bool_param",), "a bool")}
+
+
+@dataclass(frozen=True)
+class InferParameters:
+    """What a request's parameters ask for; ``None`` keeps the model's default."""
+
+    timeout_s: float | None = None
+    beam_size: int | None = None
+    max_new_tokens: int | None = None
+    length_penalty: float | None = None
+    stream: bool = False
+
+    def deadline(self, grpc_deadline: float | None) -> float | None:
+        """The tighter of the gRPC deadline (a monotonic instant) and ``timeout``."""
+        if self.timeout_s is None:
+            return grpc_deadline
+        mine = time.monotonic() + self.timeout_s
+        return mine if grpc_deadline is None else min(mine, grpc_deadline)
+
+
+def parse_parameters(parameters: Any, task: str) -> InferParameters:
+    """``parameters`` (a protobuf map of ``InferParameter``) for a model of ``task``."""
+    known = {**_COMMON, **(_TRANSLATE if task == "translate" else {})}
+    values: dict[str, Any] = {}
+    for name in sorted(parameters):
+        if name not in known:
+            raise RequestError(f"parameters.{name}: unknown parameter for a {task} model (it takes "
+                               f"{', '.join(sorted(known))})")
+        kinds, meaning = known[name]
+        kind = parameters[name].WhichOneof("parameter_choice")
+        if kind not in kinds:
+            raise RequestError(f"parameters.{name}: must be {meaning}, got {_shown(parameters[name], kind)}")
+        values[name] = getattr(parameters[name], kind)
+    return InferParameters(
+        timeout_s=_bounded(values, "timeout", 1, MAX_TIMEOUT_US) / 1e6 if "timeout" in values else None,
+        beam_size=_bounded(values, "beam_size", 1, 1 << 31), max_new_tokens=_bounded(values, "max_new_tokens", 1,
+                                                                                      1 << 31),
+        length_penalty=_finite(values, "length_penalty"), stream=bool(values.get("stream", False)))
+
+
+def _bounded(values: dict[str, Any], name: str, low: int, high: int) -> Any:
+    """The integer, or None when absent; the model checks its own tighter limits (beam size, budget) later."""
+    value = values.get(name)
+    if value is not None and not low <= value <= high:
+        raise RequestError(f"parameters.{name}: {value} is outside {low} to {high}")
+    return value
+
+
+def _finite(values: dict[str, Any], name: str) -> float | None:
+    value = values.get(name)
+    if value is not None and not math.isfinite(value):
+        raise RequestError(f"parameters.{name}: {value} is not a finite number")
+    return None if value is None else float(value)
+
+
+def _shown(parameter: Any, kind: str | None) -> str:
+    if kind is None:
+        return "no value"
+    return f"{kind.removesuffix('_param')} {getattr(parameter, kind)!r}"

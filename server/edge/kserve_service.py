@@ -1,0 +1,283 @@
+"""``inference.GRPCInferenceService``: the KServe v2 / Open Inference Protocol, as Triton clients expect it.
+
+Every model is reachable through ModelInfer: classifiers take ``images``
+(FP32 ``[N, C, H, W]``, preprocessed) and answer ``logits``; translators take
+``text`` (BYTES ``[N]``) and answer ``translation`` (BYTES ``[N]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import numpy as np
+from transerve import __version__
+from transerve.server.edge.infer_parameters import InferParameters, parse_parameters
+from transerve.server.edge.rpc import Scope, describe, finish, guarded, remaining
+from transerve.server.edge.tensors import fill_response, request_inputs, tensor_metadata
+from transerve.server.engine.classifier import ClassifierModel
+from transerve.server.engine.loaded_model import LoadedModel, deadline_from
+from transerve.server.engine.manager import ModelManager
+from transerve.server.engine.metrics import Metrics
+from transerve.server.engine.tensor_model import TensorModel
+from transerve.server.engine.translator import TranslatorModel
+from transerve.server.exceptions import ControlDisabled, ModelNotFound, RequestError
+from transerve_client._proto import inference_pb2 as pb
+from transerve_client._proto import inference_pb2_grpc as pb_grpc
+
+Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino", "tensorrt": "tensorrt_plan",
+             "torch": "pytorch_libtorch"}
+
+
+def serving_parameters(model: LoadedModel, reason: bool = True) -> dict[str, pb.InferParameter]:
+    """Which runtime and precision serve ``model`` (and, for metadata, why that precision)."""
+    values = {"runtime": model.backend, "precision": model.precision}
+    if reason:
+        values["precision_reason"] = model.precision_reason
+    return {key: pb.InferParameter(string_param=value) for key, value in values.items()}
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, manager: ModelManager, metrics: Metrics, is_ready: Any, repository_control: bool = False
+                 ) -> None:
+        self.manager, self.metrics, self.is_ready = manager, metrics, is_ready
+        self.repository_control = repository_control  # load/unload: only with admin tokens (server/edge/auth.py)
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=bool(self.is_ready()))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        try:
+            self.manager.get(request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=bool(self.is_ready()))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="transerve", version=__version__,
+                                         extensions=["model_repository", "statistics", "binary_tensor_data"])
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        async def handle(scope: Scope) -> Any:
+            model = self.manager.get(request.name, request.version)
+            scope.model = model.name
+            return model_metadata(model, self.manager)
+
+        return await guarded(self.metrics, "ModelMetadata", context, handle)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        async def handle(scope: Scope) -> Any:
+            return await self.infer(request, scope, deadline_from(remaining(context)))
+
+        return await guarded(self.metrics, "ModelInfer", context, handle)
+
+    async def infer(self, request: pb.ModelInferRequest, scope: Scope, deadline: float | None
+                    ) -> pb.ModelInferResponse:
+        """One inference, whatever the protocol (gRPC here, REST in :mod:`transerve.server.edge.rest`)."""
+        if not request.model_name:
+            raise RequestError("model_name: required")
+        model = self.manager.get(request.model_name, request.model_version)
+        scope.model = model.name
+        parameters = parse_parameters(request.parameters, model.config.task)
+        if parameters.stream:
+            raise RequestError("parameters.stream: only ModelStreamInfer streams (ModelInfer answers once)")
+        inputs = request_inputs(request, self.manager.limits.max_elements)
+        outputs = await run_model(model, inputs, parameters.deadline(deadline), parameters)
+        wanted = [o.name for o in request.outputs]
+        unknown = sorted(set(wanted) - set(outputs))
+        if unknown:
+            raise RequestError(f"outputs: {unknown} not produced by {model.name} (it has {sorted(outputs)})")
+        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        fill_response(response, {k: v for k, v in outputs.items() if not wanted or k in wanted})
+        return response
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request answered in order; an error is reported in the stream, which stays open.
+
+        A translator request with the parameter ``stream: true`` (Triton's decoupled convention) is answered
+        with one response per text piece as the tokens are produced — output ``translation`` BYTES ``[1]``,
+        parameter ``tokens`` — and then an empty response with ``triton_final_response: true``.
+        """
+        async for request in request_iterator:
+            scope, start = Scope(context, request.id), time.perf_counter()
+            self.metrics.begin("ModelStreamInfer")
+            try:
+                if _wants_stream(request):
+                    async for response in self._stream_translation(request, scope, remaining(context)):
+                        yield pb.ModelStreamInferResponse(infer_response=response)
+                else:
+                    response = await self.infer(request, scope, deadline_from(remaining(context)))
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+                finish(self.metrics, scope, "ModelStreamInfer", "OK", time.perf_counter() - start)
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+                finish(self.metrics, scope, "ModelStreamInfer", "CANCELLED", time.perf_counter() - start)
+                raise
+            except Exception as e:  # answered in the stream, which stays open for the next request
+                status, message = describe(scope, "ModelStreamInfer", e)
+                finish(self.metrics, scope, "ModelStreamInfer", status.name, time.perf_counter() - start)
+                yield pb.ModelStreamInferResponse(error_message=f"{status.name}: {message}",
+                                                  infer_response=pb.ModelInferResponse(id=request.id))
+
+    async def _stream_translation(self, request: pb.ModelInferRequest, scope: Scope, time_left: float | None
+                                  ) -> AsyncIterator[pb.ModelInferResponse]:
+        model = self.manager.get(request.model_name, request.model_version)
+        scope.model = model.name
+        if not isinstance(model, TranslatorModel):
+            raise RequestError(f"parameters.stream: only translators stream; {model.name} is a {model.config.task} "
+                               "model")
+        parameters = parse_parameters(request.parameters, model.config.task)
+        inputs = request_inputs(request, self.manager.limits.max_elements)
+        texts = inputs.get("text")
+        if texts is None or texts.dtype != np.object_ or texts.size != 1:
+            raise RequestError("inputs.text: a streamed request takes exactly one BYTES text")
+        text = decoded_texts(texts)[0]
+        tokens = 0
+        async for piece in model.stream(text, parameters.max_new_tokens, parameters.deadline(deadline_from(time_left)),
+                                        parameters.beam_size, parameters.length_penalty):
+            tokens = piece.tokens
+            if not piece.text:
+                continue
+            response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+            fill_response(response, {"translation": np.array([piece.text.encode()], dtype=np.object_)})
+            response.parameters["tokens"].int64_param = tokens
+            response.parameters["triton_final_response"].bool_param = False
+            yield response
+        final = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        final.parameters["tokens"].int64_param = tokens
+        final.parameters["triton_final_response"].bool_param = True
+        yield final
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
+        async def handle(scope: Scope) -> Any:
+            names = [request.name] if request.name else sorted(self.manager.models)
+            stats = []
+            for name in names:
+                model = self.manager.get(name, request.version)
+                stats.append(model_statistics(model, self.metrics))
+            return pb.ModelStatisticsResponse(model_stats=stats)
+
+        return await guarded(self.metrics, "ModelStatistics", context, handle)
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
+        return repository_index(self.manager, request.ready)
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
+                                  ) -> pb.RepositoryModelLoadResponse:
+        async def handle(scope: Scope) -> Any:
+            scope.model = request.model_name
+            await self.load(request.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await guarded(self.metrics, "RepositoryModelLoad", context, handle)
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        async def handle(scope: Scope) -> Any:
+            scope.model = request.model_name
+            await self.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await guarded(self.metrics, "RepositoryModelUnload", context, handle)
+
+    async def load(self, name: str) -> None:
+        self._check_control()
+        state = await self.manager.load(name)
+        if state.failed:
+            raise RequestError(f"model_name: {name!r} failed to load: {state.reason}")
+
+    async def unload(self, name: str) -> None:
+        self._check_control()
+        await self.manager.unload(name)
+
+    def _check_control(self) -> None:
+        if not self.repository_control:
+            raise ControlDisabled("repository control is disabled: start the server with --admin-token-file "
+                                  "to allow RepositoryModelLoad/Unload with an admin token")
+
+
+def model_metadata(model: LoadedModel, manager: ModelManager) -> pb.ModelMetadataResponse:
+    """KServe metadata, with parameters saying what serves it (runtime, precision and why) and what the SDK
+    needs to split large calls: ``task``, ``max_batch_size`` (items per request) and ``default`` (whether a
+    request naming no model of this task reaches it)."""
+    c = model.config
+    try:
+        default = manager.default_for(c.task) is model
+    except ModelNotFound:
+        default = False
+    response = pb.ModelMetadataResponse(
+        name=model.name, versions=[model.version], platform=PLATFORMS.get(model.backend, model.backend),
+        inputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.inputs],
+        outputs=[tensor_metadata(t.name, t.datatype, t.dims) for t in c.outputs],
+        parameters=serving_parameters(model))
+    response.parameters["task"].string_param = c.task
+    response.parameters["max_batch_size"].int64_param = c.max_batch_size
+    response.parameters["default"].bool_param = default
+    return response
+
+
+def repository_index(manager: ModelManager, ready_only: bool) -> pb.RepositoryIndexResponse:
+    models = []
+    for name in manager.entry_names():
+        state = manager.states.get(name)
+        if state is None or (ready_only and state.state != "READY"):
+            continue
+        models.append(pb.RepositoryIndexResponse.ModelIndex(name=name, version=state.version, state=state.state,
+                                                            reason=state.reason))
+    return pb.RepositoryIndexResponse(models=models)
+
+
+async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline: float | None,
+                    parameters: InferParameters | None = None) -> dict[str, np.ndarray]:
+    expected = [t.name for t in model.config.inputs]
+    if sorted(inputs) != sorted(expected):
+        raise RequestError(f"inputs: {model.name} takes {expected}, got {sorted(inputs)}")
+    if isinstance(model, TensorModel):
+        return await model.infer(inputs, deadline)
+    if isinstance(model, ClassifierModel):
+        images = model.check_tensor(inputs["images"], "inputs.images", batched=True)
+        return {"logits": await model.logits(images, deadline)}
+    assert isinstance(model, TranslatorModel)
+    texts = inputs["text"]
+    if texts.dtype != np.object_:
+        raise RequestError("inputs.text: datatype must be BYTES")
+    decoded = decoded_texts(texts)
+    p = parameters or InferParameters()
+    results = await model.translate(decoded, p.max_new_tokens, deadline, field="inputs.text", beam_size=p.beam_size,
+                                    length_penalty=p.length_penalty)
+    return {"translation": np.array([r.text.encode() for r in results], dtype=np.object_).reshape(texts.shape)}
+
+
+def decoded_texts(texts: np.ndarray) -> list[str]:
+    """A BYTES tensor's elements as text; invalid UTF-8 is the client's error, never replaced silently."""
+    try:
+        return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts.reshape(-1)]
+    except UnicodeDecodeError as e:
+        raise RequestError(f"inputs.text: not valid UTF-8 (byte {e.start})") from None
+
+
+def _wants_stream(request: pb.ModelInferRequest) -> bool:
+    return "stream" in request.parameters and bool(request.parameters["stream"].bool_param)
+
+
+def model_statistics(model: LoadedModel, metrics: Metrics) -> pb.ModelStatistics:
+    c = metrics.counters[model.name]
+
+    def duration(d: Any) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+    return pb.ModelStatistics(
+        name=model.name, version=model.version, last_inference=c.last_inference_ms,
+        inference_count=c.inference_count, execution_count=c.execution_count,
+        inference_stats=pb.InferStatistics(success=duration(c.success), fail=duration(c.fail),
+                                           queue=duration(c.queue), compute_infer=duration(c.compute)),
+        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=duration(d))
+                     for size, d in sorted(c.batches.items())],
+        parameters=serving_parameters(model, reason=False))
+

@@ -1,0 +1,135 @@
+"""``transerve.v1.Translator`` and ``transerve.v1.Classifier``: the task API in its own terms."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import numpy as np
+from transerve.server.edge.rpc import Scope, failure, finish, guarded, remaining
+from transerve.server.engine.classifier import ClassifierModel
+from transerve.server.engine.loaded_model import deadline_from
+from transerve.server.engine.manager import ModelManager
+from transerve.server.engine.metrics import Metrics
+from transerve.server.engine.translator import TranslatorModel
+from transerve.server.exceptions import RequestError
+from transerve_client._proto import transerve_pb2 as pb
+from transerve_client._proto import transerve_pb2_grpc as pb_grpc
+
+Context: TypeAlias = Any  # grpc.aio.ServicerContext (grpcio ships no type hints)
+DEFAULT_TOP_K = 5
+
+
+class TranslatorService(pb_grpc.TranslatorServicer):
+    def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
+        self.manager, self.metrics = manager, metrics
+
+    async def Translate(self, request: pb.TranslateRequest, context: Context) -> pb.TranslateResponse:
+        async def handle(scope: Scope) -> Any:
+            model = self.manager.get(request.model, task="translate")
+            assert isinstance(model, TranslatorModel)
+            scope.model = model.name
+            opts = request.options
+            results = await model.translate(list(request.texts), opts.max_new_tokens or None,
+                                            deadline_from(remaining(context)), field="texts",
+                                            beam_size=opts.beam_size or None, length_penalty=length_penalty(opts))
+            self.metrics.generated_tokens.labels(model.name).inc(sum(len(r.ids) for r in results))
+            return pb.TranslateResponse(model=model.name, model_version=model.version,
+                                        translations=[pb.Translation(text=r.text, tokens=len(r.ids))
+                                                      for r in results])
+
+        return await guarded(self.metrics, "Translate", context, handle)
+
+    async def TranslateStream(self, request: pb.TranslateStreamRequest, context: Context
+                              ) -> AsyncIterator[pb.TranslateStreamResponse]:
+        """Pieces of the translation as tokens are produced: the sequence joins the model's continuous batch
+        and leaves it at the next step when the client cancels."""
+        scope = Scope(context)
+        start, code, tokens = time.perf_counter(), "OK", 0
+        self.metrics.begin("TranslateStream")
+        try:
+            model = self.manager.get(request.model, task="translate")
+            assert isinstance(model, TranslatorModel)
+            scope.model = model.name
+            opts = request.options
+            async for piece in model.stream(request.text, opts.max_new_tokens or None,
+                                            deadline_from(remaining(context)), opts.beam_size or None,
+                                            length_penalty(opts)):
+                tokens = piece.tokens
+                if piece.text:
+                    yield pb.TranslateStreamResponse(piece=piece.text, tokens=tokens)
+            yield pb.TranslateStreamResponse(done=True, tokens=tokens)
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (gRPC closes or cancels us)
+            code = "CANCELLED"
+            raise
+        except Exception as e:
+            status, message = failure(context, scope, "TranslateStream", e)
+            code = status.name
+            await context.abort(status, message)
+        finally:
+            finish(self.metrics, scope, "TranslateStream", code, time.perf_counter() - start)
+            if tokens and scope.model != "-":
+                self.metrics.generated_tokens.labels(scope.model).inc(tokens)
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
+        self.manager, self.metrics = manager, metrics
+
+    async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
+        async def handle(scope: Scope) -> Any:
+            model = self.manager.get(request.model, task="classify")
+            assert isinstance(model, ClassifierModel)
+            scope.model = model.name
+            images = await self._images(model, request)
+            logits = await model.logits(images, deadline_from(remaining(context)))
+            k = min(request.top_k or DEFAULT_TOP_K, logits.shape[1])  # top_k beyond the classes: all of them
+            return pb.ClassifyResponse(model=model.name, model_version=model.version,
+                                       results=[top_k(row, k, model.labels) for row in logits])
+
+        return await guarded(self.metrics, "Classify", context, handle)
+
+    async def _images(self, model: ClassifierModel, request: pb.ClassifyRequest) -> np.ndarray:
+        if not 1 <= len(request.images) <= model.config.max_batch_size:
+            raise RequestError(f"images: {len(request.images)} images, the limit is 1 to "
+                               f"{model.config.max_batch_size}")
+        encoded = [(i, im.encoded) for i, im in enumerate(request.images) if im.WhichOneof("source") == "encoded"]
+        arrays: list[np.ndarray | None] = [None] * len(request.images)
+        if encoded:
+            decoded = await model.decode_images([b for _, b in encoded], "images")
+            for (i, _), array in zip(encoded, decoded, strict=True):
+                arrays[i] = array
+        for i, im in enumerate(request.images):
+            source = im.WhichOneof("source")
+            if source is None:
+                raise RequestError(f"images[{i}]: neither encoded bytes nor a tensor")
+            if source == "tensor":
+                one = model.check_tensor(tensor_array(im.tensor, f"images[{i}].tensor"), f"images[{i}].tensor")
+                if len(one) != 1:
+                    raise RequestError(f"images[{i}].tensor: holds {len(one)} images; send one per Image")
+                arrays[i] = one[0]
+        return np.stack([a for a in arrays if a is not None])
+
+
+def length_penalty(options: pb.TranslateOptions) -> float | None:
+    return float(options.length_penalty) if options.HasField("length_penalty") else None
+
+
+def tensor_array(tensor: pb.Tensor, field: str) -> np.ndarray:
+    shape = tuple(int(d) for d in tensor.shape)
+    count = math.prod(shape) if shape else 0  # Python ints: huge dims must not wrap to a small count
+    if not shape or any(d <= 0 for d in shape) or len(tensor.data) != 4 * count:
+        raise RequestError(f"{field}: {len(tensor.data)} bytes do not hold float32 of shape {list(shape)}")
+    return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def top_k(logits: np.ndarray, k: int, labels: list[str]) -> pb.Classification:
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    best = np.argsort(-probs, kind="stable")[:k]
+    return pb.Classification(predictions=[
+        pb.Prediction(label=labels[i] if i < len(labels) else str(i), index=int(i), score=float(probs[i]))
+        for i in best])

@@ -1,0 +1,141 @@
+"""``config.yaml`` of a repository entry, validated once when the model is loaded.
+
+The fields are the ones ``transerve export`` writes (see
+``transerve.export.repository``); a hand-edited file that breaks them fails
+with a message naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from transerve.generation import GenerationRules
+from transerve.server.exceptions import ConfigError
+
+
+class Batching(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    max_queue_size: int = Field(256, ge=1)
+    instances: int = Field(1, ge=1, le=64)
+    flush_when_idle: bool = True  # no waiting while the backend is idle (see server/engine/batching.py)
+    # a request to an idle model estimated to compute in under this runs on the event loop: no thread hops
+    # (see server/engine/batching.py); 0 turns it off. Only models whose batch is plain compute use it (classifiers,
+    # tensor models).
+    inline_below_ms: float = Field(0.5, ge=0, le=10)
+    # refuse at admission (RESOURCE_EXHAUSTED) a request expected to wait longer than this; None: no bound
+    max_queue_time_ms: float | None = Field(None, gt=0, le=3_600_000)
+
+
+class TensorSpec(BaseModel):
+    name: str
+    datatype: str
+    dims: list[int]
+
+
+class Scheduler(BaseModel):
+    """Translation scheduling. ``continuous`` (iteration-level, needs ``files.decoder_step_ragged``) or
+    ``static`` (request-level batching through the dynamic batcher: the baseline the benchmark compares)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["continuous", "static"] = "continuous"
+    max_active_sequences: int = Field(64, ge=1, le=4096)
+    max_cached_tokens: int = Field(16_384, ge=1)
+    max_encode_batch: int = Field(32, ge=1)
+
+
+class DecoderSpec(BaseModel):
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+
+class Generation(BaseModel):
+    """A translator's decoding rules beyond beam size and budget (``beam_size`` and ``max_new_tokens`` are the
+    defaults a request overrides). ``transerve export hf-marian`` writes them from the checkpoint's
+    ``generation_config.json``; the defaults are transerve's own models' (see ``transerve/generation.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    length_penalty: float = Field(1.0, ge=0, le=10)  # the default when a request sends none
+    early_stopping: bool | Literal["never"] = True
+    bad_words_ids: list[list[int]] = Field(default_factory=list)
+    forced_eos: bool = False  # the budget's last token is EOS (Hugging Face's forced_eos_token_id)
+    renormalize_logits: bool = False
+
+    def rules(self, eos_id: int) -> GenerationRules:
+        return GenerationRules.from_settings(self.bad_words_ids, self.forced_eos, self.renormalize_logits,
+                                             self.early_stopping, eos_id)
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    task: Literal["classify", "translate", "tensor"]  # tensor: any ONNX graph (server/engine/tensor_model.py)
+    backend: str = "onnxruntime"
+    precision: Literal["auto", "fp32", "int8", "bf16"] = "auto"  # see transerve.server.backends.precision
+    default: bool = False
+    version: int | None = None  # pin a version; None = the highest
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    batching: Batching = Batching()  # pydantic copies defaults per instance
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    files: dict[str, str]
+    # classify
+    preprocessing: dict[str, Any] | None = None
+    labels: str | None = None
+    # translate
+    max_input_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    beam_size: int = Field(1, ge=1, le=16)
+    scheduler: Scheduler = Scheduler()
+    generation: Generation = Generation()
+    decoder: DecoderSpec | None = None
+    tokenizer: str | None = None
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> ModelConfig:
+        if self.task == "classify" and self.preprocessing is None:
+            raise ValueError("a classify model needs 'preprocessing'")
+        if self.task == "translate" and (self.decoder is None or self.tokenizer is None):
+            raise ValueError("a translate model needs 'decoder' and 'tokenizer'")
+        vocab = self.decoder.vocab_size if self.decoder is not None else None
+        for word in self.generation.bad_words_ids:
+            if not word or (vocab is not None and not all(0 <= t < vocab for t in word)):
+                raise ValueError(f"generation.bad_words_ids: {word} is not a token sequence within the vocabulary "
+                                 f"(0 to {vocab})")
+        return self
+
+
+def load_model_config(entry: Path) -> ModelConfig:
+    path = entry / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return ModelConfig.model_validate(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+
+
+def latest_version(entry: Path) -> Path:
+    """The highest numbered version folder of an entry (what the server serves unless config pins one)."""
+    versions = sorted((int(p.name), p) for p in entry.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise FileNotFoundError(f"{entry}: no numbered version folder (expected {entry}/1/)")
+    return versions[-1][1]

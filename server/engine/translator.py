@@ -1,0 +1,279 @@
+"""The translator task: texts checked and tokenized, decoded by the continuous scheduler (``scheduler.mode:
+continuous``) or by request-level batching, unary or streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+from transerve.server.backends.runner import GraphRunner
+from transerve.server.engine.detokenizer import Detokenizer
+from transerve.server.engine.loaded_model import Limits, LoadedModel
+from transerve.server.engine.metrics import Metrics
+from transerve.server.engine.model_config import ModelConfig
+from transerve.server.engine.scheduler import ContinuousScheduler, SchedulerCaps, SequenceRequest
+from transerve.server.engine.seq2seq import DecoderLayout, OrtSeq2Seq, pad_ids
+from transerve.server.exceptions import ConfigError, DeadlineExceeded, RequestError
+
+MAX_BEAM = 8
+MAX_LENGTH_PENALTY = 10.0
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TranslationResult:
+    ids: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """A request's decoding settings, validated against the model's limits."""
+
+    max_new_tokens: int
+    beam_size: int
+    length_penalty: float
+
+
+@dataclass(frozen=True)
+class TranslateJob:
+    """One request's sources for request-level batching (``scheduler.mode: static``)."""
+
+    sources: list[list[int]]
+    options: DecodeOptions
+
+
+@dataclass(frozen=True)
+class StreamPiece:
+    """New text of a streamed translation and the tokens made so far (the last piece may be empty)."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class TokenProgress:
+    ids: list[int]  # every token so far
+    final: bool
+
+
+class TranslatorModel(LoadedModel):
+    """Continuous batching through :class:`ContinuousScheduler` (``scheduler.mode: continuous``, the default when
+    the entry has ``decoder_step_ragged``), else request-level batching: sources of concurrent requests decoded
+    together by the dynamic batcher."""
+
+    def __init__(self, config: ModelConfig, version: str, backend: str, runners: dict[str, GraphRunner],
+                 entry: Path, on_batch: Any, limits: Limits, metrics: Metrics | None = None) -> None:
+        super().__init__(config, version, backend, runners, on_batch)
+        assert config.decoder is not None and config.tokenizer is not None  # checked by ModelConfig
+        self.tokenizer = load_tokenizer(entry / config.tokenizer)
+        d = config.decoder
+        self.layout = DecoderLayout(d.num_layers, d.num_heads, d.head_dim, d.bos_id, d.eos_id, d.pad_id)
+        self.rules = config.generation.rules(d.eos_id)
+        step = runners.get("decoder_step_ragged") or runners["decoder_step"]  # the ragged step decodes both ways
+        self.seq2seq = OrtSeq2Seq(runners["encoder"], step, self.layout, self.rules)
+        self.limits = limits
+        self.scheduler: ContinuousScheduler | None = None
+        if config.scheduler.mode == "continuous":
+            if "decoder_step_ragged" in runners:
+                self.scheduler = self._make_scheduler(metrics)
+            else:
+                log.warning("%s: no decoder_step_ragged graph (exported by an older transerve?): request-level "
+                            "batching instead of continuous batching", self.name)
+
+    def _make_scheduler(self, metrics: Metrics | None) -> ContinuousScheduler:
+        c, layout = self.config, self.layout
+        bound = c.batching.max_queue_time_ms
+        caps = SchedulerCaps(c.scheduler.max_active_sequences, c.scheduler.max_cached_tokens,
+                             c.batching.max_queue_size, c.scheduler.max_encode_batch,
+                             None if bound is None else bound / 1000)
+
+        def finished(request: SequenceRequest) -> None:
+            if metrics is not None:
+                metrics.request_tokens.labels(self.name).observe(len(request.tokens))
+                if request.first_token_at is not None:
+                    metrics.time_to_first_token.labels(self.name).observe(request.first_token_at - request.enqueued)
+
+        scheduler = ContinuousScheduler.over_graphs(self.runners["encoder"], self.runners["decoder_step_ragged"],
+                                                    layout, caps, name=self.name, on_finish=finished,
+                                                    rules=self.rules)
+        if metrics is not None:
+            stats = scheduler.stats
+            metrics.active_sequences.labels(self.name).set_function(lambda: stats.active_sequences)
+            metrics.cached_tokens.labels(self.name).set_function(lambda: stats.cached_tokens)
+            metrics.cache_slots.labels(self.name).set_function(lambda: stats.cache_slots)
+            metrics.tokens_per_second.labels(self.name).set_function(lambda: stats.tokens_per_second)
+        return scheduler
+
+    def observe(self, metrics: Metrics) -> None:
+        super().observe(metrics)
+        if self.scheduler is not None:
+            stats = self.scheduler.stats
+            metrics.queue_length.labels(self.name).set_function(lambda: stats.queued)
+            self.scheduler.on_drop = lambda reason, count: metrics.on_drop(self.name, reason, count)
+
+    async def start(self) -> None:
+        if self.scheduler is None:
+            await super().start()
+        else:
+            self.scheduler.start()
+            await self.warm_up()
+
+    async def aclose(self, grace: float) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.aclose(grace)
+        await super().aclose(grace)
+
+    def encode(self, texts: list[str], field: str) -> list[list[int]]:
+        if not 1 <= len(texts) <= self.config.max_batch_size:
+            raise RequestError(f"{field}: {len(texts)} texts, the limit is 1 to {self.config.max_batch_size}")
+        for i, text in enumerate(texts):
+            if len(text) > self.limits.max_text_chars:
+                raise RequestError(f"{field}[{i}]: {len(text)} characters exceed the limit of "
+                                   f"{self.limits.max_text_chars}")
+            if not text.strip():
+                raise RequestError(f"{field}[{i}]: empty text (nothing to translate)")
+            control = CONTROL_CHARACTERS.search(text)
+            if control:
+                raise RequestError(f"{field}[{i}]: control character U+{ord(control.group()):04X} at position "
+                                   f"{control.start()} (only tab, newline and carriage return are allowed)")
+        eos = self.layout.eos_id
+        rows = [[*e.ids, eos] for e in self.tokenizer.encode_batch(texts)]
+        for i, row in enumerate(rows):
+            if len(row) > self.config.max_input_tokens:
+                raise RequestError(f"{field}[{i}]: {len(row)} tokens exceed max_input_tokens "
+                                   f"{self.config.max_input_tokens}")
+        return rows
+
+    def _run_batch(self, payloads: list[TranslateJob]) -> list[list[list[int]]]:
+        """Requests with the same beam search settings decode together; each keeps its own budget."""
+        results: dict[int, list[list[int]]] = {}
+        for beam, penalty in sorted({(p.options.beam_size, p.options.length_penalty) for p in payloads}):
+            group = [i for i, p in enumerate(payloads)
+                     if (p.options.beam_size, p.options.length_penalty) == (beam, penalty)]
+            rows = [r for i in group for r in payloads[i].sources]
+            budgets = [payloads[i].options.max_new_tokens for i in group for _ in payloads[i].sources]
+            ids, mask = pad_ids(rows, self.layout.pad_id)
+            out = self.seq2seq.generate(ids, mask, budgets, beam_size=beam, length_penalty=penalty)
+            start = 0
+            for i in group:
+                results[i] = out[start:start + len(payloads[i].sources)]
+                start += len(payloads[i].sources)
+        return [results[i] for i in range(len(payloads))]
+
+    def _options(self, max_new_tokens: int | None, beam_size: int | None, length_penalty: float | None
+                 ) -> DecodeOptions:
+        budget = max_new_tokens or self.config.max_new_tokens
+        if budget > self.config.max_new_tokens:
+            raise RequestError(f"max_new_tokens: {budget} exceeds the model's limit of {self.config.max_new_tokens}")
+        beam = beam_size or self.config.beam_size
+        if beam > MAX_BEAM:
+            raise RequestError(f"beam_size: {beam} exceeds the limit of {MAX_BEAM}")
+        penalty = self.config.generation.length_penalty if length_penalty is None else float(length_penalty)
+        if not 0.0 <= penalty <= MAX_LENGTH_PENALTY:
+            raise RequestError(f"length_penalty: {penalty} is outside 0 to {MAX_LENGTH_PENALTY}")
+        return DecodeOptions(budget, beam, penalty)
+
+    async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
+                        field: str = "texts", beam_size: int | None = None, length_penalty: float | None = None
+                        ) -> list[TranslationResult]:
+        o = self._options(max_new_tokens, beam_size, length_penalty)
+        sources = self.encode(texts, field)
+        if self.scheduler is not None:
+            ids = await _all_or_cancel([self.scheduler.run(s, o.max_new_tokens, o.beam_size, o.length_penalty,
+                                                           deadline) for s in sources])
+        else:
+            ids = await self.batcher.submit(TranslateJob(sources, o), size=len(sources), deadline=deadline)
+        return [TranslationResult(row, text) for row, text in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
+
+    async def warm_up(self) -> None:
+        await self.translate(["warm up"], 2, None)
+
+    async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None,
+                     beam_size: int | None = None, length_penalty: float | None = None
+                     ) -> AsyncIterator[StreamPiece]:
+        """Text pieces as tokens are made, the last one with the final count (its piece may be empty); closing
+        the iterator (a cancelled client) takes the sequence out of the batch at the next step. Beam search
+        streams its result when it is final (a beam's tokens are not settled before). No piece ever splits a
+        character (see :class:`Detokenizer`)."""
+        o = self._options(max_new_tokens, beam_size, length_penalty)
+        source = self.encode([text], "text")[0]
+        pieces = Detokenizer(self.tokenizer)
+        if self.scheduler is None:
+            progress = self._static_stream(source, o, deadline)
+        else:
+            progress = self._scheduled_stream(source, o, deadline)
+        async for step in progress:
+            piece = pieces.update(step.ids, step.final)
+            if piece or step.final:  # the final count goes out even when the last token added no text
+                yield StreamPiece(piece, len(step.ids))
+
+    async def _scheduled_stream(self, source: list[int], o: DecodeOptions, deadline: float | None
+                                ) -> AsyncIterator[TokenProgress]:
+        assert self.scheduler is not None
+        ids: list[int] = []
+        async for event in self.scheduler.generate(source, o.max_new_tokens, o.beam_size, o.length_penalty,
+                                                   deadline):
+            if event.final is not None:
+                yield TokenProgress(event.final, True)
+            else:
+                ids += event.tokens
+                yield TokenProgress(list(ids), False)
+
+    async def _static_stream(self, source: list[int], o: DecodeOptions, deadline: float | None
+                             ) -> AsyncIterator[TokenProgress]:
+        """Greedy: one sequence stepped alone (request-level mode has no shared step to join). A beam search
+        settles its tokens only at the end: it decodes with the batch and streams its result whole."""
+        if o.beam_size > 1:
+            ids = await self.batcher.submit(TranslateJob([source], o), size=1, deadline=deadline)
+            yield TokenProgress(ids[0], True)
+            return
+        s2s, loop, layout = self.seq2seq, asyncio.get_running_loop(), self.layout
+        ids, mask = pad_ids([source], layout.pad_id)
+        cross = await loop.run_in_executor(None, s2s.encode, ids, mask)
+        past, last = s2s.empty_cache(1), np.array([layout.bos_id])
+        tokens: list[int] = []
+        for made in range(o.max_new_tokens):
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded("deadline passed while decoding")
+            logits, past = await loop.run_in_executor(None, s2s.step, last, mask, past, cross)
+            history = [[layout.bos_id, *tokens]] if self.rules.needs_history else None
+            token = int(self.rules.greedy_pick(logits, history, np.array([made + 1 == o.max_new_tokens]),
+                                               layout.eos_id)[0])
+            if token == layout.eos_id:
+                break
+            tokens.append(token)
+            last = np.array([token])
+            yield TokenProgress(list(tokens), False)
+        yield TokenProgress(tokens, True)
+
+
+async def _all_or_cancel(coros: list[Any]) -> list[Any]:
+    """Like gather, but one failure cancels the rest (their sequences leave the batch)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The entry's tokenizer; a missing or unreadable file is a config error naming it (the tokenizers library
+    says only "No such file or directory")."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: tokenizer file missing")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ConfigError(f"{path}: not a readable tokenizer ({(str(e).splitlines() or [''])[0][:200]})") from None
