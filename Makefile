@@ -36,8 +36,12 @@ protos: install
 openapi: install
 	$(BIN)/python -c "from transerve.server.edge.rest import openapi_json; print(openapi_json(), end='')" > protos/openapi.json
 
+# ruff; xenon (radon's ranks, which count boolean operators as ruff's C901 does not): no function worse than C;
+# the import contracts in pyproject.toml (tools/check_imports.py runs import-linter over the assembled package)
 lint: install
-	$(BIN)/ruff check $(PACKAGES) tests bench
+	$(BIN)/ruff check $(PACKAGES) tests bench tools
+	$(BIN)/xenon --max-absolute C $(PACKAGES)
+	$(BIN)/python tools/check_imports.py
 
 typecheck: install
 	$(BIN)/mypy $(PACKAGES)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+from transerve.export.passes.graph import attribute
 
 
 def fold_weight_transposes(model: onnx.ModelProto) -> int:
@@ -34,7 +35,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
             continue
         if node.input[1] not in folded:
             weight = numpy_helper.to_array(initializers[source.input[0]])
-            perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), None)
+            perm = attribute(source, "perm")
             name = f"{node.input[1]}__transposed"
             model.graph.initializer.append(numpy_helper.from_array(weight.transpose(perm), name))
             folded[node.input[1]] = name

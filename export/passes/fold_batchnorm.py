@@ -30,7 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper
-from transerve.export.passes.graph import GraphIndex, PassResult, Step, match_child_path, match_parent_path
+from transerve.export.passes.graph import (
+    GraphIndex,
+    PassResult,
+    Step,
+    attribute,
+    match_child_path,
+    match_parent_path,
+)
 
 _PASS_THROUGH = ("Reshape", "Flatten")
 
@@ -41,7 +48,7 @@ def bn_affine(index: GraphIndex, bn: onnx.NodeProto) -> tuple[np.ndarray, np.nda
     if any(p is None for p in params):
         return None
     gamma, beta, mean, var = (np.asarray(p, dtype=np.float64) for p in params)  # type: ignore[arg-type]
-    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    eps = attribute(bn, "epsilon", 1e-5)
     s = gamma / np.sqrt(var + eps)
     return s, beta - s * mean
 
@@ -51,14 +58,12 @@ def _is_token_gather(index: GraphIndex, node: onnx.NodeProto) -> bool:
     if node.op_type != "Gather":
         return False
     rank = index.ranks.get(node.input[0])
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    axis = attribute(node, "axis", 0)
     return rank is not None and axis % rank != rank - 1
 
 
 def _gemm_plain(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    attrs = {a.name: a for a in node.attribute}
-    return ("transA" not in attrs or attrs["transA"].i == 0) and all(
-        k not in attrs or attrs[k].f == 1.0 for k in ("alpha", "beta"))
+    return attribute(node, "transA", 0) == 0 and attribute(node, "alpha", 1.0) == attribute(node, "beta", 1.0) == 1.0
 
 
 RESHAPES = Step(_PASS_THROUGH, 0, repeat=True)
@@ -158,7 +163,7 @@ def _fold_forward_gemm(index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: 
     """``x ─ BN ─ [reshapes | token Gather] ─ Gemm(W, b)`` (transB either way): as MatMul, into Gemm's C."""
     gemm = _layer(nodes)
     w = _private_weight(index, gemm)
-    trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
+    trans_b = attribute(gemm, "transB", 0)
     if w is None or w.ndim != 2 or (w.shape[1] if trans_b else w.shape[0]) != s.shape[0]:
         return False
     w_in_out = w.T if trans_b else w

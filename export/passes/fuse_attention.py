@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import onnx
 from onnx import helper
-from transerve.export.passes.graph import GraphIndex, PassResult
+from transerve.export.passes.graph import GraphIndex, PassResult, attribute
 
 Target = Literal["onnxruntime", "standard", "tensorrt-legacy"]
 HEAD_PERM = [0, 2, 1, 3]
@@ -43,18 +43,14 @@ def count_attention(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx"))
 
 
-def _attr(node: onnx.NodeProto, name: str) -> onnx.AttributeProto | None:
-    return next((a for a in node.attribute if a.name == name), None)
-
-
 def _head_split(index: GraphIndex, name: str) -> tuple[str, int, list[onnx.NodeProto]] | None:
     """``name`` = Transpose(0,2,1,3)(Reshape(x, [_, _, H, D])) used once → (x, H, the two nodes)."""
     transpose = index.producer.get(name)
     if transpose is None or transpose.op_type != "Transpose" or index.only_consumer(name) is None:
         return None
-    perm = _attr(transpose, "perm")
+    perm = attribute(transpose, "perm")
     reshape = index.producer.get(transpose.input[0])
-    if perm is None or list(perm.ints) != HEAD_PERM or reshape is None or reshape.op_type != "Reshape":
+    if perm is None or perm != HEAD_PERM or reshape is None or reshape.op_type != "Reshape":
         return None
     shape = index.constant(reshape.input[1])
     if shape is None or shape.shape != (4,) or shape[2] <= 0 or index.only_consumer(reshape.output[0]) is None:
@@ -67,9 +63,9 @@ def _head_merge(index: GraphIndex, name: str) -> tuple[str, list[onnx.NodeProto]
     transpose = index.only_consumer(name)
     if transpose is None or transpose.op_type != "Transpose":
         return None
-    perm = _attr(transpose, "perm")
+    perm = attribute(transpose, "perm")
     reshape = index.only_consumer(transpose.output[0])
-    if perm is None or list(perm.ints) != HEAD_PERM or reshape is None or reshape.op_type != "Reshape":
+    if perm is None or perm != HEAD_PERM or reshape is None or reshape.op_type != "Reshape":
         return None
     shape = index.constant(reshape.input[1])
     if shape is None or shape.shape != (3,):
@@ -103,18 +99,18 @@ def lower_attention(model: onnx.ModelProto, result: PassResult) -> None:
     """Each Attention → MatMul(Q·c, Kᵀ·c) → [mask] → Softmax → MatMul(V), c = D^-¼ (3-D forms split heads first)."""
     index = GraphIndex(model)
     for node in [n for n in model.graph.node if n.op_type == "Attention"]:
-        heads = _attr(node, "q_num_heads")
+        heads = attribute(node, "q_num_heads")
         q_shape = index.shapes.get(node.input[0])
-        head_dim = None if not q_shape or q_shape[-1] is None else q_shape[-1] // (heads.i if heads else 1)
+        head_dim = None if not q_shape or q_shape[-1] is None else q_shape[-1] // (heads or 1)
         if len(node.output) > 1 or head_dim is None:
             result.warnings.append(f"Attention {node.name!r}: cache outputs or unknown head size; kept")
             continue
-        scale = _attr(node, "scale")
-        c = np.float32((scale.f if scale is not None and scale.f else 1.0 / np.sqrt(head_dim)) ** 0.5)
+        scale = attribute(node, "scale")
+        c = np.float32((scale or 1.0 / np.sqrt(head_dim)) ** 0.5)
         c_name = index.add_constant(np.array(c, dtype=np.float32), "attn_prescale")
         n = index.fresh_name(node.name or "attn")
         new: list[onnx.NodeProto] = []
-        q, k, v = (_split_heads(index, name, heads.i, f"{n}_{t}4", new) if heads else name
+        q, k, v = (_split_heads(index, name, heads, f"{n}_{t}4", new) if heads else name
                    for name, t in zip(node.input[:3], "qkv", strict=True))
         out = f"{n}_out4" if heads else node.output[0]
         new += [helper.make_node("Mul", [q, c_name], [f"{n}_q"]),
@@ -165,8 +161,7 @@ def _is_bool_chain(index: GraphIndex, name: str) -> bool:
         node = index.producer.get(node.input[0])
     if node is None:
         return False
-    to = _attr(node, "to")
-    return node.op_type == "Cast" and to is not None and to.i == onnx.TensorProto.BOOL
+    return node.op_type == "Cast" and attribute(node, "to") == onnx.TensorProto.BOOL
 
 
 def fuse_attention(model: onnx.ModelProto, target: Target, expected: int | None = None) -> PassResult:

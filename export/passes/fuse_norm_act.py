@@ -14,16 +14,26 @@ formulas out do not, and these passes put them back:
              x ──────────────────────────────── Mul ─ Mul(0.5)      (or Mul(x, 0.5) first)
              → Gelu(x)
 ```
+
+The patterns are data — paths of :class:`~transerve.export.passes.graph.Step` walked by ``match_parent_path`` /
+``match_child_path`` from an anchor node (the Div, the Erf), as BatchNorm folding's ``VARIANTS`` — and each
+matcher adds only what a path cannot say: that two paths meet in the same value.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx
 from onnx import helper
-from transerve.export.passes.graph import GraphIndex, PassResult
+from transerve.export.passes.graph import (
+    GraphIndex,
+    PassResult,
+    Step,
+    attribute,
+    match_child_path,
+    match_parent_path,
+)
 
 
 def _scalar(index: GraphIndex, name: str) -> float | None:
@@ -31,100 +41,110 @@ def _scalar(index: GraphIndex, name: str) -> float | None:
     return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
+def _has_scalar(index: GraphIndex, node: onnx.NodeProto, target: float) -> bool:
+    return any(math.isclose(_scalar(index, i) or math.inf, target, rel_tol=1e-4) for i in node.input)
+
+
+def _has_constant(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    return any(index.constant(i) is not None for i in node.input)
+
+
 def _other(node: onnx.NodeProto, name: str) -> str:
     return node.input[1] if node.input[0] == name else node.input[0]
 
 
 def _reduces_last_axis(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    axes_attr = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
-    axes_value = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-    axes = axes_attr if axes_attr is not None else (axes_value.tolist() if axes_value is not None else None)
+    axes = attribute(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = index.constant(node.input[1])
+        axes = None if value is None else value.tolist()
     rank = index.ranks.get(node.input[0])
-    return axes is not None and len(axes) == 1 and (axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+    return axes is not None and len(axes) == 1 and axes[0] in (-1, None if rank is None else rank - 1)
 
 
-def _match_layernorm(index: GraphIndex, div: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str, float] | None:
-    """From the Div back to x; returns (matched nodes, x, ε)."""
-    sub, sqrt = index.producer.get(div.input[0]), index.producer.get(div.input[1])
-    if sub is None or sqrt is None or sub.op_type != "Sub" or sqrt.op_type != "Sqrt":
-        return None
-    mean = index.producer.get(sub.input[1])
-    add_eps = index.producer.get(sqrt.input[0])
-    if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0] or add_eps is None:
-        return None
-    if add_eps.op_type != "Add":
-        return None
-    var = index.producer.get(add_eps.input[0])
-    eps = _scalar(index, add_eps.input[1])
-    square = index.producer.get(var.input[0]) if var is not None and var.op_type == "ReduceMean" else None
-    if square is None or eps is None or not (_reduces_last_axis(index, mean) and _reduces_last_axis(index, var)):
-        return None
-    d = sub.output[0]
-    squares = (square.op_type == "Pow" and _scalar(index, square.input[1]) == 2.0 and square.input[0] == d) or (
-        square.op_type == "Mul" and list(square.input) == [d, d])
-    return ([mean, sub, square, var, add_eps, sqrt, div], sub.input[0], eps) if squares else None
+def _squares(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """``Pow(d, 2)`` or ``Mul(d, d)``."""
+    if node.op_type == "Pow":
+        return _scalar(index, node.input[1]) == 2.0
+    return node.input[0] == node.input[1]
 
 
-def fuse_layernorm(model: onnx.ModelProto) -> PassResult:
-    result = PassResult("fuse_layernorm")
-    index = GraphIndex(model)
-    for div in [n for n in model.graph.node if n.op_type == "Div"]:
-        matched = _match_layernorm(index, div)
-        mul = index.only_consumer(div.output[0])
-        add = index.only_consumer(mul.output[0]) if mul is not None and mul.op_type == "Mul" else None
-        if matched is None or mul is None or add is None or add.op_type != "Add":
-            continue
-        nodes, x, eps = matched
-        gamma, beta = _other(mul, div.output[0]), _other(add, mul.output[0])
-        if index.constant(gamma) is None or index.constant(beta) is None:
-            continue
-        for node in [*nodes, mul]:
-            index.remove(node)
-        index.insert_after(add, helper.make_node("LayerNormalization", [x, gamma, beta], [add.output[0]], axis=-1,
-                                                 epsilon=eps))
-        index.remove(add)
-        result.count("LayerNormalization")
-    index.commit()
-    return result
-
-
-def _is_erf_arg(index: GraphIndex, node: onnx.NodeProto | None) -> str | None:
-    """``x / √2`` or ``x · (1/√2)`` → x."""
-    if node is None:
-        return None
+def _divides_by_sqrt2(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """``x / √2`` or ``x · (1/√2)`` (the constant second)."""
     c = _scalar(index, node.input[1])
-    if node.op_type == "Div" and c is not None and math.isclose(c, math.sqrt(2), rel_tol=1e-4):
-        return node.input[0]
-    if node.op_type == "Mul" and c is not None and math.isclose(c, 1 / math.sqrt(2), rel_tol=1e-4):
-        return node.input[0]
+    target = math.sqrt(2) if node.op_type == "Div" else 1 / math.sqrt(2)
+    return c is not None and math.isclose(c, target, rel_tol=1e-4)
+
+
+# LayerNorm, from its Div: the centred input (d = x − mean), the spread (√(mean(d²) + ε)), and the affine after it
+LAYERNORM_CENTRED = (Step(("Sub",), 1, shared=True), Step(("ReduceMean",), 0, when=_reduces_last_axis))
+LAYERNORM_SPREAD = (Step(("Sqrt",)), Step(("Add",), 0, when=lambda ix, n: _scalar(ix, n.input[1]) is not None),
+                    Step(("ReduceMean",), 0, when=_reduces_last_axis), Step(("Pow", "Mul"), 0, when=_squares))
+LAYERNORM_AFFINE = (Step(("Mul",), None, when=_has_constant), Step(("Add",), None, when=_has_constant))
+
+# GELU, from its Erf: the scaled input before it, and after it either ½ last or ½ applied to x first
+GELU_ERF_INPUT = (Step(("Div", "Mul"), 0, when=_divides_by_sqrt2),)
+GELU_HALF_LAST = (Step(("Add",), None, when=lambda ix, n: _has_scalar(ix, n, 1.0)), Step(("Mul",), None),
+                  Step(("Mul",), None, when=lambda ix, n: _has_scalar(ix, n, 0.5)))
+GELU_HALF_FIRST = GELU_HALF_LAST[:2]
+GELU_HALF_OF_X = (Step(("Mul",), None, when=lambda ix, n: _has_scalar(ix, n, 0.5)),)
+
+
+def _match_layernorm(index: GraphIndex, div: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
+    """The matched nodes (the final Add last) and the LayerNormalization that replaces them."""
+    centred = match_parent_path(index, div.input[0], LAYERNORM_CENTRED)
+    spread = match_parent_path(index, div.input[1], LAYERNORM_SPREAD)
+    affine = match_child_path(index, div.output[0], LAYERNORM_AFFINE)
+    if not (centred and spread and affine):
+        return None
+    (sub, mean), (sqrt, add_eps, var, square), (mul, add) = centred, spread, affine
+    x, d = sub.input[0], sub.output[0]
+    if mean.input[0] != x or square.input[0] != d:  # the two paths must start from the same x and d
+        return None
+    gamma, beta = _other(mul, div.output[0]), _other(add, mul.output[0])
+    fused = helper.make_node("LayerNormalization", [x, gamma, beta], [add.output[0]], axis=-1,
+                             epsilon=_scalar(index, add_eps.input[1]))
+    return [mean, sub, square, var, add_eps, sqrt, div, mul, add], fused
+
+
+def _match_gelu(index: GraphIndex, erf: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
+    """The matched nodes (the last Mul last) and the Gelu that replaces them."""
+    scaled = match_parent_path(index, erf.input[0], GELU_ERF_INPUT)
+    if not scaled:
+        return None
+    x = scaled[0].input[0]
+    after = match_child_path(index, erf.output[0], GELU_HALF_LAST)
+    if after and _other(after[1], after[0].output[0]) == x:
+        return [*scaled, erf, *after], helper.make_node("Gelu", [x], [after[-1].output[0]])
+    after = match_child_path(index, erf.output[0], GELU_HALF_FIRST)
+    half = after and match_parent_path(index, _other(after[1], after[0].output[0]), GELU_HALF_OF_X)
+    if after and half and x in half[0].input:
+        return [*scaled, erf, *after, *half], helper.make_node("Gelu", [x], [after[-1].output[0]])
     return None
 
 
-def fuse_gelu(model: onnx.ModelProto) -> PassResult:
-    result = PassResult("fuse_gelu")
-    index = GraphIndex(model)
-    for erf in [n for n in model.graph.node if n.op_type == "Erf"]:
-        scale = index.producer.get(erf.input[0])
-        x = _is_erf_arg(index, scale)
-        add = index.only_consumer(erf.output[0])
-        if x is None or add is None or add.op_type != "Add" or _scalar(index, _other(add, erf.output[0])) != 1.0:
+def _fuse(model: onnx.ModelProto, name: str, anchor: str, match: object) -> PassResult:
+    """Replace every match around an ``anchor`` node; the fused node takes the last matched node's place."""
+    result, index = PassResult(name), GraphIndex(model)
+    for node in [n for n in model.graph.node if n.op_type == anchor]:
+        found = match(index, node)  # type: ignore[operator]
+        if found is None:
             continue
-        mul = index.only_consumer(add.output[0])
-        if mul is None or mul.op_type != "Mul":
-            continue
-        partner = index.producer.get(_other(mul, add.output[0]))
-        half_first = (partner is not None and partner.op_type == "Mul" and x in partner.input
-                      and np.isclose(_scalar(index, _other(partner, x)) or 0.0, 0.5))
-        last = mul if half_first else index.only_consumer(mul.output[0])
-        if not half_first and (_other(mul, add.output[0]) != x or last is None or last.op_type != "Mul"
-                               or not np.isclose(_scalar(index, _other(last, mul.output[0])) or 0.0, 0.5)):
-            continue
-        matched = [scale, erf, add, mul] + ([partner] if half_first else [last])
-        if half_first and index.only_consumer(partner.output[0]) is None:  # type: ignore[union-attr]
-            continue
-        for node in matched:
-            index.remove(node)  # type: ignore[arg-type]
-        index.insert_after(last, helper.make_node("Gelu", [x], [last.output[0]]))  # type: ignore[union-attr]
-        result.count("Gelu")
+        nodes, fused = found
+        last = next(n for n in nodes if n.output[0] == fused.output[0])
+        for matched in nodes:
+            if matched is not last:
+                index.remove(matched)
+        index.insert_after(last, fused)
+        index.remove(last)
+        result.count(fused.op_type)
     index.commit()
     return result
+
+
+def fuse_layernorm(model: onnx.ModelProto) -> PassResult:
+    return _fuse(model, "fuse_layernorm", "Div", _match_layernorm)
+
+
+def fuse_gelu(model: onnx.ModelProto) -> PassResult:
+    return _fuse(model, "fuse_gelu", "Erf", _match_gelu)

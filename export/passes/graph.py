@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 
 @dataclass
@@ -66,9 +67,8 @@ class GraphIndex:
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
+        value = attribute(node, "value") if node is not None and node.op_type == "Constant" else None
+        return None if value is None else numpy_helper.to_array(value)
 
     def set_constant(self, name: str, value: np.ndarray) -> None:
         """Overwrite an initializer in place (its consumers keep their input name)."""
@@ -137,16 +137,26 @@ class GraphIndex:
         self.graph.node.extend(nodes)
 
 
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of ``node``'s attribute ``name`` (a number, a list for ints/floats, a ``TensorProto``), else
+    ``default``: the one way the passes read attributes."""
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else helper.get_attribute_value(found)
+
+
 @dataclass(frozen=True)
 class Step:
     """One step of a path pattern: a node of one of ``ops`` that the path enters through input ``input``
     (``None``: whichever input continues the path), optionally repeated (zero or more times) and only where
-    ``when`` holds. Every value along a matched path has that one consumer, so the matched nodes can change."""
+    ``when`` holds. Every value along a matched path has that one consumer, so the matched nodes can change —
+    except where ``shared``: the value entering this node may feed other nodes of the same pattern (a
+    LayerNorm's centred input feeds both its square and its division), which the pass checks itself."""
 
     ops: tuple[str, ...]
     input: int | None = 0
     repeat: bool = False
     when: Callable[[GraphIndex, onnx.NodeProto], bool] | None = None
+    shared: bool = False
 
     def accepts(self, index: GraphIndex, node: onnx.NodeProto | None) -> bool:
         return node is not None and node.op_type in self.ops and (self.when is None or self.when(index, node))
@@ -159,7 +169,7 @@ def match_parent_path(index: GraphIndex, value: str, steps: Sequence[Step]) -> l
     for number, step in enumerate(steps):
         while True:
             node = index.producer.get(value)
-            if not step.accepts(index, node) or index.only_consumer(value) is None:
+            if not step.accepts(index, node) or (not step.shared and index.only_consumer(value) is None):
                 if step.repeat:
                     break
                 return None
