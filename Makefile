@@ -37,14 +37,15 @@ openapi: install
 	$(BIN)/python -c "from transerve.server.edge.rest import openapi_json; print(openapi_json(), end='')" > protos/openapi.json
 
 # ruff; xenon (radon's ranks, which count boolean operators as ruff's C901 does not): no function worse than C;
-# the import contracts in pyproject.toml (tools/check_imports.py runs import-linter over the assembled package)
+# the import contracts in pyproject.toml (import-linter over the package assembled as installed: tools/package_tree.py)
 lint: install
 	$(BIN)/ruff check $(PACKAGES) tests bench tools
 	$(BIN)/xenon --max-absolute C $(PACKAGES)
-	$(BIN)/python tools/check_imports.py
+	$(BIN)/python tools/package_tree.py imports
 
+# mypy over the package assembled as installed, so that every transerve.* import resolves (tools/package_tree.py)
 typecheck: install
-	$(BIN)/mypy $(PACKAGES)
+	$(BIN)/python tools/package_tree.py types
 
 test: lint typecheck
 	$(BIN)/python -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -95,12 +95,12 @@ def _load_vit(source: Source, checkpoint: Path) -> tuple[Any, dict[str, Any]]:
     if source is not Source.vit:
         model, meta = VIT_IMPORTERS[source.value](checkpoint)
         return model, {"labels": meta["labels"], "preprocessing": meta["preprocessing"]}
-    model, extra = load_checkpoint(checkpoint)
-    if not isinstance(model, ViT):
-        raise CheckpointError(f"{checkpoint}: holds a {type(model).__name__}, not a vit (unsupported architecture "
+    loaded, extra = load_checkpoint(checkpoint)
+    if not isinstance(loaded, ViT):
+        raise CheckpointError(f"{checkpoint}: holds a {type(loaded).__name__}, not a vit (unsupported architecture "
                               "for this source)")
-    return model, {"labels": _labels(extra, model.config.num_classes),
-                   "preprocessing": _preprocessing(extra, model.config.image_size)}
+    return loaded, {"labels": _labels(extra, loaded.config.num_classes),
+                    "preprocessing": _preprocessing(extra, loaded.config.image_size)}
 
 
 def _labels(extra: dict[str, Any], num_classes: int) -> list[str]:

@@ -8,6 +8,7 @@ fails, so a broken graph never silently lands in a repository.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -209,8 +210,9 @@ def _translator_variants(model: Seq2SeqTransformer, tokenizer: Tokenizer, fused:
     sources = _gate_sources(model, tokenizer, eval_pairs)
     for variant in _wanted(opts, report):
         opts.on_status(f"{opts.name}: {variant} variant")
-        built[variant] = variants.build_measured(variant, fused, vdir, lambda files, v=variant: _translator_variant(
-            model, tokenizer, vdir, files, v, fp32, sources, eval_pairs, max_new_tokens, report))
+        built[variant] = variants.build_measured(variant, fused, vdir, functools.partial(
+            _translator_variant, model, tokenizer, vdir, variant=variant, fp32=fp32, sources=sources,
+            eval_pairs=eval_pairs, max_new_tokens=max_new_tokens, report=report))
     return built
 
 

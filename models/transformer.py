@@ -26,7 +26,7 @@ from transerve.models.attention import (
     causal_mask,
     padding_mask,
 )
-from transerve.models.norms import make_norm
+from transerve.models.norms import NormName, make_norm
 from transerve.models.positional import SinusoidalPositions
 
 
@@ -40,7 +40,7 @@ class TransformerConfig:
     ffn_dim: int = 512
     dropout: float = 0.1
     pre_norm: bool = True  # pre-norm trains without warm-up tricks; post-norm is the 2017 original
-    norm: str = "layer"
+    norm: NormName = "layer"  # layer | batch | group
     tie_embeddings: bool = True  # one joint vocabulary: source, target and output share weights
     max_len: int = 256  # longest source or target, in tokens, the position table covers
     pad_id: int = 0

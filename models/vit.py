@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transerve.models.attention import AttentionImpl, SelfAttention
-from transerve.models.norms import FeatureBatchNorm, make_norm
+from transerve.models.norms import FeatureBatchNorm, NormName, make_norm
 
 
 @dataclass
@@ -31,7 +31,7 @@ class ViTConfig:
     num_heads: int = 4
     mlp_ratio: float = 2.0
     dropout: float = 0.0
-    norm: str = "layer"  # layer | batch | group
+    norm: NormName = "layer"
     norm_eps: float = 1e-5  # imported checkpoints: 1e-12 (Hugging Face), 1e-6 (torchvision, timm)
     attn_impl: AttentionImpl = "sdpa"
 

@@ -47,6 +47,7 @@ def torch_runners(vdir: Path, files: dict[str, str]) -> dict[str, GraphRunner]:
     from transerve.export.graphs import DecoderStepGraph, EncoderGraph, RaggedDecoderStepGraph, kv_names
     from transerve.models.checkpoint import CheckpointError, load_checkpoint
 
+    model: Any  # a ViT or a Seq2SeqTransformer, told apart by the entry's graphs
     try:
         model, _ = load_checkpoint(vdir / "torch")
     except CheckpointError as e:

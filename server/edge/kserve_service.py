@@ -7,15 +7,13 @@ Every model is reachable through ModelInfer: classifiers take ``images``
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import numpy as np
 from transerve import __version__
 from transerve.server.edge.infer_parameters import InferParameters, parse_parameters
-from transerve.server.edge.rpc import Scope, describe, finish, guarded, remaining
+from transerve.server.edge.rpc import RequestInfo, RpcCall, deadline_of, remaining, unary_call
 from transerve.server.edge.tensors import fill_response, request_inputs, tensor_metadata
 from transerve.server.engine.classifier import ClassifierModel
 from transerve.server.engine.loaded_model import LoadedModel, deadline_from
@@ -64,20 +62,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                          extensions=["model_repository", "statistics", "binary_tensor_data"])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        async def handle(scope: Scope) -> Any:
+        async def metadata(scope: RequestInfo) -> Any:
             model = self.manager.get(request.name, request.version)
             scope.model = model.name
             return model_metadata(model, self.manager)
 
-        return await guarded(self.metrics, "ModelMetadata", context, handle)
+        return await unary_call(self.metrics, "ModelMetadata", context, metadata)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        async def handle(scope: Scope) -> Any:
-            return await self.infer(request, scope, deadline_from(remaining(context)))
+        async def inferred(scope: RequestInfo) -> Any:
+            return await self.infer(request, scope, deadline_of(context))
 
-        return await guarded(self.metrics, "ModelInfer", context, handle)
+        return await unary_call(self.metrics, "ModelInfer", context, inferred)
 
-    async def infer(self, request: pb.ModelInferRequest, scope: Scope, deadline: float | None
+    async def infer(self, request: pb.ModelInferRequest, scope: RequestInfo, deadline: float | None
                     ) -> pb.ModelInferResponse:
         """One inference, whatever the protocol (gRPC here, REST in :mod:`transerve.server.edge.rest`)."""
         if not request.model_name:
@@ -106,26 +104,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         parameter ``tokens`` — and then an empty response with ``triton_final_response: true``.
         """
         async for request in request_iterator:
-            scope, start = Scope(context, request.id), time.perf_counter()
-            self.metrics.begin("ModelStreamInfer")
-            try:
-                if _wants_stream(request):
-                    async for response in self._stream_translation(request, scope, remaining(context)):
+            with RpcCall(self.metrics, "ModelStreamInfer", RequestInfo(context, request.id)) as call:
+                try:
+                    if _wants_stream(request):
+                        async for response in self._stream_translation(request, call.scope, remaining(context)):
+                            yield pb.ModelStreamInferResponse(infer_response=response)
+                    else:
+                        response = await self.infer(request, call.scope, deadline_of(context))
                         yield pb.ModelStreamInferResponse(infer_response=response)
-                else:
-                    response = await self.infer(request, scope, deadline_from(remaining(context)))
-                    yield pb.ModelStreamInferResponse(infer_response=response)
-                finish(self.metrics, scope, "ModelStreamInfer", "OK", time.perf_counter() - start)
-            except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
-                finish(self.metrics, scope, "ModelStreamInfer", "CANCELLED", time.perf_counter() - start)
-                raise
-            except Exception as e:  # answered in the stream, which stays open for the next request
-                status, message = describe(scope, "ModelStreamInfer", e)
-                finish(self.metrics, scope, "ModelStreamInfer", status.name, time.perf_counter() - start)
-                yield pb.ModelStreamInferResponse(error_message=f"{status.name}: {message}",
-                                                  infer_response=pb.ModelInferResponse(id=request.id))
+                except Exception as e:  # answered in the stream, which stays open for the next request
+                    status, message = call.failed(e)
+                    yield pb.ModelStreamInferResponse(error_message=f"{status.name}: {message}",
+                                                      infer_response=pb.ModelInferResponse(id=request.id))
 
-    async def _stream_translation(self, request: pb.ModelInferRequest, scope: Scope, time_left: float | None
+    async def _stream_translation(self, request: pb.ModelInferRequest, scope: RequestInfo, time_left: float | None
                                   ) -> AsyncIterator[pb.ModelInferResponse]:
         model = self.manager.get(request.model_name, request.model_version)
         scope.model = model.name
@@ -155,7 +147,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         yield final
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
-        async def handle(scope: Scope) -> Any:
+        async def statistics(scope: RequestInfo) -> Any:
             names = [request.name] if request.name else sorted(self.manager.models)
             stats = []
             for name in names:
@@ -163,28 +155,28 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 stats.append(model_statistics(model, self.metrics))
             return pb.ModelStatisticsResponse(model_stats=stats)
 
-        return await guarded(self.metrics, "ModelStatistics", context, handle)
+        return await unary_call(self.metrics, "ModelStatistics", context, statistics)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         return repository_index(self.manager, request.ready)
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
                                   ) -> pb.RepositoryModelLoadResponse:
-        async def handle(scope: Scope) -> Any:
+        async def loaded(scope: RequestInfo) -> Any:
             scope.model = request.model_name
             await self.load(request.model_name)
             return pb.RepositoryModelLoadResponse()
 
-        return await guarded(self.metrics, "RepositoryModelLoad", context, handle)
+        return await unary_call(self.metrics, "RepositoryModelLoad", context, loaded)
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
                                     ) -> pb.RepositoryModelUnloadResponse:
-        async def handle(scope: Scope) -> Any:
+        async def unloaded(scope: RequestInfo) -> Any:
             scope.model = request.model_name
             await self.unload(request.model_name)
             return pb.RepositoryModelUnloadResponse()
 
-        return await guarded(self.metrics, "RepositoryModelUnload", context, handle)
+        return await unary_call(self.metrics, "RepositoryModelUnload", context, unloaded)
 
     async def load(self, name: str) -> None:
         self._check_control()

@@ -38,8 +38,8 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from transerve.server.edge.kserve_service import InferenceService
-from transerve.server.edge.request_log import REQUEST_ID_HEADER, Scope
-from transerve.server.edge.rpc import describe
+from transerve.server.edge.request_log import RequestInfo
+from transerve.server.edge.rpc import failure
 from transerve.server.edge.task_service import ClassifierService, TranslatorService
 from transerve.server.engine.loaded_model import Limits
 from transerve.server.engine.manager import ModelManager
@@ -143,9 +143,7 @@ class TranserveReplica:
         except RpcAborted:
             return empty()
         except Exception as e:  # whatever a servicer did not map: INTERNAL naming the request id, no traceback
-            scope = Scope(context)
-            context.fail(*describe(scope, rpc, e))
-            context.set_trailing_metadata(((REQUEST_ID_HEADER, scope.request_id),))
+            context.fail(*failure(context, RequestInfo(context), rpc, e))
             return empty()
 
     async def _stream(self, rpc: str, pieces: Callable[[ProxiedContext], AsyncIterator[R]],
@@ -159,8 +157,7 @@ class TranserveReplica:
         except RpcAborted:
             raise
         except Exception as e:
-            scope = Scope(context)
-            status, message = describe(scope, rpc, e)
+            status, message = failure(context, RequestInfo(context), rpc, e)
             context.fail(status, message)
             raise RpcAborted(message) from None
 

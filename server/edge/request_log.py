@@ -25,7 +25,7 @@ access_log = logging.getLogger("transerve.access")
 LogFormat = Literal["text", "json"]
 
 
-class Scope:
+class RequestInfo:
     """Per-request facts filled in as the request is resolved (the model label for metrics and logs)."""
 
     __slots__ = ("_context", "_request_id", "model")
@@ -52,7 +52,7 @@ def _client_id(context: Any) -> str | None:
     return None
 
 
-def log_access(scope: Scope, rpc: str, code: str, seconds: float) -> None:
+def log_access(scope: RequestInfo, rpc: str, code: str, seconds: float) -> None:
     """One line per finished RPC when ``transerve.access`` is enabled at INFO (``--access-log``)."""
     if access_log.isEnabledFor(logging.INFO):
         ms = round(seconds * 1e3, 3)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -25,9 +24,9 @@ from pydantic import BaseModel, Field
 from transerve import __version__
 from transerve.server.edge.auth import matches
 from transerve.server.edge.kserve_service import InferenceService, model_metadata, repository_index
-from transerve.server.edge.request_log import REQUEST_ID_HEADER, Scope
+from transerve.server.edge.request_log import REQUEST_ID_HEADER, RequestInfo
 from transerve.server.edge.rest_codec import HEADER_LENGTH, infer_response, parameter_values, parse_infer
-from transerve.server.edge.rpc import describe, finish
+from transerve.server.edge.rpc import RpcCall
 from transerve.server.exceptions import RequestError, Unauthenticated
 
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
@@ -131,27 +130,20 @@ class RestApi:
             raise Unauthenticated("repository control needs an admin token", 403)
         raise Unauthenticated("missing bearer token" if not given else "invalid bearer token", 401)
 
-    async def answer(self, rpc: str, request: Request, handler: Callable[[Scope], Awaitable[Response]],
+    async def answer(self, rpc: str, request: Request, handler: Callable[[RequestInfo], Awaitable[Response]],
                      admin: bool = False) -> Response:
-        """Run ``handler`` counted, logged and with errors as KServe's JSON error bodies."""
-        scope, start = Scope(request_id=request.headers.get(REQUEST_ID_HEADER, "")), time.perf_counter()
-        rpc = f"REST/{rpc}"
-        self.metrics.begin(rpc)
-        code = "CANCELLED"
-        try:
-            self.authorize(request, admin)
-            response = await handler(scope)
-            code = "OK"
-            return response
-        except Unauthenticated as e:
-            code = "UNAUTHENTICATED" if e.status == 401 else "PERMISSION_DENIED"
-            return error(e.status, str(e), scope)
-        except Exception as e:
-            status, message = describe(scope, rpc, e)
-            code = status.name
-            return error(HTTP_STATUS.get(status, 500), message, scope)
-        finally:
-            finish(self.metrics, scope, rpc, code, time.perf_counter() - start)
+        """Run ``handler`` on the one RPC path, with errors as KServe's JSON error bodies."""
+        scope = RequestInfo(request_id=request.headers.get(REQUEST_ID_HEADER, ""))
+        with RpcCall(self.metrics, f"REST/{rpc}", scope) as call:
+            try:
+                self.authorize(request, admin)
+                return await handler(scope)
+            except Unauthenticated as e:
+                call.refused("UNAUTHENTICATED" if e.status == 401 else "PERMISSION_DENIED")
+                return error(e.status, str(e), scope)
+            except Exception as e:
+                status, message = call.failed(e)
+                return error(HTTP_STATUS.get(status, 500), message, scope)
 
     async def body(self, request: Request) -> bytes:
         """The request body, refused once it passes the message limit (gRPC's --max-message-mb)."""
@@ -167,7 +159,7 @@ class RestApi:
         return b"".join(chunks)
 
     async def infer(self, request: Request, name: str, version: str) -> Response:
-        async def handle(scope: Scope) -> Response:
+        async def inferred(scope: RequestInfo) -> Response:
             scope.model = self.service.manager.get(name, version).name  # an unknown model is 404 before the body
             header = request.headers.get(HEADER_LENGTH)
             if header is not None and not header.isdigit():
@@ -181,10 +173,10 @@ class RestApi:
             return Response(body, media_type="application/octet-stream",
                             headers={HEADER_LENGTH: str(header_length)})
 
-        return await self.answer("ModelInfer", request, handle)
+        return await self.answer("ModelInfer", request, inferred)
 
     async def metadata(self, request: Request, name: str, version: str) -> Response:
-        async def handle(scope: Scope) -> Response:
+        async def metadata(scope: RequestInfo) -> Response:
             model = self.service.manager.get(name, version)
             scope.model = model.name
             m = model_metadata(model, self.service.manager)
@@ -193,18 +185,18 @@ class RestApi:
                 "inputs": [tensor_json(t) for t in m.inputs], "outputs": [tensor_json(t) for t in m.outputs],
                 "parameters": parameter_values(m.parameters)})
 
-        return await self.answer("ModelMetadata", request, handle)
+        return await self.answer("ModelMetadata", request, metadata)
 
     async def model_ready(self, request: Request, name: str, version: str) -> Response:
-        async def handle(scope: Scope) -> Response:
+        async def readiness(scope: RequestInfo) -> Response:
             self.service.manager.get(name, version)  # 404 when unknown
             ready = bool(self.service.is_ready())
             return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 400)
 
-        return await self.answer("ModelReady", request, handle)
+        return await self.answer("ModelReady", request, readiness)
 
     async def repository(self, request: Request, action: str, name: str = "") -> Response:
-        async def handle(scope: Scope) -> Response:
+        async def repository_reply(scope: RequestInfo) -> Response:
             scope.model = name or "-"
             if action == "index":
                 ready = bool(await self._json_field(request, "ready", False))
@@ -214,7 +206,7 @@ class RestApi:
             return JSONResponse({})
 
         rpc = {"index": "RepositoryIndex", "load": "RepositoryModelLoad", "unload": "RepositoryModelUnload"}[action]
-        return await self.answer(rpc, request, handle, admin=action != "index")
+        return await self.answer(rpc, request, repository_reply, admin=action != "index")
 
     async def _json_field(self, request: Request, key: str, default: Any) -> Any:
         raw = await self.body(request)
@@ -231,7 +223,7 @@ def tensor_json(t: Any) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": [int(d) for d in t.shape]}
 
 
-def error(status: int, message: str, scope: Scope) -> JSONResponse:
+def error(status: int, message: str, scope: RequestInfo) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers={REQUEST_ID_HEADER: scope.request_id})
 
 
@@ -252,11 +244,11 @@ def build_app(api: RestApi) -> FastAPI:
 
     @app.get("/v2", tags=["server"], response_model=ServerMetadata, responses=ERRORS)
     async def server_metadata(request: Request) -> Response:
-        async def handle(scope: Scope) -> Response:
+        async def server_metadata(scope: RequestInfo) -> Response:
             return JSONResponse({"name": "transerve", "version": __version__,
                                  "extensions": ["model_repository", "statistics", "binary_tensor_data"]})
 
-        return await api.answer("ServerMetadata", request, handle)
+        return await api.answer("ServerMetadata", request, server_metadata)
 
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         add_model_routes(app, api, prefix)

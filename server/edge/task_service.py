@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import numpy as np
-from transerve.server.edge.rpc import Scope, failure, finish, guarded, remaining
+from transerve.server.edge.rpc import RequestInfo, RpcCall, abort, deadline_of, unary_call
 from transerve.server.engine.classifier import ClassifierModel
-from transerve.server.engine.loaded_model import deadline_from
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.translator import TranslatorModel
@@ -28,51 +25,43 @@ class TranslatorService(pb_grpc.TranslatorServicer):
         self.manager, self.metrics = manager, metrics
 
     async def Translate(self, request: pb.TranslateRequest, context: Context) -> pb.TranslateResponse:
-        async def handle(scope: Scope) -> Any:
+        async def translated(scope: RequestInfo) -> Any:
             model = self.manager.get(request.model, task="translate")
             assert isinstance(model, TranslatorModel)
             scope.model = model.name
             opts = request.options
             results = await model.translate(list(request.texts), opts.max_new_tokens or None,
-                                            deadline_from(remaining(context)), field="texts",
+                                            deadline_of(context), field="texts",
                                             beam_size=opts.beam_size or None, length_penalty=length_penalty(opts))
             self.metrics.generated_tokens.labels(model.name).inc(sum(len(r.ids) for r in results))
             return pb.TranslateResponse(model=model.name, model_version=model.version,
                                         translations=[pb.Translation(text=r.text, tokens=len(r.ids))
                                                       for r in results])
 
-        return await guarded(self.metrics, "Translate", context, handle)
+        return await unary_call(self.metrics, "Translate", context, translated)
 
     async def TranslateStream(self, request: pb.TranslateStreamRequest, context: Context
                               ) -> AsyncIterator[pb.TranslateStreamResponse]:
         """Pieces of the translation as tokens are produced: the sequence joins the model's continuous batch
         and leaves it at the next step when the client cancels."""
-        scope = Scope(context)
-        start, code, tokens = time.perf_counter(), "OK", 0
-        self.metrics.begin("TranslateStream")
-        try:
-            model = self.manager.get(request.model, task="translate")
-            assert isinstance(model, TranslatorModel)
-            scope.model = model.name
-            opts = request.options
-            async for piece in model.stream(request.text, opts.max_new_tokens or None,
-                                            deadline_from(remaining(context)), opts.beam_size or None,
-                                            length_penalty(opts)):
-                tokens = piece.tokens
-                if piece.text:
-                    yield pb.TranslateStreamResponse(piece=piece.text, tokens=tokens)
-            yield pb.TranslateStreamResponse(done=True, tokens=tokens)
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away (gRPC closes or cancels us)
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            status, message = failure(context, scope, "TranslateStream", e)
-            code = status.name
-            await context.abort(status, message)
-        finally:
-            finish(self.metrics, scope, "TranslateStream", code, time.perf_counter() - start)
-            if tokens and scope.model != "-":
-                self.metrics.generated_tokens.labels(scope.model).inc(tokens)
+        tokens = 0
+        with RpcCall(self.metrics, "TranslateStream", RequestInfo(context)) as call:
+            try:
+                model = self.manager.get(request.model, task="translate")
+                assert isinstance(model, TranslatorModel)
+                call.scope.model = model.name
+                opts = request.options
+                async for piece in model.stream(request.text, opts.max_new_tokens or None, deadline_of(context),
+                                                opts.beam_size or None, length_penalty(opts)):
+                    tokens = piece.tokens
+                    if piece.text:
+                        yield pb.TranslateStreamResponse(piece=piece.text, tokens=tokens)
+                yield pb.TranslateStreamResponse(done=True, tokens=tokens)
+            except Exception as e:
+                await abort(call, context, e)
+            finally:
+                if tokens and call.scope.model != "-":
+                    self.metrics.generated_tokens.labels(call.scope.model).inc(tokens)
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
@@ -80,17 +69,17 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self.manager, self.metrics = manager, metrics
 
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
-        async def handle(scope: Scope) -> Any:
+        async def classified(scope: RequestInfo) -> Any:
             model = self.manager.get(request.model, task="classify")
             assert isinstance(model, ClassifierModel)
             scope.model = model.name
             images = await self._images(model, request)
-            logits = await model.logits(images, deadline_from(remaining(context)))
+            logits = await model.logits(images, deadline_of(context))
             k = min(request.top_k or DEFAULT_TOP_K, logits.shape[1])  # top_k beyond the classes: all of them
             return pb.ClassifyResponse(model=model.name, model_version=model.version,
                                        results=[top_k(row, k, model.labels) for row in logits])
 
-        return await guarded(self.metrics, "Classify", context, handle)
+        return await unary_call(self.metrics, "Classify", context, classified)
 
     async def _images(self, model: ClassifierModel, request: pb.ClassifyRequest) -> np.ndarray:
         if not 1 <= len(request.images) <= model.config.max_batch_size:

@@ -128,14 +128,19 @@ class BatchRows(Generic[Owner]):
 
     def __init__(self, layout: DecoderLayout, pool: CachePool | None = None) -> None:
         self.layout = layout
+        self.heads = (layout.num_heads, layout.head_dim)
+        self.pool = pool or CachePool(2 * layout.num_layers)
+        self._empty()
+
+    def _empty(self) -> None:
+        """No rows: the arrays of an empty batch (the pool's buffers are kept for the next rows)."""
+        layout = self.layout
         self.requests: list[Owner] = []
         self.owners: list[Owner] = []  # per row
         self.last = np.zeros(0, np.int64)
         self.positions = np.zeros(0, np.int64)
         self.src_mask = np.zeros((0, 1), np.int64)
         self.past_mask = np.zeros((0, 1), np.int64)
-        self.heads = (layout.num_heads, layout.head_dim)
-        self.pool = pool or CachePool(2 * layout.num_layers)
         self.past = self.pool.views(self.pool.current, self._shape(0, 1))
         self.cross = [np.zeros((0, layout.num_heads, 1, layout.head_dim), np.float32)
                       for _ in range(2 * layout.num_layers)]
@@ -230,7 +235,7 @@ class BatchRows(Generic[Owner]):
 
     def _trim(self) -> None:
         if not len(self):
-            self.__init__(self.layout, self.pool)  # type: ignore[misc]  # back to the empty layout, keeping the pool
+            self._empty()
             return
         p = self.past_mask.shape[1]
         live = self.past_mask.any(axis=0)
