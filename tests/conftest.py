@@ -153,6 +153,32 @@ def zoo_repo(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The interpreter of a new virtual environment where transerve and transerve-client are installed from
+    wheels — not editable, as the container image and Ray workers install them. Its other dependencies are
+    borrowed from this environment through a path entry (a ``.pth`` line: this environment's own ``.pth`` files,
+    among them the editable install's import hook, are not run), so only the two packages under test are new."""
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("installed")
+    wheels, venv = root / "wheels", root / "venv"
+    quiet = {"check": True, "capture_output": True, "text": True}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(wheels), str(PROJECT / "clients"), str(PROJECT)], **quiet)  # type: ignore[call-overload]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], **quiet)  # type: ignore[call-overload]
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          **quiet).stdout.strip()  # type: ignore[call-overload]
+    (Path(site) / "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    *map(str, sorted(wheels.glob("*.whl")))], **quiet)  # type: ignore[call-overload]
+    return python
+
+
 @pytest.fixture(scope="module")
 def server(small_repo: Path) -> Iterator[ServerProcess]:
     proc = start_server(small_repo)

@@ -1,7 +1,7 @@
 """transerve on Ray Serve: the config file, and two replicas behind Ray's gRPC proxy answering like one server.
 
-The slow test starts a local Ray cluster on loopback (2 CPUs, a 100 MiB object store, no dashboard), runs the
-application with 2 replicas and the config file's gRPC options on an ephemeral port, and sends 64 concurrent
+The slow tests run ``serve run deploy/ray/serve.yaml`` from the project root against the package installed from
+wheels (the file's two ports moved to free ones; its 2 replicas), as a user would, and send 64 concurrent
 requests (translations and classifications) with the generated stubs. Both replicas must answer (the
 ``x-transerve-replica`` trailing metadata names each one's process), and every answer must equal what a
 single ``transerve serve`` process gives for the same request. Ray is in the ``ray`` extra, which ``dev``
@@ -11,8 +11,11 @@ includes; in CI a missing Ray fails the test rather than skipping it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +26,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from conftest import free_port, start_server
+from conftest import PROJECT, free_port, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transerve_client._proto import inference_pb2 as ipb
@@ -91,30 +94,50 @@ def test_builder_names_what_is_missing(tmp_path: Path, monkeypatch: pytest.Monke
     assert ray_serve.app_builder({"threads": "2"}) is not None
 
 
-@pytest.fixture(scope="module")
-def ray_address(zoo_repo: Path) -> Iterator[str]:
-    """The application with 2 replicas behind Ray's gRPC proxy, on a local loopback cluster."""
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
+def serve_config(grpc_port: int, http_port: int) -> dict[str, Any]:
+    """deploy/ray/serve.yaml with only its two ports changed (to free ephemeral ones)."""
+    raw = config()
+    raw["grpc_options"]["port"], raw["http_options"]["port"] = grpc_port, http_port
+    return raw
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, object_store_memory=100 << 20, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+
+@pytest.fixture(scope="module")
+def ray_address(zoo_repo: Path, installed_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``serve run deploy/ray/serve.yaml`` from the project root, as the README says, against the package
+    installed from wheels (not editable): Ray builds the application in its own worker processes, which import
+    ``transerve.server.edge.ray_serve`` with the project root on their path. The file's two ports are moved to
+    free ones; the replicas (2, its autoscaling floor) and everything else are the file's."""
     port = free_port()
+    config_file = tmp_path_factory.mktemp("ray") / "serve.yaml"
+    config_file.write_text(yaml.safe_dump(serve_config(port, free_port())))
+    # fp32: dynamic int8 scales activations per batch, so its answers move with batch composition, which
+    # differs between one server and two replicas (see README, "Which precision serves")
+    env = {**os.environ, "TRANSERVE_REPO": str(zoo_repo), "TRANSERVE_PRECISION": "fp32",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "PYTHONUNBUFFERED": "1"}
+    log = config_file.with_suffix(".log").open("w")
+    serve_run = [str(installed_python), "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli())",
+                 "run", str(config_file)]
+    process = subprocess.Popen(serve_run, cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                    grpc_options=gRPCOptions(**{**config()["grpc_options"], "port": port}))
-        # fp32: dynamic int8 scales activations per batch, so its answers move with batch composition, which
-        # differs between one server and two replicas (see README, "Which precision serves")
-        serve.run(ray_serve.build(zoo_repo, precision="fp32", num_replicas=2), name="transerve", blocking=False)
         yield f"127.0.0.1:{port}"
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_process_group(process)
+        log.close()
 
 
-def wait_serving(address: str, timeout: float = 120) -> None:
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C (``serve run`` then shuts the application and its local Ray down), then the whole group."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+
+
+def wait_serving(address: str, timeout: float = 300) -> None:
     """Until the proxy's health Check (answered by a replica) says SERVING. ``serve.run`` already waited for
     the replicas, so this normally passes at once; between tries the proxy is given a moment."""
     deadline, pause, last = time.monotonic() + timeout, threading.Event(), "no answer"
