@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -154,6 +155,7 @@ def zoo_repo(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 PROJECT = Path(__file__).resolve().parent.parent
+SOURCES = ("pyproject.toml", "README.md", "common", "cli", "models", "export", "server", "clients")  # what a wheel holds
 
 
 @pytest.fixture(scope="session")
@@ -165,10 +167,14 @@ def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import sysconfig
 
     root = tmp_path_factory.mktemp("installed")
-    wheels, venv = root / "wheels", root / "venv"
+    source, wheels, venv = root / "source", root / "wheels", root / "venv"
+    for name in SOURCES:  # built from a copy: setuptools' build/ folder stays out of the checkout
+        copy = shutil.copytree if (PROJECT / name).is_dir() else shutil.copy2
+        copy(PROJECT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                               if (PROJECT / name).is_dir() else {}))
     quiet = {"check": True, "capture_output": True, "text": True}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
-                    str(wheels), str(PROJECT / "clients"), str(PROJECT)], **quiet)  # type: ignore[call-overload]
+                    str(wheels), str(source / "clients"), str(source)], **quiet)  # type: ignore[call-overload]
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], **quiet)  # type: ignore[call-overload]
     python = venv / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
