@@ -2,84 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[str]
-    port: int
-    metrics_port: int | None
-    output: list[str]
-    http_port: int | None = None  # REST (start_server opens an ephemeral one unless told --no-http)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def terminate(self, timeout: float = 60) -> int:
-        """SIGTERM and wait for the exit status (the drain must end by itself)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()  # never leave a server behind
-            raise
-
-
-def free_port() -> int:
-    """A loopback port free now (for servers that must be told their port before they start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0,
-                 launcher: list[str] | None = None) -> ServerProcess:
-    """``transerve serve`` on a loopback port (0: ephemeral); returns once it says it is serving. ``launcher``
-    replaces ``python -m transerve`` (another interpreter, or one with modules blocked)."""
-    cmd = [*(launcher or [sys.executable, "-m", "transerve"]), "serve", "--repo", str(repo), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", "0",
-           *([] if "--drain-delay" in extra else ["--drain-delay", "0"]),
-           *([] if {"--http-port", "--no-http"} & set(extra) else ["--http-port", "0"]), *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    output: list[str] = []
-    ready = threading.Event()
-    found: dict[str, int | None] = {}
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line)
-            match = re.search(r"on 127\.0\.0\.1:(\d+) \(metrics on 127\.0\.0\.1:(\d+|None)\)", line)
-            if match:
-                found["port"] = int(match.group(1))
-                found["metrics"] = None if match.group(2) == "None" else int(match.group(2))
-                rest = re.search(r"REST on 127\.0\.0\.1:(\d+)", line)
-                found["http"] = int(rest.group(1)) if rest else None
-                ready.set()
-        ready.set()  # the process ended: stop waiting
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout) or "port" not in found:
-        process.kill()
-        raise RuntimeError("server did not start:\n" + "".join(output[-40:]))
-    return ServerProcess(process, int(found["port"] or 0), found["metrics"], output, found.get("http"))
+from helpers import PROJECT, ServerProcess, running_server
 
 
 def export_random_translator(repo: Path, name: str, *, max_new_tokens: int, max_len: int = 48, d_model: int = 16,
@@ -154,8 +85,8 @@ def zoo_repo(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-PROJECT = Path(__file__).resolve().parent.parent
-SOURCES = ("pyproject.toml", "README.md", "common", "cli", "models", "export", "server", "clients")  # what a wheel holds
+# what a wheel is built from
+SOURCES = ("pyproject.toml", "README.md", "common", "cli", "models", "export", "server", "clients")
 
 
 @pytest.fixture(scope="session")
@@ -187,6 +118,5 @@ def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(small_repo: Path) -> Iterator[ServerProcess]:
-    proc = start_server(small_repo)
-    yield proc
-    assert proc.terminate() == 0, "".join(proc.output[-20:])
+    with running_server(small_repo) as proc:
+        yield proc

@@ -13,37 +13,15 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from conftest import ServerProcess
+from helpers import ServerProcess, scrape, total
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
-
-
-def scrape(server: ServerProcess) -> dict[str, float]:
-    """Every sample of the server's /metrics as ``'name{labels}' → value`` (labels as the server wrote them)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        match = SAMPLE.match(line)
-        if match:
-            samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
-    return samples
-
-
-def total(samples: dict[str, float], name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels``."""
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(value for key, value in samples.items()
-               if key.split("{")[0] == name and all(w in key for w in wanted))
 
 
 @dataclass(frozen=True)
@@ -67,16 +45,6 @@ def counts(pid: int) -> ProcessCounts:
     proc = Path(f"/proc/{pid}")
     status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
     return ProcessCounts(int(status["Threads"]), len(os.listdir(proc / "fd")), int(status["VmRSS"].split()[0]) / 1024)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
-    """Poll ``condition`` until true (bounded); returns the seconds it took, or fails naming ``what``."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def settled(server: ServerProcess, models: list[str]) -> bool:

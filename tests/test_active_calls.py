@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from helpers import until
 from transerve.server.edge.active_calls import ActiveCalls
 from transerve.server.edge.malformed import Malformed, safe_handler
 
@@ -72,8 +73,7 @@ def test_every_handler_kind_is_counted_while_it_runs_and_after_it_fails(kind: st
         behaviour, wrap = probe.behaviour(kind), (one if kind.startswith("stream") else bytes)
         ok = asyncio.ensure_future(drive(behaviour, wrap(b"fine"), kind.endswith("stream")))
         bad = asyncio.ensure_future(drive(behaviour, wrap(b"boom"), kind.endswith("stream")))
-        while len(probe.seen) < 2:
-            await asyncio.sleep(0)
+        await until(lambda: len(probe.seen) >= 2, "both calls inside the handler")
         running = probe.calls.count
         probe.release.set()
         with pytest.raises(ValueError) as failure:

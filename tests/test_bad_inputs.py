@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
+from helpers import ServerProcess
 from PIL import Image
 from reliability import record_figures
 from transerve_client._proto import inference_pb2 as pb

@@ -1,4 +1,4 @@
-"""The dynamic batcher's contract, with a recording fake backend (no sleeps stand in for waiting)."""
+"""The dynamic batcher's contract, with a recording fake backend (every wait is on a condition, bounded)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
+from helpers import until
 from transerve.server.engine import batching
 from transerve.server.engine.batching import INLINE_PROBE, DynamicBatcher
 from transerve.server.exceptions import DeadlineExceeded, QueueFull
@@ -86,7 +87,7 @@ def test_preferred_size_flushes_early_and_max_is_respected() -> None:
         await backend.wait_entered()
         first = asyncio.ensure_future(batcher.submit(0))
         rest = [asyncio.ensure_future(batcher.submit(i, size=2)) for i in range(3)]
-        await asyncio.sleep(0)
+        await until(lambda: batcher.queued == 7, "1 + 3 × 2 items queued behind the running batch")
         backend.gate.set()
         await asyncio.gather(blocker, first, *rest)
         # queued 1 + 2 + 2 + 2 items: [0, 0'] (the next does not fit in 4), then [1', 2']
@@ -104,7 +105,7 @@ def test_full_queue_is_refused_at_once() -> None:
         running = asyncio.ensure_future(batcher.submit(0, size=2))
         await backend.wait_entered()  # taken by the worker, blocked in the backend
         queued = [asyncio.ensure_future(batcher.submit(i, size=2)) for i in range(2)]
-        await asyncio.sleep(0)
+        await until(lambda: batcher.queued == 4, "the queue full: 2 requests of 2 items")
         with pytest.raises(QueueFull, match="queue full"):
             await batcher.submit(99)
         backend.gate.set()
@@ -121,10 +122,12 @@ def test_expired_and_cancelled_requests_are_not_computed() -> None:
         batcher = await started(backend, max_batch_size=1, max_queue_delay_ms=0.0)
         blocker = asyncio.ensure_future(batcher.submit(0))
         await backend.wait_entered()
-        expired = asyncio.ensure_future(batcher.submit(1, deadline=time.monotonic() + 0.001))
+        deadline = time.monotonic() + 0.001
+        expired = asyncio.ensure_future(batcher.submit(1, deadline=deadline))
         cancelled = asyncio.ensure_future(batcher.submit(2))
         kept = asyncio.ensure_future(batcher.submit(3))
-        await asyncio.sleep(0.005)  # lets the 1 ms deadline pass while the request waits
+        # the three wait in the queue, and the 1 ms deadline passes while they do
+        await until(lambda: batcher.queued == 3 and time.monotonic() > deadline, "queued past the deadline")
         cancelled.cancel()
         backend.gate.set()
         assert await blocker == 0 and await kept == 6
@@ -170,7 +173,7 @@ def test_flush_when_idle_does_not_wait_for_the_delay() -> None:
         running = asyncio.ensure_future(batcher.submit(1))
         await backend.wait_entered()  # busy now: the next ones gather into one batch
         waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3, 4)]
-        await asyncio.sleep(0)
+        await until(lambda: batcher.queued == 3, "three requests queued behind the busy backend")
         backend.gate.set()
         await asyncio.gather(running, *waiting)
         assert backend.batches[-2:] == [[1], [2, 3, 4]]
@@ -183,8 +186,11 @@ def test_close_finishes_accepted_work() -> None:
     async def main() -> None:
         backend = Recorder()
         batcher = await started(backend, max_batch_size=2, max_queue_delay_ms=20.0)
+        backend.gate.clear()  # the first batch holds in the backend until all five are accepted
         pending = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
-        await asyncio.sleep(0)
+        await backend.wait_entered()
+        await until(lambda: batcher.queued == 3, "the other three accepted into the queue")
+        backend.gate.set()
         await batcher.aclose(grace=10)
         assert [p.result() for p in pending] == [0, 2, 4, 6, 8]
         with pytest.raises(QueueFull, match="shutting down"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ServerProcess, free_port, start_server
+from helpers import ServerProcess, free_port, running_server, start_server
 from PIL import Image
 from test_server import TEXTS, offline_logits, offline_translations
 from transerve.preprocessing import ImagePreprocessing
@@ -186,8 +186,7 @@ def test_unauthenticated_and_resource_exhausted_map_to_errors(small_repo: Path, 
     token = tmp_path / "token"
     token.write_text("t0ken")
     repo = tuned_repo(small_repo, tmp_path, max_batch_size=1, max_queue_size=1, max_queue_delay_ms=20)
-    server = start_server(repo, "--auth-token-file", str(token))
-    try:
+    with running_server(repo, "--auth-token-file", str(token)) as server:
         with TranserveClient(server.address) as anonymous, pytest.raises(TranserveError) as info:
             anonymous.models()
         assert info.value.code.name == "UNAUTHENTICATED" and "bearer token" in info.value.message
@@ -205,8 +204,6 @@ def test_unauthenticated_and_resource_exhausted_map_to_errors(small_repo: Path, 
             with ThreadPoolExecutor(32) as pool:
                 codes = set(pool.map(one, range(64)))
         assert codes == {"OK", "RESOURCE_EXHAUSTED"}
-    finally:
-        assert server.terminate() == 0
 
 
 def chunk_images(count: int, bad: int | None = None) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, start_server
+from helpers import free_port, running_server
 from transerve_client import TranserveClient
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -108,13 +108,10 @@ def test_image_serves_the_zoo_and_drains_on_sigterm(podman: list[str], image: st
         while subprocess.run([*podman, "healthcheck", "run", name], capture_output=True).returncode != 0:
             assert time.monotonic() < deadline, run([*podman, "logs", name]).stderr[-3000:]
             time.sleep(0.5)  # polling the container's own health check, bounded by the deadline
-        single = start_server(zoo_repo, "--precision", "fp32")
-        try:
+        with running_server(zoo_repo, "--precision", "fp32") as single:
             assert answers(f"127.0.0.1:{port}") == answers(single.address)
             with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=10) as ready:
                 assert ready.status == 200  # the image serves REST too (TRANSERVE_HTTP_PORT)
-        finally:
-            assert single.terminate() == 0
         began = time.monotonic()
         run([*podman, "stop", "-t", "40", name], timeout=60)
         assert time.monotonic() - began < 25  # drained within --grace (20 s), not killed at -t 40

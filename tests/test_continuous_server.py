@@ -8,8 +8,6 @@ Reference: PyTorch eager ``translate_ids`` on each source alone (greedy and beam
 from __future__ import annotations
 
 import re
-import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import ServerProcess, start_server
+from helpers import ServerProcess, metrics_text, running_server, wait_for
 from transerve.models.checkpoint import load_checkpoint
 from transerve.models.decoding import translate_ids
 from transerve_client._proto import inference_pb2 as pb
@@ -33,9 +31,8 @@ TEXTS = ["seven", "three hundred and forty-two", "one thousand and one", "ninety
 
 @pytest.fixture(scope="module")
 def long_server(long_repo: Path) -> Iterator[ServerProcess]:
-    proc = start_server(long_repo)
-    yield proc
-    assert proc.terminate() == 0, "".join(proc.output[-20:])
+    with running_server(long_repo) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +53,7 @@ def offline(repo: Path, text: str, budget: int, beam: int, penalty: float = 1.0)
 
 
 def metric(server: ServerProcess, name: str, labels: str = f'model="{MODEL}"') -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    text = metrics_text(server)
     match = re.search(rf"^{name}{{{re.escape(labels)}}} (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
 
@@ -125,10 +122,9 @@ def test_hundred_cancelled_streams_leave_the_cache_empty(channel: grpc.Channel, 
                 and metric(long_server, "transerve_active_sequences") == 0
                 and all(count(code) - before[code] == seen[code] for code in seen))
 
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not settled():
-        time.sleep(0.05)  # polling the server's own gauges until they settle (bounded): a handler counts its
-        # cancellation when it ends, which may be after the scheduler has freed the rows
+    # the server's own gauges settle: a handler counts its cancellation when it ends, which may be after the
+    # scheduler has freed the rows
+    wait_for(settled, 30, "cache freed and every stream counted")
     assert metric(long_server, "transerve_cached_tokens") == 0
     assert metric(long_server, "transerve_active_sequences") == 0
     assert metric(long_server, "transerve_cache_slots") == 0
@@ -142,7 +138,7 @@ def test_scheduler_metrics_are_exported(channel: grpc.Channel, long_server: Serv
     tpb_grpc.TranslatorStub(channel).Translate(tpb.TranslateRequest(texts=TEXTS[:2]))
     assert metric(long_server, "transerve_time_to_first_token_seconds_count") >= 2
     assert metric(long_server, "transerve_request_tokens_sum") >= 400
-    text = urllib.request.urlopen(f"http://127.0.0.1:{long_server.metrics_port}/metrics", timeout=10).read().decode()
+    text = metrics_text(long_server)
     for name in ("transerve_tokens_per_second", "transerve_queue_length", "transerve_active_sequences"):
         assert f'{name}{{model="{MODEL}"}}' in text
 
@@ -159,13 +155,9 @@ def test_bad_decoding_options_name_the_field(channel: grpc.Channel) -> None:
 
 def test_torch_backend_runs_the_same_scheduler(long_repo: Path) -> None:
     """``--backend torch`` (the reference): the scheduler over the PyTorch graphs, outputs equal to offline."""
-    server = start_server(long_repo, "--backend", "torch")
-    try:
-        with grpc.insecure_channel(server.address) as ch:
-            stub = tpb_grpc.TranslatorStub(ch)
-            for beam in (1, 2):
-                reply = stub.Translate(tpb.TranslateRequest(
-                    texts=TEXTS[:3], options=tpb.TranslateOptions(max_new_tokens=12, beam_size=beam)))
-                assert [t.text for t in reply.translations] == [offline(long_repo, t, 12, beam) for t in TEXTS[:3]]
-    finally:
-        assert server.terminate() == 0
+    with running_server(long_repo, "--backend", "torch") as server, grpc.insecure_channel(server.address) as ch:
+        stub = tpb_grpc.TranslatorStub(ch)
+        for beam in (1, 2):
+            reply = stub.Translate(tpb.TranslateRequest(
+                texts=TEXTS[:3], options=tpb.TranslateOptions(max_new_tokens=12, beam_size=beam)))
+            assert [t.text for t in reply.translations] == [offline(long_repo, t, 12, beam) for t in TEXTS[:3]]

@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from conftest import ServerProcess, start_server
-from reliability import record_figures, scrape, settled, total, wait_for
+from helpers import ServerProcess, running_server, scrape, total, wait_for
+from reliability import record_figures, settled
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -42,9 +42,8 @@ def server(small_repo: Path, long_repo: Path, tmp_path_factory: pytest.TempPathF
         if name == "long-mt":
             config["scheduler"].update(max_active_sequences=1)
         path.write_text(yaml.safe_dump(config))
-    server = start_server(repo)
-    yield server
-    assert server.terminate() == 0, "".join(server.output[-20:])
+    with running_server(repo) as server:
+        yield server
 
 
 def vit_request() -> pb.ModelInferRequest:

@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from conftest import export_random_translator, start_server
+from conftest import export_random_translator
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import running_server, start_server
 from onnx import TensorProto, helper, numpy_helper
 from reliability import record_figures
 from transerve_client._proto import inference_pb2 as pb
@@ -64,25 +65,21 @@ def test_broken_files_fail_only_their_model(small_repo: Path, tmp_path: Path) ->
     shutil.copytree(small_repo, repo)
     for name, (source, breakage, _) in BREAKAGES.items():
         breakage(copy_entry(repo, small_repo / source, name))
-    server = start_server(repo)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            kserve, health = pb_grpc.GRPCInferenceServiceStub(channel), health_pb2_grpc.HealthStub(channel)
-            index = {m.name: m for m in kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models}
-            assert index["tiny-vit"].state == index["tiny-mt"].state == "READY"
-            for name, (_, _, word) in BREAKAGES.items():
-                assert index[name].state == "UNAVAILABLE", name
-                assert word.lower() in index[name].reason.lower(), (name, index[name].reason)
-                assert not kserve.ModelReady(pb.ModelReadyRequest(name=name)).ready
-                assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == NOT_SERVING
-                with pytest.raises(grpc.RpcError) as refused:
-                    kserve.ModelInfer(vit_request(model=name))
-                assert refused.value.code() == grpc.StatusCode.NOT_FOUND and name in refused.value.details()
-            assert health.Check(health_pb2.HealthCheckRequest()).status == SERVING  # the rest serve
-            assert kserve.ModelInfer(vit_request()).outputs[0].name == "logits"
-            assert tpb_grpc.TranslatorStub(channel).Translate(tpb.TranslateRequest(texts=["seven"])).translations
-    finally:
-        assert server.terminate() == 0
+    with running_server(repo) as server, grpc.insecure_channel(server.address) as channel:
+        kserve, health = pb_grpc.GRPCInferenceServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+        index = {m.name: m for m in kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        assert index["tiny-vit"].state == index["tiny-mt"].state == "READY"
+        for name, (_, _, word) in BREAKAGES.items():
+            assert index[name].state == "UNAVAILABLE", name
+            assert word.lower() in index[name].reason.lower(), (name, index[name].reason)
+            assert not kserve.ModelReady(pb.ModelReadyRequest(name=name)).ready
+            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == NOT_SERVING
+            with pytest.raises(grpc.RpcError) as refused:
+                kserve.ModelInfer(vit_request(model=name))
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND and name in refused.value.details()
+        assert health.Check(health_pb2.HealthCheckRequest()).status == SERVING  # the rest serve
+        assert kserve.ModelInfer(vit_request()).outputs[0].name == "logits"
+        assert tpb_grpc.TranslatorStub(channel).Translate(tpb.TranslateRequest(texts=["seven"])).translations
     record_figures("faults.broken_files", broken_entries=len(BREAKAGES), healthy_entries=2)
 
 
@@ -109,21 +106,17 @@ def test_backend_exception_fails_only_its_batch(small_repo: Path, tmp_path: Path
     repo = tmp_path / "repo"
     shutil.copytree(small_repo, repo)
     fail_on_bright_pixels(repo / "tiny-vit" / "1" / "model.onnx")
-    server = start_server(repo)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            kserve = pb_grpc.GRPCInferenceServiceStub(channel)
-            good = kserve.ModelInfer(vit_request()).raw_output_contents[0]
-            with pytest.raises(grpc.RpcError) as failed:
-                kserve.ModelInfer(vit_request(pixel=1000.0))
-            assert failed.value.code() == grpc.StatusCode.INTERNAL
-            request_id = re.search(r"request id (\w+)", failed.value.details() or "")
-            assert request_id, failed.value.details()
-            assert dict(failed.value.trailing_metadata())["x-request-id"] == request_id.group(1)
-            assert kserve.ModelInfer(vit_request()).raw_output_contents[0] == good  # the next batch works
-            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status == SERVING
-    finally:
-        assert server.terminate() == 0
+    with running_server(repo) as server, grpc.insecure_channel(server.address) as channel:
+        kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+        good = kserve.ModelInfer(vit_request()).raw_output_contents[0]
+        with pytest.raises(grpc.RpcError) as failed:
+            kserve.ModelInfer(vit_request(pixel=1000.0))
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        request_id = re.search(r"request id (\w+)", failed.value.details() or "")
+        assert request_id, failed.value.details()
+        assert dict(failed.value.trailing_metadata())["x-request-id"] == request_id.group(1)
+        assert kserve.ModelInfer(vit_request()).raw_output_contents[0] == good  # the next batch works
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status == SERVING
     log = "".join(server.output)
     assert request_id.group(1) in log and "Gather" in log  # logged under its id, with the backend's error
 
@@ -133,38 +126,35 @@ def test_files_changed_on_disk_keep_the_loaded_version_until_a_reload(small_repo
     shutil.copytree(small_repo, repo)
     admin = tmp_path / "admin-tokens"
     admin.write_text("admin-secret\n")
-    server = start_server(repo, "--admin-token-file", str(admin))
     token = (("authorization", "Bearer admin-secret"),)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            kserve = pb_grpc.GRPCInferenceServiceStub(channel)
-            translator = tpb_grpc.TranslatorStub(channel)
-            logits = kserve.ModelInfer(vit_request()).raw_output_contents[0]
-            tokens = translator.Translate(tpb.TranslateRequest(texts=["seven"])).translations[0].tokens
-            # overwritten in place (as `cp` does), deleted, and a config that no longer parses
-            (repo / "tiny-vit" / "1" / "model.onnx").write_bytes(b"\0" * 100)
-            (repo / "tiny-mt" / "tokenizer.json").unlink()
-            (repo / "tiny-mt" / "config.yaml").write_text("task: [\n")
-            for _ in range(20):
-                assert kserve.ModelInfer(vit_request()).raw_output_contents[0] == logits
-                assert translator.Translate(tpb.TranslateRequest(texts=["seven"])).translations[0].tokens == tokens
-            # an explicit reload of the broken files fails with the cause, and the loaded version goes on serving
-            with pytest.raises(grpc.RpcError) as reload:
-                kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-vit"), metadata=token)
-            assert reload.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "failed to load" in \
-                reload.value.details()
+    with (running_server(repo, "--admin-token-file", str(admin)) as server,
+          grpc.insecure_channel(server.address) as channel):
+        kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+        translator = tpb_grpc.TranslatorStub(channel)
+        logits = kserve.ModelInfer(vit_request()).raw_output_contents[0]
+        tokens = translator.Translate(tpb.TranslateRequest(texts=["seven"])).translations[0].tokens
+        # overwritten in place (as `cp` does), deleted, and a config that no longer parses
+        (repo / "tiny-vit" / "1" / "model.onnx").write_bytes(b"\0" * 100)
+        (repo / "tiny-mt" / "tokenizer.json").unlink()
+        (repo / "tiny-mt" / "config.yaml").write_text("task: [\n")
+        for _ in range(20):
             assert kserve.ModelInfer(vit_request()).raw_output_contents[0] == logits
-            assert kserve.ModelReady(pb.ModelReadyRequest(name="tiny-vit")).ready
-            index = {m.name: m for m in kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models}
-            assert index["tiny-vit"].state == "READY" and "reload failed" in index["tiny-vit"].reason
-            # good files again: the reload takes them
-            shutil.copy(small_repo / "tiny-vit" / "1" / "model.onnx", repo / "tiny-vit" / "1" / "model.onnx")
+            assert translator.Translate(tpb.TranslateRequest(texts=["seven"])).translations[0].tokens == tokens
+        # an explicit reload of the broken files fails with the cause, and the loaded version goes on serving
+        with pytest.raises(grpc.RpcError) as reload:
             kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-vit"), metadata=token)
-            index = {m.name: m for m in kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models}
-            assert index["tiny-vit"].state == "READY" and index["tiny-vit"].reason == ""
-            assert kserve.ModelInfer(vit_request()).raw_output_contents[0] == logits
-    finally:
-        assert server.terminate() == 0
+        assert reload.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "failed to load" in \
+            reload.value.details()
+        assert kserve.ModelInfer(vit_request()).raw_output_contents[0] == logits
+        assert kserve.ModelReady(pb.ModelReadyRequest(name="tiny-vit")).ready
+        index = {m.name: m for m in kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        assert index["tiny-vit"].state == "READY" and "reload failed" in index["tiny-vit"].reason
+        # good files again: the reload takes them
+        shutil.copy(small_repo / "tiny-vit" / "1" / "model.onnx", repo / "tiny-vit" / "1" / "model.onnx")
+        kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-vit"), metadata=token)
+        index = {m.name: m for m in kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        assert index["tiny-vit"].state == "READY" and index["tiny-vit"].reason == ""
+        assert kserve.ModelInfer(vit_request()).raw_output_contents[0] == logits
 
 
 def test_sigkill_then_restart_serves_the_same_answers(small_repo: Path) -> None:
@@ -181,11 +171,9 @@ def test_sigkill_then_restart_serves_the_same_answers(small_repo: Path) -> None:
     before = answers(server.address)
     server.process.send_signal(signal.SIGKILL)
     assert server.process.wait(10) == -signal.SIGKILL
-    restarted = start_server(small_repo, port=port)  # the same port: nothing of the killed process holds it
-    try:
+    # the same port: nothing of the killed process holds it
+    with running_server(small_repo, port=port) as restarted:
         assert restarted.port == port and answers(restarted.address) == before
-    finally:
-        assert restarted.terminate() == 0
 
 
 @pytest.fixture(scope="module")
@@ -205,19 +193,15 @@ def test_weights_file_changed_under_a_served_model(weights_repo: Path, tmp_path:
     """Was SIGBUS (the server died) when the memory-mapped weights.bin was truncated under it."""
     repo = tmp_path / "repo"
     shutil.copytree(weights_repo, repo)
-    server = start_server(repo)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            translator = tpb_grpc.TranslatorStub(channel)
+    with running_server(repo) as server, grpc.insecure_channel(server.address) as channel:
+        translator = tpb_grpc.TranslatorStub(channel)
 
-            def translate() -> list[tuple[int, str]]:
-                request = tpb.TranslateRequest(texts=["seven", "one hundred and seven"])
-                return [(t.tokens, t.text) for t in translator.Translate(request).translations]
+        def translate() -> list[tuple[int, str]]:
+            request = tpb.TranslateRequest(texts=["seven", "one hundred and seven"])
+            return [(t.tokens, t.text) for t in translator.Translate(request).translations]
 
-            before = translate()
-            weights = repo / "wide-mt" / "1" / "weights.bin"
-            weights.write_bytes(b"\x7f" * weights.stat().st_size if change == "overwritten" else b"")
-            for _ in range(5):
-                assert translate() == before
-    finally:
-        assert server.terminate() == 0
+        before = translate()
+        weights = repo / "wide-mt" / "1" / "weights.bin"
+        weights.write_bytes(b"\x7f" * weights.stat().st_size if change == "overwritten" else b"")
+        for _ in range(5):
+            assert translate() == before

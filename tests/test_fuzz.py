@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability import record_figures

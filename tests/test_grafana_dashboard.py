@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ServerProcess
+from helpers import ServerProcess, metrics_text
 from prometheus_client.parser import text_string_to_metric_families
 from transerve_client import TranserveClient, TranserveError
 
@@ -49,8 +48,7 @@ def test_every_queried_metric_is_exported(server: ServerProcess) -> None:
         client.classify([np.zeros((3, 8, 8), np.float32)])
         with pytest.raises(TranserveError):
             client.translate(["x" * 5000])  # an error: a non-OK status row
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        scraped = response.read().decode()
+    scraped = metrics_text(server)
     exported = {sample.name for family in text_string_to_metric_families(scraped) for sample in family.samples}
     queried = {name for panel in dashboard()["panels"] for target in panel["targets"]
                for name in METRIC.findall(target["expr"])}

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT
+from helpers import PROJECT
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, start_server
+from helpers import ServerProcess, running_server
 from PIL import Image
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -41,9 +41,8 @@ TEXTS = ["three hundred and forty-two", "seven", "one thousand and one"]
 
 @pytest.fixture(scope="module")
 def lean_server(small_repo: Path) -> Iterator[ServerProcess]:
-    proc = start_server(small_repo, launcher=LEAN)
-    yield proc
-    assert proc.terminate() == 0, "".join(proc.output[-20:])
+    with running_server(small_repo, launcher=LEAN) as proc:
+        yield proc
 
 
 def png(seed: int) -> bytes:
@@ -121,13 +120,10 @@ def test_base_install_alone_serves_a_repository_built_by_the_full_install(small_
     present = subprocess.run([python, "-c", "import importlib.util as u; print([m for m in "
                               f"{BLOCKED[:7]!r} if u.find_spec(m)])"], capture_output=True, text=True, timeout=60)
     assert present.stdout.strip() == "[]", present.stdout + present.stderr  # none of the export extra
-    base = start_server(small_repo, launcher=[str(venv / "bin" / "transerve")])
-    try:
+    with running_server(small_repo, launcher=[str(venv / "bin" / "transerve")]) as base:
         lean, full = answers(base.address), answers(server.address)
         np.testing.assert_array_equal(lean.pop("infer-vit"), full.pop("infer-vit"))
         assert lean == full
-    finally:
-        assert base.terminate() == 0, "".join(base.output[-20:])
 
 
 def test_tensorrt_runner_module_needs_no_torch() -> None:

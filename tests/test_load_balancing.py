@@ -8,19 +8,18 @@ the answers are the ones a single server gives. Targets are parsed by ``transerv
 from __future__ import annotations
 
 import re
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ServerProcess, start_server
+from helpers import ServerProcess, metrics_text, running_server
 from transerve_client import AsyncTranserveClient, TranserveClient
 from transerve_client.loadtest import check_target
 from transerve_client.targets import channel_target, target_hosts
 
 
 def classify_count(server: ServerProcess) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    text = metrics_text(server)
     return sum(float(v) for v in re.findall(r'^transerve_requests_total\{[^}]*rpc="Classify"[^}]*\} (\S+)$', text,
                                             re.M))
 
@@ -43,8 +42,8 @@ def test_targets() -> None:
 
 
 def test_one_client_spreads_calls_over_two_servers(small_repo: Path) -> None:
-    servers = [start_server(small_repo), start_server(small_repo, "--max-connection-age", "60")]
-    try:
+    with (running_server(small_repo) as first, running_server(small_repo, "--max-connection-age", "60") as second):
+        servers = [first, second]
         images = list(np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32))
         before = [classify_count(s) for s in servers]
         with TranserveClient(servers[0].address) as single:
@@ -54,16 +53,13 @@ def test_one_client_spreads_calls_over_two_servers(small_repo: Path) -> None:
         assert all(a == expected for a in answers)
         grown = [classify_count(s) - b for s, b in zip(servers, before, strict=True)]
         assert grown[0] >= 5 and grown[1] >= 5 and sum(grown) == 21, grown  # 20 balanced + the single call
-    finally:
-        for s in servers:
-            assert s.terminate() == 0
 
 
 def test_async_client_balances_too(small_repo: Path) -> None:
     import asyncio
 
-    servers = [start_server(small_repo), start_server(small_repo)]
-    try:
+    with running_server(small_repo) as first, running_server(small_repo) as second:
+        servers = [first, second]
         before = [classify_count(s) for s in servers]
 
         async def main() -> None:
@@ -75,6 +71,3 @@ def test_async_client_balances_too(small_repo: Path) -> None:
         asyncio.run(asyncio.wait_for(main(), 60))
         grown = [classify_count(s) - b for s, b in zip(servers, before, strict=True)]
         assert min(grown) >= 5 and sum(grown) == 20, grown
-    finally:
-        for s in servers:
-            assert s.terminate() == 0

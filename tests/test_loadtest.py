@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ServerProcess, start_server
+from helpers import ServerProcess, running_server
 from PIL import Image
 
 
@@ -66,8 +66,8 @@ def test_refuses_remote_targets(url: str) -> None:
 
 
 def test_streamed_translation_with_mixed_budgets_reports_first_token(long_repo: Path, tmp_path: Path) -> None:
-    server = start_server(long_repo)  # its translator never stops early: output length = the drawn budget
-    try:
+    # its translator never stops early: output length = the drawn budget
+    with running_server(long_repo) as server:
         out = loadtest(server, "--task", "translate", "--stream", "--max-new-tokens", "3:9", "--concurrency", "2",
                        "--requests", "20", "--json", str(tmp_path / "s.json"))
         assert out.returncode == 0, out.stderr
@@ -78,5 +78,3 @@ def test_streamed_translation_with_mixed_budgets_reports_first_token(long_repo: 
         assert 3 * 20 <= tokens <= 9 * 20 and tokens not in (3 * 20, 9 * 20)  # budgets drawn from 3..9
         bad = loadtest(server, "--task", "translate", "--max-new-tokens", "9:3")
         assert bad.returncode == 2 and "LO <= HI" in bad.stderr
-    finally:
-        assert server.terminate() == 0

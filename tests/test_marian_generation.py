@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ServerProcess, start_server
+from helpers import ServerProcess, running_server
 from test_importers_marian import import_or_skip
 
 SOURCES = ["three hundred and forty-two", "nineteen eighty-four", "seven", "one thousand and one",
@@ -209,10 +209,8 @@ def served(entry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     config = yaml.safe_load((static_repo / "opus" / "config.yaml").read_text())
     config["scheduler"]["mode"] = "static"
     (static_repo / "opus" / "config.yaml").write_text(yaml.safe_dump(config))
-    servers = {"continuous": start_server(entry.parent, "--no-http"), "static": start_server(static_repo, "--no-http")}
-    yield servers
-    for server in servers.values():
-        assert server.terminate() == 0
+    with running_server(entry.parent, "--no-http") as continuous, running_server(static_repo, "--no-http") as static:
+        yield {"continuous": continuous, "static": static}
 
 
 @pytest.mark.slow

@@ -20,9 +20,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from reliability import counts, record_figures, scrape, settled, total, wait_for
+from helpers import ServerProcess, running_server, scrape, total, wait_for
+from reliability import counts, record_figures, settled
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -56,9 +56,8 @@ def server(small_repo: Path, long_repo: Path, tmp_path_factory: pytest.TempPathF
     repo = tmp_path_factory.mktemp("misbehaving-repo")
     shutil.copytree(small_repo / "tiny-vit", repo / "tiny-vit")
     shutil.copytree(long_repo / "long-mt", repo / "long-mt")
-    server = start_server(repo)
-    yield server
-    assert server.terminate() == 0, "".join(server.output[-20:])
+    with running_server(repo) as server:
+        yield server
 
 
 def answers(address: str) -> tuple[object, ...]:

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ServerProcess, start_server
+from helpers import ServerProcess, running_server, scrape, wait_for
 from PIL import Image
-from reliability import closed_loop, counts, ok_rate, open_loop, p99, record_figures, scrape, settled, wait_for
+from reliability import closed_loop, counts, ok_rate, open_loop, p99, record_figures, settled
 from transerve_client._proto import transerve_pb2 as tpb
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
 
@@ -64,9 +64,8 @@ def heavy_repo(tmp_path_factory: pytest.TempPathFactory, long_repo: Path) -> Pat
 
 @pytest.fixture(scope="module")
 def heavy_server(heavy_repo: Path) -> Iterator[ServerProcess]:
-    server = start_server(heavy_repo)
-    yield server
-    assert server.terminate() == 0, "".join(server.output[-20:])
+    with running_server(heavy_repo) as server:
+        yield server
 
 
 def histogram_p99(before: dict[str, float], after: dict[str, float], name: str, model: str) -> float:

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from conftest import start_server
+from helpers import running_server
 from transerve.export.accuracy_gate import ACCURACY_DROP
 from transerve.models.zoo.digits import DigitsRecipe, split_digits
 from transerve.server.backends.precision import choose, read_variants
@@ -53,21 +53,17 @@ def digits_accuracy(channel: grpc.Channel) -> float:
 
 
 def test_auto_reports_its_choice_and_keeps_the_zoo_accuracy(zoo_repo: Path, zoo_dir: Path) -> None:
-    server = start_server(zoo_repo)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            for name in ("vit-digits", "mt-en-de-numbers"):
-                entry = zoo_repo / name
-                files = yaml.safe_load((entry / "config.yaml").read_text())["files"]
-                expected = choose("auto", files, read_variants(entry / "1"))
-                got = serving(channel, name)
-                assert (got["precision"], got["runtime"]) == (expected.precision, expected.runtime), got
-                assert got["precision_reason"] == expected.reason and got["precision_reason"].startswith("auto")
-                assert got["platform"] == {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}[got["runtime"]]
-            zoo = json.loads((zoo_dir / "zoo_report.json").read_text())["models"]["vit-digits"]["test_accuracy"]
-            assert digits_accuracy(channel) >= zoo - ACCURACY_DROP
-    finally:
-        assert server.terminate() == 0
+    with running_server(zoo_repo) as server, grpc.insecure_channel(server.address) as channel:
+        for name in ("vit-digits", "mt-en-de-numbers"):
+            entry = zoo_repo / name
+            files = yaml.safe_load((entry / "config.yaml").read_text())["files"]
+            expected = choose("auto", files, read_variants(entry / "1"))
+            got = serving(channel, name)
+            assert (got["precision"], got["runtime"]) == (expected.precision, expected.runtime), got
+            assert got["precision_reason"] == expected.reason and got["precision_reason"].startswith("auto")
+            assert got["platform"] == {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}[got["runtime"]]
+        zoo = json.loads((zoo_dir / "zoo_report.json").read_text())["models"]["vit-digits"]["test_accuracy"]
+        assert digits_accuracy(channel) >= zoo - ACCURACY_DROP
     assert "precision" in "".join(server.output)  # the choice is logged, with its reason
 
 
@@ -79,16 +75,12 @@ def test_explicit_precision_serves_that_variant_or_says_why(zoo_repo: Path, tmp_
     data = json.loads(report.read_text())
     data["variants"]["int8"]["gate"].update(passed=False, why="logit MAE 0.5 > 0.01")  # as if it had failed
     report.write_text(json.dumps(data))
-    server = start_server(repo, "--precision", "int8")
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            got = serving(channel, "vit-digits")
-            assert (got["precision"], got["runtime"]) == ("int8", "onnxruntime")
-            assert got["precision_reason"].startswith("int8 asked for (gate passed: logit MAE"), got
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as refused:
-                stub.ModelMetadata(pb.ModelMetadataRequest(name="vit-digits-bn"))
-            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
-            assert "failed its accuracy gate at export (logit MAE 0.5 > 0.01)" in refused.value.details()
-    finally:
-        assert server.terminate() == 0
+    with running_server(repo, "--precision", "int8") as server, grpc.insecure_channel(server.address) as channel:
+        got = serving(channel, "vit-digits")
+        assert (got["precision"], got["runtime"]) == ("int8", "onnxruntime")
+        assert got["precision_reason"].startswith("int8 asked for (gate passed: logit MAE"), got
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelMetadata(pb.ModelMetadataRequest(name="vit-digits-bn"))
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "failed its accuracy gate at export (logit MAE 0.5 > 0.01)" in refused.value.details()

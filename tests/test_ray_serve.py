@@ -26,9 +26,9 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from conftest import PROJECT, free_port, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import PROJECT, free_port, running_server
 from transerve_client._proto import inference_pb2 as ipb
 from transerve_client._proto import inference_pb2_grpc as ipb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -203,11 +203,8 @@ def same_answer(a: Any, b: Any) -> bool:
 def test_two_replicas_answer_like_one_server(ray_address: str, zoo_repo: Path) -> None:
     batch = requests()
     assert len(batch) == 64
-    single = start_server(zoo_repo, "--precision", "fp32")
-    try:
+    with running_server(zoo_repo, "--precision", "fp32") as single:
         expected = asyncio.run(send_all(single.address, batch))
-    finally:
-        assert single.terminate() == 0
     wait_serving(ray_address)
     answers = asyncio.run(send_all(ray_address, batch))
     pids = {replica.rsplit(":", 1)[-1] for _, replica in answers}

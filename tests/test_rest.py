@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from conftest import ServerProcess, start_server
+from helpers import ServerProcess, running_server
 from transerve.server.edge.rest import HTTP_STATUS, openapi_json
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -29,10 +29,9 @@ IMAGES = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float3
 
 @pytest.fixture(scope="module")
 def rest(small_repo: Path) -> Iterator[ServerProcess]:
-    proc = start_server(small_repo, "--precision", "fp32", "--max-message-mb", "1")
-    assert proc.http_port is not None, "".join(proc.output)
-    yield proc
-    assert proc.terminate() == 0, "".join(proc.output[-20:])
+    with running_server(small_repo, "--precision", "fp32", "--max-message-mb", "1") as proc:
+        assert proc.http_port is not None, "".join(proc.output)
+        yield proc
 
 
 def grpc_infer(server: ServerProcess, model: str, name: str, array: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import until
 from transerve.export.graphs import export_ragged_step, export_translator
 from transerve.export.passes import optimize
 from transerve.models.decoding import translate_ids
@@ -115,10 +116,12 @@ class GatedRunner:
         self.gate.set()
         self.output_names = [o.name for o in inner.get_outputs()]  # no IOBinding: the scheduler's copying path
         self.hold_when: Any = None  # checked as each step starts: True closes the gate before that step
+        self.rows = 0  # rows in the step that entered last
 
     def run(self, names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.hold_when is not None and self.hold_when():
             self.gate.clear()
+        self.rows = len(feeds["input_ids"])
         self.entered.set()
         assert self.gate.wait(20)
         return list(self.inner.run(names, feeds))
@@ -147,8 +150,10 @@ def test_cancelled_and_expired_requests_free_the_cache(graphs: tuple[Seq2SeqTran
         gated.entered.clear()
         blocker = asyncio.ensure_future(s.run(sources(1, seed=9)[0], 30))
         assert await asyncio.to_thread(gated.entered.wait, 10)
-        late = asyncio.ensure_future(s.run(sources(1, seed=10)[0], 5, deadline=time.monotonic() + 0.01))
-        await asyncio.sleep(0.02)  # lets the 10 ms deadline pass while the step is held
+        deadline = time.monotonic() + 0.01
+        late = asyncio.ensure_future(s.run(sources(1, seed=10)[0], 5, deadline=deadline))
+        # queued behind the held step, and the 10 ms deadline passes while it waits
+        await until(lambda: s.stats.queued == 1 and time.monotonic() > deadline, "queued past the deadline")
         gated.gate.set()
         with pytest.raises(DeadlineExceeded):
             await late
@@ -170,7 +175,7 @@ def test_caps_queue_then_refuse(graphs: tuple[Seq2SeqTransformer, Any, Any]) -> 
         running = [asyncio.ensure_future(s.run(src, 6)) for src in sources(2, seed=11)]
         assert await asyncio.to_thread(gated.entered.wait, 10)  # two rows: the cap
         waiting = [asyncio.ensure_future(s.run(src, 6)) for src in sources(3, seed=12)]
-        await asyncio.sleep(0)
+        await until(lambda: s.stats.queued == 3, "three requests queued behind the cap")
         assert s.stats.queued == 3
         with pytest.raises(QueueFull, match="queue full"):
             await s.run(sources(1, seed=13)[0], 6)
@@ -186,14 +191,18 @@ def test_caps_queue_then_refuse(graphs: tuple[Seq2SeqTransformer, Any, Any]) -> 
 
 
 def test_close_finishes_accepted_sequences_then_refuses(graphs: tuple[Seq2SeqTransformer, Any, Any]) -> None:
-    model = graphs[0]
+    model, encoder, step = graphs
     srcs = sources(6, seed=21)
+    gated = GatedRunner(step)
 
     async def main() -> list[list[int]]:
-        s = scheduler(graphs, max_active_sequences=3)  # three decode, three wait in the queue
+        s = scheduler((model, encoder, gated), max_active_sequences=3)  # three decode, three wait in the queue
         s.start()
+        gated.gate.clear()  # the first step holds until every request is accepted
         pending = [asyncio.ensure_future(s.run(src, 25)) for src in srcs]
-        await asyncio.sleep(0)  # every request is submitted (queued) before the drain starts
+        assert await asyncio.to_thread(gated.entered.wait, 10)
+        await until(lambda: gated.rows + s.stats.queued == 6, "every request accepted (decoding or queued)")
+        gated.gate.set()
         await s.aclose(grace=30)
         with pytest.raises(QueueFull, match="shutting down"):
             await s.run(srcs[0], 5)

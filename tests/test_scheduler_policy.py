@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import until
 from transerve.server.engine.scheduler import ContinuousScheduler, SchedulerCaps
 from transerve.server.engine.seq2seq import DecoderLayout
 from transerve.server.exceptions import DeadlineExceeded, QueueFull
@@ -79,13 +80,6 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
-    """Yield to the event loop until ``predicate`` holds (the scheduler thread posts to it)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0)
-
-
 def source(length: int, uid: int) -> list[int]:
     return [length, uid, LAYOUT.eos_id]
 
@@ -114,10 +108,10 @@ def test_cached_token_cap_makes_the_head_wait_and_the_queue_stays_fifo() -> None
         s.start()
         try:
             a = asyncio.ensure_future(s.run(source(5, 1), 10))  # reserves 11 of 20 cached tokens
-            await wait_for(lambda: runner.encoded == [1])
+            await until(lambda: runner.encoded == [1], "the scheduler thread's post", timeout=30)
             b = asyncio.ensure_future(s.run(source(5, 2), 10))  # 11 more do not fit: waits for a
             c = asyncio.ensure_future(s.run(source(2, 3), 3))  # 4 would fit, but b is ahead of it
-            await wait_for(lambda: s.stats.queued == 2)
+            await until(lambda: s.stats.queued == 2, "the scheduler thread's post", timeout=30)
             runner.allow(1000)
             return list(await asyncio.gather(a, b, c))
         finally:
@@ -142,9 +136,9 @@ def test_requests_beyond_the_caps_or_the_queue_are_refused() -> None:
             with pytest.raises(QueueFull, match="exceeds the scheduler's caps"):
                 await s.run(source(3, 1), 2, beam_size=5)  # 5 rows > 4 sequences
             first = asyncio.ensure_future(s.run(source(3, 1), 15))  # admitted (16 of 20)
-            await wait_for(lambda: runner.encoded == [1])
+            await until(lambda: runner.encoded == [1], "the scheduler thread's post", timeout=30)
             second = asyncio.ensure_future(s.run(source(3, 2), 15))  # queued: 32 > 20
-            await wait_for(lambda: s.stats.queued == 1)
+            await until(lambda: s.stats.queued == 1, "the scheduler thread's post", timeout=30)
             with pytest.raises(QueueFull, match="queue full"):
                 await s.run(source(3, 3), 1)
             runner.allow(1000)
@@ -187,10 +181,11 @@ def test_a_cancelled_stream_leaves_at_the_next_step() -> None:
         s.start()
         try:
             other = asyncio.ensure_future(s.run(source(30, 2), 30))
-            await wait_for(lambda: runner.encoded == [2])  # step 0 (only uid 2) waits at the gate
+            # step 0 (only uid 2) waits at the gate
+            await until(lambda: runner.encoded == [2], "the scheduler thread's post", timeout=30)
             stream = s.generate(source(30, 1), 30)
             first = asyncio.ensure_future(anext(stream))
-            await wait_for(lambda: s.stats.queued == 1)
+            await until(lambda: s.stats.queued == 1, "the scheduler thread's post", timeout=30)
             runner.allow(2)  # step 0: [2]; uid 1 joins; step 1: [2, 1]; step 2 is planned, waits at the gate
             assert (await first).tokens == [4]
             await stream.aclose()  # the client went away
@@ -213,9 +208,9 @@ def test_drain_finishes_accepted_and_queued_work_then_refuses() -> None:
         s = make(runner, max_active_sequences=1)
         s.start()
         jobs = [asyncio.ensure_future(s.run(source(4, uid), 8)) for uid in (1, 2, 3)]
-        await wait_for(lambda: runner.encoded == [1] and s.stats.queued == 2)
+        await until(lambda: runner.encoded == [1] and s.stats.queued == 2, "the scheduler thread's post", timeout=30)
         closing = asyncio.ensure_future(s.aclose(grace=30))
-        await wait_for(lambda: s._closing)
+        await until(lambda: s._closing, "the scheduler thread's post", timeout=30)
         with pytest.raises(QueueFull, match="shutting down"):
             await s.run(source(4, 9), 8)
         runner.allow(1000)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ServerProcess, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import ServerProcess, running_server
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -42,10 +42,9 @@ def guarded(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Serve
     (files / "tokens").write_text("# rotate: add the new token, move clients over, remove the old one\n"
                                   + "\n".join(USER_TOKENS) + "\n")
     (files / "admin").write_text(ADMIN_TOKEN + "\n")
-    server = start_server(small_repo, "--auth-token-file", str(files / "tokens"), "--admin-token-file",
-                          str(files / "admin"), "--log-level", "debug", "--access-log")
-    yield server
-    assert server.terminate() == 0
+    with running_server(small_repo, "--auth-token-file", str(files / "tokens"), "--admin-token-file",
+                        str(files / "admin"), "--log-level", "debug", "--access-log") as server:
+        yield server
     log = "".join(server.output)
     assert "model tiny-mt version" in log  # the capture holds the server's log lines
     assert not any(t in log for t in [*USER_TOKENS, ADMIN_TOKEN]), "a token reached the log"
@@ -101,41 +100,32 @@ def test_defaults_disable_repository_control_and_skip_escaping_entries(small_rep
     outside = tmp_path / "outside"
     shutil.copytree(small_repo / "tiny-vit", outside)
     (repo / "escape").symlink_to(outside, target_is_directory=True)
-    server = start_server(repo)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            kserve = pb_grpc.GRPCInferenceServiceStub(channel)
-            for call in (lambda: kserve.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny-mt")),
-                         lambda: kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-mt"))):
-                code, message = code_of(call)
-                assert code == grpc.StatusCode.UNIMPLEMENTED and "--admin-token-file" in message
-            assert kserve.ModelReady(pb.ModelReadyRequest(name="tiny-mt")).ready  # nothing was unloaded
-            names = {m.name for m in kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models}
-            assert names == {"tiny-mt", "tiny-vit"}  # "escape" leads out of the repository: not an entry
-            assert not kserve.ModelReady(pb.ModelReadyRequest(name="escape")).ready
-    finally:
-        assert server.terminate() == 0
+    with running_server(repo) as server, grpc.insecure_channel(server.address) as channel:
+        kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+        for call in (lambda: kserve.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny-mt")),
+                     lambda: kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-mt"))):
+            code, message = code_of(call)
+            assert code == grpc.StatusCode.UNIMPLEMENTED and "--admin-token-file" in message
+        assert kserve.ModelReady(pb.ModelReadyRequest(name="tiny-mt")).ready  # nothing was unloaded
+        names = {m.name for m in kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        assert names == {"tiny-mt", "tiny-vit"}  # "escape" leads out of the repository: not an entry
+        assert not kserve.ModelReady(pb.ModelReadyRequest(name="escape")).ready
     assert "escape leads out of the repository" in "".join(server.output)
 
 
 def test_token_from_the_environment(small_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRANSERVE_AUTH_TOKEN", ",".join(USER_TOKENS))
-    server = start_server(small_repo)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            translator = tpb_grpc.TranslatorStub(channel)
-            request = tpb.TranslateRequest(texts=["seven"])
-            assert code_of(lambda: translator.Translate(request))[0] == grpc.StatusCode.UNAUTHENTICATED
-            assert translator.Translate(request, metadata=bearer(USER_TOKENS[1])).translations
-    finally:
-        assert server.terminate() == 0
+    with running_server(small_repo) as server, grpc.insecure_channel(server.address) as channel:
+        translator = tpb_grpc.TranslatorStub(channel)
+        request = tpb.TranslateRequest(texts=["seven"])
+        assert code_of(lambda: translator.Translate(request))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert translator.Translate(request, metadata=bearer(USER_TOKENS[1])).translations
 
 
 def test_message_size_limit_at_the_byte(small_repo: Path) -> None:
     """--max-message-mb 1: a request of exactly 1 MiB is read (and answered on its merits), one byte more is
     refused with RESOURCE_EXHAUSTED before it is parsed; the server then answers the next request."""
     limit = 1 << 20
-    server = start_server(small_repo, "--max-message-mb", "1")
 
     def sized(size: int) -> pb.ModelInferRequest:
         request = pb.ModelInferRequest(model_name="tiny-vit")
@@ -143,7 +133,7 @@ def test_message_size_limit_at_the_byte(small_repo: Path) -> None:
         assert request.ByteSize() == size
         return request
 
-    try:
+    with running_server(small_repo, "--max-message-mb", "1") as server:
         options = [("grpc.max_send_message_length", 4 * limit)]
         with grpc.insecure_channel(server.address, options=options) as channel:
             kserve = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -152,8 +142,6 @@ def test_message_size_limit_at_the_byte(small_repo: Path) -> None:
             code, message = code_of(lambda: kserve.ModelInfer(sized(limit + 1)))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and str(limit) in message
             assert kserve.ServerReady(pb.ServerReadyRequest()).ready
-    finally:
-        assert server.terminate() == 0
 
 
 INJECTIONS = ["id\nFORGED ERROR line", "id\r\nFORGED", "\x1b[2J\x1b[31mFORGED", "id%0aFORGED", "ïd-FORGED",
@@ -164,25 +152,22 @@ def test_request_ids_cannot_inject_log_lines(small_repo: Path) -> None:
     """A client's x-request-id goes into every log line about its request — unless it could forge one: ids with
     line breaks, escape sequences, spaces or non-ASCII are replaced by a drawn id (gRPC itself refuses some
     of them before they leave the client). Whatever got through, no log line holds the injected text."""
-    server = start_server(small_repo, "--access-log", "--log-level", "debug")
     sent = 0
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            kserve = pb_grpc.GRPCInferenceServiceStub(channel)
-            for injected in INJECTIONS:
-                for call in (lambda m: kserve.ServerLive(pb.ServerLiveRequest(), metadata=m),
-                             lambda m: kserve.ModelInfer(pb.ModelInferRequest(model_name="nope"), metadata=m)):
-                    try:
-                        call((("x-request-id", injected),))
-                        sent += 1
-                    except grpc.RpcError as e:
-                        if e.code() == grpc.StatusCode.INTERNAL and "metadata" in (e.details() or "").lower():
-                            continue  # the client library refused the header: nothing was sent
-                        assert e.code() == grpc.StatusCode.NOT_FOUND, e
-                        assert "FORGED" not in dict(e.trailing_metadata() or ()).get("x-request-id", "")
-                        sent += 1
-    finally:
-        assert server.terminate() == 0
+    with (running_server(small_repo, "--access-log", "--log-level", "debug") as server,
+          grpc.insecure_channel(server.address) as channel):
+        kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+        for injected in INJECTIONS:
+            for call in (lambda m: kserve.ServerLive(pb.ServerLiveRequest(), metadata=m),
+                         lambda m: kserve.ModelInfer(pb.ModelInferRequest(model_name="nope"), metadata=m)):
+                try:
+                    call((("x-request-id", injected),))
+                    sent += 1
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.INTERNAL and "metadata" in (e.details() or "").lower():
+                        continue  # the client library refused the header: nothing was sent
+                    assert e.code() == grpc.StatusCode.NOT_FOUND, e
+                    assert "FORGED" not in dict(e.trailing_metadata() or ()).get("x-request-id", "")
+                    sent += 1
     assert sent > 0
     forged = [line for line in server.output if "FORGED" in line]
     assert forged == [], forged

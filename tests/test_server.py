@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import io
 import re
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import ServerProcess, metrics_text
 from PIL import Image
 from transerve.export.exporter import ort_seq2seq
 from transerve.models.checkpoint import load_checkpoint
@@ -217,8 +216,7 @@ def test_statistics_and_metrics_count_requests(channel: grpc.Channel, server: Se
     assert after.inference_count == before.inference_count + 4
     assert after.execution_count == before.execution_count + 1
     assert after.inference_stats.success.count == before.inference_stats.success.count + 1
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
+    text = metrics_text(server)
     assert 'transerve_requests_total{code="OK",model="tiny-vit",rpc="ModelInfer"}' in text
     assert "transerve_batch_size_bucket" in text and "transerve_queue_seconds_count" in text
 

@@ -10,7 +10,6 @@ import shutil
 import signal
 import threading
 import time
-import urllib.request
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +19,8 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from conftest import ServerProcess, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import ServerProcess, running_server, scrape, start_server, wait_for
 from reliability import record_figures
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -58,31 +57,25 @@ def infer(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float | None = None) 
 
 
 def test_overload_sheds_with_resource_exhausted(small_repo: Path, tmp_path: Path) -> None:
-    server = start_server(tuned_repo(small_repo, tmp_path, max_batch_size=1, max_queue_size=1,
-                                     max_queue_delay_ms=20))
-    try:
+    with running_server(tuned_repo(small_repo, tmp_path, max_batch_size=1, max_queue_size=1,
+                                   max_queue_delay_ms=20)) as server:
         with grpc.insecure_channel(server.address) as channel, ThreadPoolExecutor(32) as pool:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             codes = list(pool.map(lambda _: infer(stub), range(64)))
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0 and codes.count(grpc.StatusCode.OK) > 0
-    finally:
-        assert server.terminate() == 0
 
 
 def test_expired_request_is_dropped_before_compute(small_repo: Path, tmp_path: Path) -> None:
-    server = start_server(tuned_repo(small_repo, tmp_path, max_queue_delay_ms=1500))
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            before = stub.ModelStatistics(pb.ModelStatisticsRequest(name="tiny-vit")).model_stats[0]
-            assert infer(stub, timeout=0.2) == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert infer(stub) == grpc.StatusCode.OK  # waits out the 1.5 s delay, then runs alone
-            after = stub.ModelStatistics(pb.ModelStatisticsRequest(name="tiny-vit")).model_stats[0]
-            assert after.execution_count == before.execution_count + 1
-            assert after.inference_count == before.inference_count + 1  # the expired one never ran
-    finally:
-        assert server.terminate() == 0
+    with (running_server(tuned_repo(small_repo, tmp_path, max_queue_delay_ms=1500)) as server,
+          grpc.insecure_channel(server.address) as channel):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        before = stub.ModelStatistics(pb.ModelStatisticsRequest(name="tiny-vit")).model_stats[0]
+        assert infer(stub, timeout=0.2) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert infer(stub) == grpc.StatusCode.OK  # waits out the 1.5 s delay, then runs alone
+        after = stub.ModelStatistics(pb.ModelStatisticsRequest(name="tiny-vit")).model_stats[0]
+        assert after.execution_count == before.execution_count + 1
+        assert after.inference_count == before.inference_count + 1  # the expired one never ran
 
 
 @pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
@@ -104,14 +97,8 @@ def test_sigterm_finishes_accepted_work_and_exits_zero(small_repo: Path, tmp_pat
 
 def wait_until_queued(server: ServerProcess, model: str, count: int, timeout: float = 10) -> None:
     """Poll /metrics (bounded) until the model's queue holds ``count`` items."""
-    pattern = re.compile(rf'transerve_queue_length{{model="{model}"}} (\S+)')
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as r:
-            match = pattern.search(r.read().decode())
-        if match and float(match.group(1)) >= count:
-            return
-    raise AssertionError(f"{model}: {count} requests never reached the queue")
+    key = f'transerve_queue_length{{model="{model}"}}'
+    wait_for(lambda: scrape(server).get(key, 0.0) >= count, timeout, f"{model}: {count} requests in the queue")
 
 
 def make_certificates(directory: Path) -> dict[str, Path]:
@@ -154,9 +141,8 @@ def make_certificates(directory: Path) -> dict[str, Path]:
 
 def test_mutual_tls(small_repo: Path, tmp_path: Path) -> None:
     certs = make_certificates(tmp_path)
-    server = start_server(small_repo, "--tls-cert", str(certs["server.crt"]), "--tls-key", str(certs["server.key"]),
-                          "--tls-client-ca", str(certs["ca.crt"]))
-    try:
+    with running_server(small_repo, "--tls-cert", str(certs["server.crt"]), "--tls-key", str(certs["server.key"]),
+                        "--tls-client-ca", str(certs["ca.crt"])) as server:
         ca = certs["ca.crt"].read_bytes()
         with_client = grpc.ssl_channel_credentials(ca, certs["client.key"].read_bytes(),
                                                    certs["client.crt"].read_bytes())
@@ -168,36 +154,29 @@ def test_mutual_tls(small_repo: Path, tmp_path: Path) -> None:
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):  # plaintext to TLS
             pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
-    finally:
-        assert server.terminate() == 0
 
 
 def test_broken_entry_is_unavailable_not_fatal(small_repo: Path, tmp_path: Path) -> None:
     repo = tuned_repo(small_repo, tmp_path)
     (repo / "tiny-mt" / "1" / "decoder_step_ragged.onnx").write_bytes(b"corrupt")
-    server = start_server(repo)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
-            assert index["tiny-vit"].state == "READY" and index["tiny-mt"].state == "UNAVAILABLE"
-            reason = index["tiny-mt"].reason
-            assert "decoder_step_ragged.onnx" in reason or "INVALID_PROTOBUF" in reason
-            assert infer(stub) == grpc.StatusCode.OK
-            health = health_pb2_grpc.HealthStub(channel)  # SERVING for the rest, NOT_SERVING for the broken one
-            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
-            assert health.Check(health_pb2.HealthCheckRequest(service="tiny-mt")).status == \
+    with running_server(repo) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        assert index["tiny-vit"].state == "READY" and index["tiny-mt"].state == "UNAVAILABLE"
+        reason = index["tiny-mt"].reason
+        assert "decoder_step_ragged.onnx" in reason or "INVALID_PROTOBUF" in reason
+        assert infer(stub) == grpc.StatusCode.OK
+        health = health_pb2_grpc.HealthStub(channel)  # SERVING for the rest, NOT_SERVING for the broken one
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(service="tiny-mt")).status == \
                 health_pb2.HealthCheckResponse.NOT_SERVING
-            assert not stub.ModelReady(pb.ModelReadyRequest(name="tiny-mt")).ready
-    finally:
-        assert server.terminate() == 0
+        assert not stub.ModelReady(pb.ModelReadyRequest(name="tiny-mt")).ready
 
 
 def test_json_access_log_carries_request_ids(small_repo: Path) -> None:
     """--log-format json --access-log: one JSON line per RPC; the client's x-request-id is used, an unusable one
     is replaced, and a failed request returns the id it was logged under in its trailing metadata."""
-    server = start_server(small_repo, "--log-format", "json", "--access-log")
-    try:
+    with running_server(small_repo, "--log-format", "json", "--access-log", clean_exit=False) as server:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             request = zeros_request()
@@ -213,35 +192,28 @@ def test_json_access_log_carries_request_ids(small_repo: Path) -> None:
         assert (ok_given["request_id"], ok_given["model"], ok_given["code"]) == ("trace-42", "tiny-vit", "OK")
         assert ok_drawn["code"] == "OK" and re.fullmatch(r"[0-9a-f]{16}", ok_drawn["request_id"])
         assert (not_found["request_id"], not_found["code"]) == (error_id, "NOT_FOUND")
-    finally:
-        server.terminate()
 
 
 def wait_for_access_lines(server: ServerProcess, count: int, timeout: float = 10) -> list[dict[str, object]]:
     """The server's JSON access-log lines, once ``count`` have been written (bounded wait)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = [json.loads(line) for line in list(server.output) if '"transerve.access"' in line]
-        if len(lines) >= count:
-            return lines
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} access-log lines:\n{''.join(server.output[-20:])}")
+    def lines() -> list[dict[str, object]]:
+        return [json.loads(line) for line in list(server.output) if '"transerve.access"' in line]
+
+    wait_for(lambda: len(lines()) >= count, timeout, f"{count} access-log lines")
+    return lines()
 
 
 def test_message_size_limit_is_configurable_and_named(small_repo: Path) -> None:
     """--max-message-mb 1: a 2 MiB request is refused with RESOURCE_EXHAUSTED naming both sizes; the server
     keeps answering requests under the limit."""
-    server = start_server(small_repo, "--max-message-mb", "1")
-    try:
-        with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 8 << 20)]) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as refused:
-                stub.ModelInfer(zeros_request(2731))  # 2 MiB
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert re.search(r"larger than max \(\d+ vs\. 1048576\)", refused.value.details() or "")
-            assert infer(stub) == grpc.StatusCode.OK
-    finally:
-        server.terminate()
+    with (running_server(small_repo, "--max-message-mb", "1", clean_exit=False) as server,
+          grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 8 << 20)]) as channel):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(zeros_request(2731))  # 2 MiB
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert re.search(r"larger than max \(\d+ vs\. 1048576\)", refused.value.details() or "")
+        assert infer(stub) == grpc.StatusCode.OK
 
 
 def test_plaintext_health_port_answers_probes_when_tls_and_auth_are_on(small_repo: Path, tmp_path: Path) -> None:
@@ -251,9 +223,8 @@ def test_plaintext_health_port_answers_probes_when_tls_and_auth_are_on(small_rep
     certs = make_certificates(tmp_path)
     token = tmp_path / "token"
     token.write_text("t0ken")
-    server = start_server(small_repo, "--tls-cert", str(certs["server.crt"]), "--tls-key", str(certs["server.key"]),
-                          "--auth-token-file", str(token), "--health-port", "0")
-    try:
+    with running_server(small_repo, "--tls-cert", str(certs["server.crt"]), "--tls-key", str(certs["server.key"]),
+                        "--auth-token-file", str(token), "--health-port", "0") as server:
         match = re.search(r"\(health on 127\.0\.0\.1:(\d+)\)", "".join(server.output))
         assert match is not None, "".join(server.output[-5:])
         with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
@@ -266,8 +237,6 @@ def test_plaintext_health_port_answers_probes_when_tls_and_auth_are_on(small_rep
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
         with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):  # serving port: TLS
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-    finally:
-        assert server.terminate() == 0
 
 
 def wait_for_load(clients: list[Future[None]], codes: list[grpc.StatusCode], calls: int) -> None:
@@ -350,16 +319,12 @@ def test_no_model_loaded_is_never_serving(small_repo: Path, tmp_path: Path) -> N
     for name in ("tiny-vit", "tiny-mt"):
         for graph in (repo / name / "1").glob("*.onnx"):
             graph.write_bytes(b"corrupt")
-    server = start_server(repo)
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for service in ("", "tiny-vit", "inference.GRPCInferenceService"):
-                status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
-                assert status == health_pb2.HealthCheckResponse.NOT_SERVING, service
-            assert not pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest()).ready
-    finally:
-        assert server.terminate() == 0
+    with running_server(repo) as server, grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tiny-vit", "inference.GRPCInferenceService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING, service
+        assert not pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest()).ready
     assert any("NOT_SERVING, no model loaded" in line for line in server.output)
 
 

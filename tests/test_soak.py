@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, start_server
+from helpers import ServerProcess, running_server, scrape, total, wait_for
 from PIL import Image
-from reliability import ProcessCounts, counts, record_figures, scrape, settled, thread_names, total, wait_for
+from reliability import ProcessCounts, counts, record_figures, settled, thread_names
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -177,11 +177,8 @@ def soak_repo(small_repo: Path, long_repo: Path, tmp_path: Path) -> Path:
 
 
 def test_mixed_traffic_leaks_nothing(small_repo: Path, long_repo: Path, tmp_path: Path) -> None:
-    server = start_server(soak_repo(small_repo, long_repo, tmp_path))
-    try:
+    with running_server(soak_repo(small_repo, long_repo, tmp_path)) as server:
         run = asyncio.run(soak(server, SOAK_SECONDS))
-    finally:
-        assert server.terminate() == 0
     assert run.problems() == [], run.problems()
     start, end = run.at_checkpoint, run.at_end
     assert start is not None and end is not None
@@ -192,11 +189,9 @@ def test_mixed_traffic_leaks_nothing(small_repo: Path, long_repo: Path, tmp_path
 
 
 def test_the_leak_check_catches_a_leaking_server(small_repo: Path, long_repo: Path, tmp_path: Path) -> None:
-    server = start_server(soak_repo(small_repo, long_repo, tmp_path), launcher=[sys.executable, "-c", LEAKING_SERVER])
-    try:
+    with running_server(soak_repo(small_repo, long_repo, tmp_path),
+                        launcher=[sys.executable, "-c", LEAKING_SERVER]) as server:
         run = asyncio.run(soak(server, min(SOAK_SECONDS, 20)))
-    finally:
-        assert server.terminate() == 0
     problems = run.problems()
     assert any(p.startswith("RSS grew") for p in problems), (problems, run.at_checkpoint, run.at_end)
     record_figures("soak.leaking_control", requests=run.sent, problems=problems)

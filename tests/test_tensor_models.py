@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from conftest import ServerProcess, start_server
+from helpers import ServerProcess, running_server
 from onnx import TensorProto, helper
 from transerve.cli import app
 from transerve.server.backends.sessions import make_session
@@ -75,9 +75,8 @@ def tensor_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tensor_repo: Path) -> Iterator[ServerProcess]:
-    proc = start_server(tensor_repo)
-    yield proc
-    assert proc.terminate() == 0, "".join(proc.output[-20:])
+    with running_server(tensor_repo) as proc:
+        yield proc
 
 
 def test_repo_add_reads_the_graphs_tensors(tensor_repo: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerProcess, start_server
+from helpers import ServerProcess, running_server
 from transerve.models.zoo.digits import DigitsRecipe, split_digits
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -25,9 +25,8 @@ pytestmark = pytest.mark.slow
 def zoo_server(zoo_repo: Path) -> Iterator[ServerProcess]:
     """fp32: these tests hold the served answers to PyTorch's, token for token (the reduced-precision variants
     that `precision: auto` may choose are held to their accuracy gate instead: test_precision_server.py)."""
-    proc = start_server(zoo_repo, "--precision", "fp32")
-    yield proc
-    assert proc.terminate() == 0
+    with running_server(zoo_repo, "--precision", "fp32") as proc:
+        yield proc
 
 
 def test_translates_num2words_english(zoo_server: ServerProcess) -> None:

@@ -1,0 +1,157 @@
+"""What the tests share that is not a fixture: a server process started, waited for and stopped; its metrics
+scraped; a condition waited for with a bound; a PNG built from pixels; the offline translation the served ones
+are held to. (Fixtures are in conftest.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROJECT = Path(__file__).resolve().parent.parent
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+    metrics_port: int | None
+    output: list[str]
+    http_port: int | None = None  # REST (start_server opens an ephemeral one unless told --no-http)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM and wait for the exit status (the drain must end by itself)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()  # never leave a server behind
+            raise
+
+
+def free_port() -> int:
+    """A loopback port free now (for servers that must be told their port before they start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(repo: Path, *extra: str, timeout: float = 120, port: int = 0,
+                 launcher: list[str] | None = None) -> ServerProcess:
+    """``transerve serve`` on a loopback port (0: ephemeral); returns once it says it is serving. ``launcher``
+    replaces ``python -m transerve`` (another interpreter, or one with modules blocked)."""
+    cmd = [*(launcher or [sys.executable, "-m", "transerve"]), "serve", "--repo", str(repo), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", "0",
+           *([] if "--drain-delay" in extra else ["--drain-delay", "0"]),
+           *([] if {"--http-port", "--no-http"} & set(extra) else ["--http-port", "0"]), *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    output: list[str] = []
+    ready = threading.Event()
+    found: dict[str, int | None] = {}
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            match = re.search(r"on 127\.0\.0\.1:(\d+) \(metrics on 127\.0\.0\.1:(\d+|None)\)", line)
+            if match:
+                found["port"] = int(match.group(1))
+                found["metrics"] = None if match.group(2) == "None" else int(match.group(2))
+                rest = re.search(r"REST on 127\.0\.0\.1:(\d+)", line)
+                found["http"] = int(rest.group(1)) if rest else None
+                ready.set()
+        ready.set()  # the process ended: stop waiting
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout) or "port" not in found:
+        process.kill()
+        raise RuntimeError("server did not start:\n" + "".join(output[-40:]))
+    return ServerProcess(process, int(found["port"] or 0), found["metrics"], output, found.get("http"))
+
+
+@contextmanager
+def running_server(repo: Path, *extra: str, clean_exit: bool = True, **options: Any) -> Iterator[ServerProcess]:
+    """``transerve serve`` for a ``with`` block: started and waited for (:func:`start_server`), then stopped with
+    SIGTERM; with ``clean_exit`` the drain must end with exit status 0 (checked when the block did not fail)."""
+    server = start_server(repo, *extra, **options)
+    try:
+        yield server
+    finally:
+        code = server.terminate()
+    if clean_exit:
+        assert code == 0, "".join(server.output[-20:])
+
+
+def metrics_text(server: ServerProcess) -> str:
+    """The server's Prometheus exposition, as scraped from its metrics port."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def scrape(server: ServerProcess) -> dict[str, float]:
+    """Every sample of the server's /metrics as ``'name{labels}' → value`` (labels as the server wrote them)."""
+    samples: dict[str, float] = {}
+    for line in metrics_text(server).splitlines():
+        match = SAMPLE.match(line)
+        if match:
+            samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+def total(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(value for key, value in samples.items()
+               if key.split("{")[0] == name and all(w in key for w in wanted))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> float:
+    """Poll ``condition`` until true (bounded); returns the seconds it took, or fails naming ``what``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Yield to the event loop until ``condition`` holds (bounded): tasks just scheduled reach the state the test
+    needs (queued, past a deadline) before it goes on."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.001)
+
+
+def png_bytes(pixels: Any, mode: str | None = None) -> bytes:
+    """A PNG of ``pixels`` (an ``HxW`` or ``HxWxC`` uint8 array, or a PIL image), converted to ``mode`` if given."""
+    from PIL import Image
+
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(np.asarray(pixels))
+    buffer = io.BytesIO()
+    (image.convert(mode) if mode else image).save(buffer, format="PNG")
+    return buffer.getvalue()
