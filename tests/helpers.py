@@ -5,6 +5,7 @@ are held to. (Fixtures are in conftest.py.)"""
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import re
@@ -155,3 +156,33 @@ def png_bytes(pixels: Any, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()
     (image.convert(mode) if mode else image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def offline_ids(model: Any, source: list[int], budget: int, beam: int = 1, penalty: float = 1.0) -> list[int]:
+    """The reference decoder every served or scheduled translation is held to, token for token: PyTorch eager
+    (``transerve.models.decoding.translate_ids``, KV cache and beam search written from the formulas) on one
+    source alone."""
+    import torch
+    from transerve.models.decoding import translate_ids
+
+    src = torch.tensor([source])
+    return list(translate_ids(model, src, torch.ones_like(src, dtype=torch.bool), budget, beam_size=beam,
+                              length_penalty=penalty)[0])
+
+
+@functools.cache
+def entry_model(repo: Path, entry: str) -> tuple[Any, Any]:
+    """A repository entry's PyTorch checkpoint (``<version>/torch``, written by ``export --torch-checkpoint``) and
+    its tokenizer, loaded once per test session."""
+    from tokenizers import Tokenizer
+    from transerve.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(repo / entry / "1" / "torch")
+    return model.eval(), Tokenizer.from_file(str(repo / entry / "tokenizer.json"))
+
+
+def offline_text(repo: Path, entry: str, text: str, budget: int, beam: int = 1, penalty: float = 1.0) -> str:
+    """``text`` translated by :func:`offline_ids` with the entry's own checkpoint and tokenizer."""
+    model, tokenizer = entry_model(repo, entry)
+    source = [*tokenizer.encode(text).ids, model.config.eos_id]
+    return str(tokenizer.decode(offline_ids(model, source, budget, beam, penalty)))

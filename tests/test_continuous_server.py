@@ -14,10 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
-from helpers import ServerProcess, metrics_text, running_server, wait_for
-from transerve.models.checkpoint import load_checkpoint
-from transerve.models.decoding import translate_ids
+from helpers import ServerProcess, metrics_text, offline_text, running_server, wait_for
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -42,14 +39,7 @@ def channel(long_server: ServerProcess) -> Iterator[grpc.Channel]:
 
 
 def offline(repo: Path, text: str, budget: int, beam: int, penalty: float = 1.0) -> str:
-    from tokenizers import Tokenizer
-
-    model, _ = load_checkpoint(repo / MODEL / "1" / "torch")
-    tokenizer = Tokenizer.from_file(str(repo / MODEL / "tokenizer.json"))
-    src = torch.tensor([[*tokenizer.encode(text).ids, model.config.eos_id]])
-    ids = translate_ids(model, src, torch.ones_like(src, dtype=torch.bool), budget, beam_size=beam,
-                        length_penalty=penalty)[0]
-    return tokenizer.decode(ids)
+    return offline_text(repo, MODEL, text, budget, beam, penalty)
 
 
 def metric(server: ServerProcess, name: str, labels: str = f'model="{MODEL}"') -> float:

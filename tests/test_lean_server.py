@@ -9,7 +9,6 @@ tolerance: none (same graphs, same inputs, same bits).
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,8 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from helpers import ServerProcess, running_server
-from PIL import Image
+from helpers import ServerProcess, png_bytes, running_server
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -46,10 +44,7 @@ def lean_server(small_repo: Path) -> Iterator[ServerProcess]:
 
 
 def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (11, 13, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(np.random.default_rng(seed).integers(0, 256, (11, 13, 3), dtype=np.uint8))
 
 
 def answers(address: str) -> dict[str, Any]:

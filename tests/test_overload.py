@@ -11,7 +11,6 @@ gives the same answers. Bounds are stated beside each assertion; the figures go 
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
 import shutil
 import threading
@@ -24,8 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ServerProcess, running_server, scrape, wait_for
-from PIL import Image
+from helpers import ServerProcess, png_bytes, running_server, scrape, wait_for
 from reliability import closed_loop, counts, ok_rate, open_loop, p99, record_figures, settled
 from transerve_client._proto import transerve_pb2 as tpb
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
@@ -173,9 +171,8 @@ def overload_session(server: ServerProcess, model: str, stub_class: Any, method:
 
 
 def test_classification_overload_sheds_and_recovers(heavy_server: ServerProcess) -> None:
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
-    request = tpb.ClassifyRequest(model="heavy-vit", images=[tpb.Image(encoded=buffer.getvalue())], top_k=3)
+    image = png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    request = tpb.ClassifyRequest(model="heavy-vit", images=[tpb.Image(encoded=image)], top_k=3)
     figures = overload_session(heavy_server, "heavy-vit", tpb_grpc.ClassifierStub, "Classify", request,
                                lambda r: [(p.index, round(p.score, 6)) for p in r.results[0].predictions])
     record_figures("overload.classify", **figures)

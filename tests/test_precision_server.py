@@ -8,7 +8,6 @@ leaves that entry unavailable with the reason, and the others serving.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from helpers import running_server
+from helpers import png_bytes, running_server
 from transerve.export.accuracy_gate import ACCURACY_DROP
 from transerve.models.zoo.digits import DigitsRecipe, split_digits
 from transerve.server.backends.precision import choose, read_variants
@@ -42,11 +41,7 @@ def digits_accuracy(channel: grpc.Channel) -> float:
     _, _, images, labels = split_digits(DigitsRecipe())
     stub, predictions = tpb_grpc.ClassifierStub(channel), []
     for start in range(0, len(images), 64):
-        batch = []
-        for image in images[start:start + 64]:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            batch.append(tpb.Image(encoded=buffer.getvalue()))
+        batch = [tpb.Image(encoded=png_bytes(image)) for image in images[start:start + 64]]
         response = stub.Classify(tpb.ClassifyRequest(model="vit-digits", images=batch, top_k=1))
         predictions += [int(r.predictions[0].label) for r in response.results]
     return float(np.mean(np.array(predictions) == labels))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from helpers import png_bytes
 from PIL import Image
 from transerve.preprocessing import ImagePreprocessing
 
@@ -16,9 +17,7 @@ def test_modes_agree() -> None:
     assert ref.shape == (3, 16, 16) and ref.dtype == np.float32
     for image in (gray.convert("RGB"), gray.convert("RGBA")):
         np.testing.assert_allclose(prep.apply_one(image), ref, atol=1e-6)
-    png = io.BytesIO()
-    gray.save(png, format="PNG")
-    np.testing.assert_allclose(prep.apply_one(Image.open(io.BytesIO(png.getvalue()))), ref, atol=1e-6)
+    np.testing.assert_allclose(prep.apply_one(Image.open(io.BytesIO(png_bytes(gray)))), ref, atol=1e-6)
 
 
 def test_normalisation_range() -> None:

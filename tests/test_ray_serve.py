@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -28,7 +27,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import PROJECT, free_port, running_server
+from helpers import PROJECT, free_port, png_bytes, running_server
 from transerve_client._proto import inference_pb2 as ipb
 from transerve_client._proto import inference_pb2_grpc as ipb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -161,11 +160,7 @@ def requests() -> list[tpb.TranslateRequest | tpb.ClassifyRequest]:
     from transerve.models.zoo.digits import DigitsRecipe, split_digits
 
     _, _, images, _ = split_digits(DigitsRecipe())
-    encoded = []
-    for image in images[:32]:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
+    encoded = [png_bytes(image) for image in images[:32]]
     texts = [num2words(n) for n in range(3, 9000, 281)][:32]
     both: list[tpb.TranslateRequest | tpb.ClassifyRequest] = []
     for text, png in zip(texts, encoded, strict=True):

@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import until
+from helpers import offline_ids, until
 from transerve.export.graphs import export_ragged_step, export_translator
 from transerve.export.passes import optimize
-from transerve.models.decoding import translate_ids
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
 from transerve.server.backends.sessions import make_session
 from transerve.server.engine.scheduler import ContinuousScheduler, DecoderLayout, SchedulerCaps
@@ -48,8 +47,7 @@ def scheduler(graphs: tuple[Seq2SeqTransformer, Any, Any], **caps: Any) -> Conti
 
 
 def offline(model: Seq2SeqTransformer, source: list[int], max_new: int, beam: int) -> list[int]:
-    src = torch.tensor([source])
-    return translate_ids(model, src, torch.ones_like(src, dtype=torch.bool), max_new, beam_size=beam)[0]
+    return offline_ids(model, source, max_new, beam)
 
 
 def sources(count: int, seed: int) -> list[list[int]]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import offline_ids
 from test_transformer import ragged_sources, random_model
 from transerve.export.exporter import ort_seq2seq
 from transerve.export.graphs import export_encoder, export_ragged_step
@@ -97,12 +98,7 @@ def decode_both_modes(model: Any, encoder: Any, step: Any, rows: list[list[int]]
 
 def offline_alone(model: Any, rows: list[list[int]], budget: int, beam: int, penalty: float) -> list[list[int]]:
     """The PyTorch reference: each source decoded alone."""
-    out = []
-    for row in rows:
-        src = torch.tensor([row])
-        out += translate_ids(model, src, torch.ones_like(src, dtype=torch.bool), budget, beam_size=beam,
-                             length_penalty=penalty)
-    return out
+    return [offline_ids(model, row, budget, beam, penalty) for row in rows]
 
 
 def assert_modes_equal_offline(model: Any, encoder: Any, step: Any, rows: list[list[int]], budget: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,13 +11,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import ServerProcess, metrics_text
+from helpers import ServerProcess, metrics_text, offline_text, png_bytes
 from PIL import Image
-from transerve.export.exporter import ort_seq2seq
-from transerve.models.checkpoint import load_checkpoint
 from transerve.preprocessing import ImagePreprocessing
 from transerve.server.backends.sessions import make_session
-from transerve.server.engine.seq2seq import pad_ids
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
@@ -53,14 +49,7 @@ def offline_logits(repo: Path, images: np.ndarray) -> np.ndarray:
 
 
 def offline_translations(repo: Path, texts: list[str]) -> list[str]:
-    from tokenizers import Tokenizer
-
-    model, _ = load_checkpoint(repo / "tiny-mt" / "1" / "torch")
-    tok = Tokenizer.from_file(str(repo / "tiny-mt" / "tokenizer.json"))
-    vdir = repo / "tiny-mt" / "1"
-    seq2seq = ort_seq2seq(model, make_session(vdir / "encoder.onnx"), make_session(vdir / "decoder_step_ragged.onnx"))
-    ids, mask = pad_ids([[*e.ids, 2] for e in tok.encode_batch(texts)], 0)
-    return tok.decode_batch(seq2seq.generate(ids, mask, 16))
+    return [offline_text(repo, "tiny-mt", text, 16) for text in texts]  # the entry's max_new_tokens
 
 
 def test_health_and_server_metadata(channel: grpc.Channel) -> None:
@@ -106,16 +95,10 @@ def test_translate_matches_offline(channel: grpc.Channel, small_repo: Path) -> N
     assert [t.text for t in response.translations] == offline_translations(small_repo, TEXTS)
 
 
-def png(array: np.ndarray, mode: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).convert(mode).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_classify_encoded_images_of_any_mode_and_tensors(channel: grpc.Channel, small_repo: Path) -> None:
     pixels = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
     expected = offline_logits(small_repo, ImagePreprocessing(size=8).apply([Image.fromarray(pixels)]))[0]
-    images = [tpb.Image(encoded=png(pixels, mode)) for mode in ("L", "RGB", "RGBA")]
+    images = [tpb.Image(encoded=png_bytes(pixels, mode)) for mode in ("L", "RGB", "RGBA")]
     tensor = ImagePreprocessing(size=8).apply_one(Image.fromarray(pixels))
     images.append(tpb.Image(tensor=tpb.Tensor(shape=[3, 8, 8], data=tensor.astype("<f4").tobytes())))
     response = tpb_grpc.ClassifierStub(channel).Classify(tpb.ClassifyRequest(images=images, top_k=3))

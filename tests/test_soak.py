@@ -14,7 +14,6 @@ CI runs 60 seconds (``TRANSERVE_SOAK_SECONDS``, default 60); the 10-minute soak 
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import shutil
 import sys
@@ -27,8 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers import ServerProcess, running_server, scrape, total, wait_for
-from PIL import Image
+from helpers import ServerProcess, png_bytes, running_server, scrape, total, wait_for
 from reliability import ProcessCounts, counts, record_figures, settled, thread_names
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -60,9 +58,7 @@ class Cancelled(Exception):
 
 
 def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes((np.arange(64).reshape(8, 8) * 4).astype(np.uint8))
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers import ServerProcess, running_server
+from helpers import ServerProcess, png_bytes, running_server
 from transerve.models.zoo.digits import DigitsRecipe, split_digits
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -73,11 +72,7 @@ def test_stream_pieces_arrive_token_by_token(zoo_server: ServerProcess) -> None:
 
 def test_digits_sent_as_png_score_the_zoo_accuracy(zoo_server: ServerProcess, zoo_dir: Path) -> None:
     _, _, images, labels = split_digits(DigitsRecipe())
-    encoded = []
-    for image in images:  # the original 8×8 grayscale digits, as a user would send them
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
+    encoded = [png_bytes(image) for image in images]  # the original 8×8 grayscale digits, as a user sends them
     predictions: list[int] = []
     with grpc.insecure_channel(zoo_server.address) as channel:
         stub = tpb_grpc.ClassifierStub(channel)
