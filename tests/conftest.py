@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PROJECT, ServerProcess, running_server
+import yaml
+from helpers import (
+    PROJECT,
+    ServerProcess,
+    free_port,
+    running_server,
+    serve_config,
+    stop_process_group,
+    wait_serving,
+)
 
 
 def export_random_translator(repo: Path, name: str, *, max_new_tokens: int, max_len: int = 48, d_model: int = 16,
@@ -120,3 +130,29 @@ def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(small_repo: Path) -> Iterator[ServerProcess]:
     with running_server(small_repo) as proc:
         yield proc
+
+
+@pytest.fixture(scope="module")
+def ray_address(zoo_repo: Path, installed_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``serve run deploy/ray/serve.yaml`` from the project root, as the README says, against the package
+    installed from wheels (not editable): Ray builds the application in its own worker processes, which import
+    ``transerve.server.edge.ray_serve`` with the project root on their path. The file's two ports are moved to
+    free ones; the replicas (2, its autoscaling floor) and everything else are the file's."""
+    port = free_port()
+    config_file = tmp_path_factory.mktemp("ray") / "serve.yaml"
+    config_file.write_text(yaml.safe_dump(serve_config(port, free_port())))
+    # fp32: dynamic int8 scales activations per batch, so its answers move with batch composition, which
+    # differs between one server and two replicas (see README, "Which precision serves")
+    env = {**os.environ, "TRANSERVE_REPO": str(zoo_repo), "TRANSERVE_PRECISION": "fp32",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "PYTHONUNBUFFERED": "1"}
+    log = config_file.with_suffix(".log").open("w")
+    serve_run = [str(installed_python), "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli())",
+                 "run", str(config_file)]
+    process = subprocess.Popen(serve_run, cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_process_group(process)
+        log.close()

@@ -5,6 +5,7 @@ are held to. (Fixtures are in conftest.py.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import io
 import os
@@ -22,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 PROJECT = Path(__file__).resolve().parent.parent
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
@@ -186,3 +190,42 @@ def offline_text(repo: Path, entry: str, text: str, budget: int, beam: int = 1, 
     model, tokenizer = entry_model(repo, entry)
     source = [*tokenizer.encode(text).ids, model.config.eos_id]
     return str(tokenizer.decode(offline_ids(model, source, budget, beam, penalty)))
+
+
+SERVE_YAML = PROJECT / "deploy" / "ray" / "serve.yaml"
+
+
+def serve_config(grpc_port: int, http_port: int) -> dict[str, Any]:
+    """deploy/ray/serve.yaml with only its two ports changed (to free ephemeral ones)."""
+    raw = yaml.safe_load(SERVE_YAML.read_text())
+    raw["grpc_options"]["port"], raw["http_options"]["port"] = grpc_port, http_port
+    return raw
+
+
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C (``serve run`` then shuts the application and its local Ray down), then the whole group."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+
+
+def wait_serving(address: str, timeout: float = 300) -> None:
+    """Until the proxy's health Check (answered by a replica) says SERVING. ``serve.run`` already waited for
+    the replicas, so this normally passes at once; between tries the proxy is given a moment."""
+    deadline, pause, last = time.monotonic() + timeout, threading.Event(), "no answer"
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as e:  # no replica routable yet: the proxy says so
+                last = f"{e.code()}: {e.details()}"
+            pause.wait(0.5)
+    raise AssertionError(f"not SERVING after {timeout} s: {last}")

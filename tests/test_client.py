@@ -85,16 +85,8 @@ def test_deadline_exceeded(client: TranserveClient) -> None:
     assert info.value.code.name == "DEADLINE_EXCEEDED"
 
 
-def test_streaming_pieces_join_to_the_translation(client: TranserveClient, server: ServerProcess) -> None:
-    for text in TEXTS:
-        pieces = list(client.translate_stream(text))
-        assert "".join(pieces) == client.translate([text])[0]
-
-    async def main() -> list[str]:
-        async with AsyncTranserveClient(server.address) as c:
-            return [piece async for piece in c.translate_stream(TEXTS[0])]
-
-    assert "".join(asyncio.run(main())) == client.translate([TEXTS[0]])[0]
+def test_a_refused_stream_raises_with_its_status(client: TranserveClient) -> None:
+    """(That streamed pieces join to the translation, sync and asyncio, is tests/test_stream_join.py.)"""
     with pytest.raises(TranserveError) as info:
         list(client.translate_stream("x" * 5000))
     assert info.value.code.name == "INVALID_ARGUMENT" and info.value.request_id

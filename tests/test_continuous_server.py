@@ -65,17 +65,6 @@ def test_concurrent_mixed_requests_equal_offline(channel: grpc.Channel, long_rep
     assert [t.text for t in several.translations] == [offline(long_repo, t, 30, 1) for t in TEXTS]
 
 
-def test_stream_pieces_join_to_the_translation(channel: grpc.Channel, long_repo: Path) -> None:
-    stub = tpb_grpc.TranslatorStub(channel)
-    request = tpb.TranslateStreamRequest(text=TEXTS[1], options=tpb.TranslateOptions(max_new_tokens=40))
-    messages = list(stub.TranslateStream(request))
-    assert messages[-1].done and len(messages) > 5
-    assert "".join(m.piece for m in messages) == offline(long_repo, TEXTS[1], 40, 1)
-    beam = list(stub.TranslateStream(tpb.TranslateStreamRequest(
-        text=TEXTS[1], options=tpb.TranslateOptions(max_new_tokens=40, beam_size=3))))
-    assert "".join(m.piece for m in beam) == offline(long_repo, TEXTS[1], 40, 3)
-
-
 def test_model_stream_infer_streams_translation_pieces(channel: grpc.Channel, long_repo: Path) -> None:
     request = pb.ModelInferRequest(model_name=MODEL, id="s-1")
     request.inputs.add(name="text", datatype="BYTES", shape=[1])
@@ -85,7 +74,7 @@ def test_model_stream_infer_streams_translation_pieces(channel: grpc.Channel, lo
     assert [r.parameters["triton_final_response"].bool_param for r in responses] == [False] * (len(responses) - 1) \
         + [True]
     pieces = [r.raw_output_contents[0][4:].decode() for r in responses[:-1]]  # BYTES: 4-byte length, then text
-    assert len(pieces) > 5 and "".join(pieces) == offline(long_repo, TEXTS[4], 200, 1)
+    assert len(pieces) > 5  # (that they join to the translation: tests/test_stream_join.py)
     assert responses[-1].parameters["tokens"].int64_param == 200 and responses[-1].id == "s-1"
 
 

@@ -11,13 +11,7 @@ includes; in CI a missing Ray fails the test rather than skipping it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
-import subprocess
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +21,11 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import PROJECT, free_port, png_bytes, running_server
+from helpers import SERVE_YAML, png_bytes, running_server, wait_serving
 from transerve_client._proto import inference_pb2 as ipb
 from transerve_client._proto import inference_pb2_grpc as ipb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
-
-SERVE_YAML = Path(__file__).resolve().parent.parent / "deploy" / "ray" / "serve.yaml"
 
 if os.environ.get("CI") == "true":
     import ray.serve  # noqa: F401  (CI installs the dev extra, which brings Ray: fail here, never skip)
@@ -91,67 +83,6 @@ def test_builder_names_what_is_missing(tmp_path: Path, monkeypatch: pytest.Monke
         ray_serve.app_builder({})
     monkeypatch.setenv(ray_serve.REPO_ENV, str(tmp_path))
     assert ray_serve.app_builder({"threads": "2"}) is not None
-
-
-def serve_config(grpc_port: int, http_port: int) -> dict[str, Any]:
-    """deploy/ray/serve.yaml with only its two ports changed (to free ephemeral ones)."""
-    raw = config()
-    raw["grpc_options"]["port"], raw["http_options"]["port"] = grpc_port, http_port
-    return raw
-
-
-@pytest.fixture(scope="module")
-def ray_address(zoo_repo: Path, installed_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``serve run deploy/ray/serve.yaml`` from the project root, as the README says, against the package
-    installed from wheels (not editable): Ray builds the application in its own worker processes, which import
-    ``transerve.server.edge.ray_serve`` with the project root on their path. The file's two ports are moved to
-    free ones; the replicas (2, its autoscaling floor) and everything else are the file's."""
-    port = free_port()
-    config_file = tmp_path_factory.mktemp("ray") / "serve.yaml"
-    config_file.write_text(yaml.safe_dump(serve_config(port, free_port())))
-    # fp32: dynamic int8 scales activations per batch, so its answers move with batch composition, which
-    # differs between one server and two replicas (see README, "Which precision serves")
-    env = {**os.environ, "TRANSERVE_REPO": str(zoo_repo), "TRANSERVE_PRECISION": "fp32",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "PYTHONUNBUFFERED": "1"}
-    log = config_file.with_suffix(".log").open("w")
-    serve_run = [str(installed_python), "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli())",
-                 "run", str(config_file)]
-    process = subprocess.Popen(serve_run, cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop_process_group(process)
-        log.close()
-
-
-def stop_process_group(process: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C (``serve run`` then shuts the application and its local Ray down), then the whole group."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(60)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(30)
-
-
-def wait_serving(address: str, timeout: float = 300) -> None:
-    """Until the proxy's health Check (answered by a replica) says SERVING. ``serve.run`` already waited for
-    the replicas, so this normally passes at once; between tries the proxy is given a moment."""
-    deadline, pause, last = time.monotonic() + timeout, threading.Event(), "no answer"
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-            except grpc.RpcError as e:  # no replica routable yet: the proxy says so
-                last = f"{e.code()}: {e.details()}"
-            pause.wait(0.5)
-    raise AssertionError(f"not SERVING after {timeout} s: {last}")
 
 
 def requests() -> list[tpb.TranslateRequest | tpb.ClassifyRequest]:
@@ -215,10 +146,7 @@ def test_proxy_errors_streams_health_and_reflection(ray_address: str) -> None:
     wait_serving(ray_address)
     with grpc.insecure_channel(ray_address) as channel:
         translator = tpb_grpc.TranslatorStub(channel)
-        full = translator.Translate(tpb.TranslateRequest(texts=["four thousand and two"])).translations[0].text
-        pieces = list(translator.TranslateStream(tpb.TranslateStreamRequest(text="four thousand and two")))
-        assert pieces[-1].done and "".join(p.piece for p in pieces) == full
-
+        # (streams through the proxy join to the unary answer: tests/test_stream_join.py)
         for call, words in ((lambda: translator.Translate(tpb.TranslateRequest(texts=["x" * 5000])),
                              "texts[0]: 5000 characters exceed the limit of 4096"),
                             (lambda: list(translator.TranslateStream(tpb.TranslateStreamRequest(text="x" * 5000))),

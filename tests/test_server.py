@@ -231,12 +231,9 @@ def test_stream_infer_reports_errors_in_stream(channel: grpc.Channel) -> None:
 
 
 
-def test_translate_stream_messages_and_cancellation(channel: grpc.Channel, small_repo: Path) -> None:
+def test_cancelled_streams_leave_the_server_serving(channel: grpc.Channel, small_repo: Path) -> None:
     stub = tpb_grpc.TranslatorStub(channel)
-    messages = list(stub.TranslateStream(tpb.TranslateStreamRequest(text=TEXTS[0])))
-    assert messages[-1].done and not any(m.done for m in messages[:-1])
-    assert "".join(m.piece for m in messages) == offline_translations(small_repo, TEXTS[:1])[0]
-    assert [m.tokens for m in messages[:-1]] == sorted(m.tokens for m in messages[:-1])
+    # (the messages, their order and that they join to the translation: tests/test_stream_join.py)
     for _ in range(20):  # cancelled mid-way: the server keeps serving everyone else
         call = stub.TranslateStream(tpb.TranslateStreamRequest(text=TEXTS[0]))
         next(call)
