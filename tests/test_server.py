@@ -240,3 +240,12 @@ def test_cancelled_streams_leave_the_server_serving(channel: grpc.Channel, small
         call.cancel()
     assert [t.text for t in stub.Translate(tpb.TranslateRequest(texts=TEXTS)).translations] == \
         offline_translations(small_repo, TEXTS)
+
+
+def test_a_labels_file_without_its_final_newline_keeps_its_last_label(tmp_path: Path) -> None:
+    from transerve.server.engine.classifier import read_labels
+
+    for text in ("zero\none\ntwo", "zero\none\ntwo\n"):
+        (tmp_path / "labels.txt").write_text(text)
+        assert read_labels(tmp_path / "labels.txt") == ["zero", "one", "two"]
+    assert read_labels(tmp_path / "missing.txt") == []
