@@ -63,7 +63,7 @@ class DecoderSpec(BaseModel):
 class Generation(BaseModel):
     """A translator's decoding rules beyond beam size and budget (``beam_size`` and ``max_new_tokens`` are the
     defaults a request overrides). ``transerve export hf-marian`` writes them from the checkpoint's
-    ``generation_config.json``; the defaults are transerve's own models' (see ``common/generation.py``, ``transerve.generation``)."""
+    ``generation_config.json``; the defaults are transerve's own models' (see :mod:`transerve.generation`)."""
 
     model_config = ConfigDict(extra="forbid")
 
