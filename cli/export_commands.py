@@ -128,6 +128,18 @@ def inspect_command(entry: Annotated[Path, typer.Argument(help="A repository ent
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e)) from None
     print_report(report, entry)
+    print_preprocessing(entry)
+
+
+def print_preprocessing(entry: Path) -> None:
+    """A classifier's image preprocessing as config.yaml holds it, which is what the server applies."""
+    import yaml
+
+    config_file = entry / "config.yaml"
+    prep = (yaml.safe_load(config_file.read_text()) or {}).get("preprocessing") if config_file.is_file() else None
+    if prep:
+        console.print("preprocessing (config.yaml; what the server applies): "
+                      + ", ".join(f"{k} {v}" for k, v in prep.items()), highlight=False)
 
 
 def print_report(report: dict[str, Any], entry: Path) -> None:

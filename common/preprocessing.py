@@ -1,37 +1,182 @@
-"""Image preprocessing, defined once so training and serving cannot drift apart.
+"""Image preprocessing, defined once so training, export verification and serving cannot drift apart.
 
-The zoo trains through :meth:`ImagePreprocessing.apply` and writes its fields
-into the model's metadata; the server rebuilds the same object from
-``config.yaml`` and runs the same code on decoded PNG/JPEG images.
+The zoo trains through :meth:`ImagePreprocessing.apply` and writes its fields into the model's metadata; an
+importer writes the fields its library's processor would use (:func:`from_hf_processor`); the server rebuilds
+the same object from ``config.yaml`` (:meth:`ImagePreprocessing.from_config`) and runs the same code on decoded
+images.
+
+The steps, in the order every library here applies them: colour mode (transparency, palette, grayscale, CMYK
+→ RGB), resize on 8-bit pixels with the named PIL filter (to a fixed height × width, or the shortest edge to a
+length keeping the aspect ratio, truncating the other as Hugging Face and torchvision do), centre crop to the
+model's square (zero padding where the image is smaller), rescale to [0, 1], normalise by mean and std.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+ResampleName = Literal["nearest", "lanczos", "bilinear", "bicubic", "box", "hamming"]
+# PIL's numbering, which Hugging Face's ``resample`` uses
+PIL_RESAMPLE: dict[int, ResampleName] = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box",
+                                         5: "hamming"}
 
 
 @dataclass(frozen=True)
 class ImagePreprocessing:
-    size: int  # square side the model expects
+    size: int  # the square side the model sees
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    resample: str = "bilinear"  # a PIL filter name
+    resample: ResampleName = "bilinear"
+    resize: tuple[int, int] | None = None  # (height, width) to resize to before the crop; None: to size × size
+    shortest_edge: int | None = None  # resize keeping the aspect ratio, the shorter side to this (before the crop)
+    crop: bool = False  # centre-crop to size × size after resizing
+    crop_rounding: Literal["floor", "round"] = "floor"  # the crop's offset: Hugging Face floors, torchvision rounds
+    rescale: float = 1 / 255
+    normalize: bool = True
+    alpha: Literal["black", "drop"] = "black"  # black: composite onto black (the zoo); drop: PIL's convert("RGB")
+    exif_transpose: bool = False  # turn the pixels as the EXIF orientation says before anything else
+
+    @classmethod
+    def from_config(cls, values: dict[str, Any]) -> ImagePreprocessing:
+        """From ``config.yaml``'s ``preprocessing`` mapping (lists for the tuples); an unknown key is an error
+        naming it, so that a setting is never silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"preprocessing: unknown setting(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(known))})")
+        tuples = {k: tuple(v) for k, v in values.items() if k in ("mean", "std", "resize") and v is not None}
+        return cls(**{**values, **tuples})
+
+    def to_config(self) -> dict[str, Any]:
+        """The mapping ``config.yaml`` holds: only what differs from the defaults, besides size, mean, std, resample."""
+        always = ("size", "mean", "std", "resample")
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in always or value != f.default:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
     def apply_one(self, image: Image.Image) -> np.ndarray:
-        """Any mode, any size → float32 ``[3, size, size]``: RGB, resized, scaled to [0, 1], normalised."""
-        if image.mode in ("RGBA", "LA", "P"):  # flatten transparency onto black, the digits' background
-            image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
+        """Any mode, any size → float32 ``[3, size, size]``."""
+        rgb = self._rgb(ImageOps.exif_transpose(image) if self.exif_transpose else image)
         filter_ = Image.Resampling[self.resample.upper()]
-        rgb = image.convert("RGB").resize((self.size, self.size), filter_)
-        x = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)  # [H, W, 3]
-        normalised = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return normalised.astype(np.float32).transpose(2, 0, 1).copy()  # [3, H, W]
+        height, width = self._resized_shape(rgb.height, rgb.width)
+        if (height, width) != (rgb.height, rgb.width):
+            rgb = rgb.resize((width, height), filter_)
+        pixels = np.asarray(rgb)
+        if self.crop:
+            pixels = self._center_crop(pixels)
+        x = pixels.astype(np.float32) * np.float32(self.rescale)  # [H, W, 3]
+        if self.normalize:
+            x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return x.astype(np.float32).transpose(2, 0, 1).copy()  # [3, H, W]
 
     def apply(self, images: Sequence[Image.Image]) -> np.ndarray:
         """A batch ``[N, 3, size, size]``."""
         return np.stack([self.apply_one(im) for im in images]) if images else np.zeros((0, 3, self.size, self.size),
                                                                                       np.float32)
+
+    def _rgb(self, image: Image.Image) -> Image.Image:
+        if self.alpha == "black" and image.mode in ("RGBA", "LA", "P", "PA"):  # transparency onto black
+            image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def _resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        if self.shortest_edge is not None:
+            short, long = min(height, width), max(height, width)
+            new_long = int(self.shortest_edge * long / short)
+            return (self.shortest_edge, new_long) if height <= width else (new_long, self.shortest_edge)
+        if self.resize is not None:
+            return self.resize
+        return (height, width) if self.crop else (self.size, self.size)
+
+    def _center_crop(self, pixels: np.ndarray) -> np.ndarray:
+        """The central ``size × size`` (zero padding around an image smaller than that, as both libraries do)."""
+        height, width = pixels.shape[:2]
+        if height < self.size or width < self.size:
+            padded = np.zeros((max(height, self.size), max(width, self.size), 3), pixels.dtype)
+            top, left = (padded.shape[0] - height) // 2, (padded.shape[1] - width) // 2
+            padded[top:top + height, left:left + width] = pixels
+            pixels, height, width = padded, padded.shape[0], padded.shape[1]
+        top, left = self._offset(height), self._offset(width)
+        return pixels[top:top + self.size, left:left + self.size]
+
+    def _offset(self, length: int) -> int:
+        excess = length - self.size
+        return excess // 2 if self.crop_rounding == "floor" else round(excess / 2.0)
+
+
+HF_KNOWN = {"do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+            "do_normalize", "image_mean", "image_std", "do_convert_rgb"}
+HF_IGNORED = {"image_processor_type", "feature_extractor_type", "processor_class", "_processor_class",
+              "input_data_format", "data_format", "return_tensors", "device", "default_to_square"}
+
+
+def from_hf_processor(config: dict[str, Any], model_size: int) -> ImagePreprocessing:
+    """What a Hugging Face ViT-family image processor (``ViTImageProcessor``, ``DeiTImageProcessor`` and their
+    fast variants) does with ``preprocessor_config.json``'s settings; a setting it would apply that this cannot
+    reproduce raises ``ValueError`` naming it. Images decode as ``transformers.image_utils.load_image`` loads
+    them: EXIF orientation applied, transparency dropped by ``convert("RGB")``."""
+    unsupported = sorted(k for k, v in config.items() if k not in HF_KNOWN | HF_IGNORED and v not in (None, False))
+    if unsupported:
+        raise ValueError(f"preprocessor_config.json: {', '.join(unsupported)} not supported (transerve reproduces "
+                         f"{', '.join(sorted(HF_KNOWN))})")
+    resize, shortest, crop = _hf_geometry(config, model_size)
+    resample = PIL_RESAMPLE.get(int(config.get("resample", 2)))
+    if resample is None:
+        raise ValueError(f"preprocessor_config.json: resample {config['resample']!r} is not a PIL filter")
+    return ImagePreprocessing(
+        size=model_size, mean=_triple(config.get("image_mean", (0.5, 0.5, 0.5))),
+        std=_triple(config.get("image_std", (0.5, 0.5, 0.5))), resample=resample, resize=resize,
+        shortest_edge=shortest, crop=crop,
+        rescale=float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0,
+        normalize=bool(config.get("do_normalize", True)), alpha="drop", exif_transpose=True)
+
+
+def _hf_geometry(config: dict[str, Any], model_size: int) -> tuple[tuple[int, int] | None, int | None, bool]:
+    """(resize to height × width before the crop, or the shortest edge's length; crop or not), checked to end at
+    the model's square."""
+    do_resize = config.get("do_resize", True)
+    resize, shortest = _hf_size(config) if do_resize else (None, None)
+    crop = bool(config.get("do_center_crop", False))
+    if crop:
+        final = _hf_crop_side(config)
+    elif not do_resize or shortest is not None:
+        raise ValueError("preprocessor_config.json: without do_center_crop, do_resize false or size.shortest_edge "
+                         "gives images of varying shape; not supported")
+    else:
+        final = resize[0] if resize is not None and resize[0] == resize[1] else None
+    if final != model_size:
+        raise ValueError(f"preprocessor_config.json: makes {final or 'non-square'} px images; the model takes "
+                         f"{model_size} px")
+    return (resize if crop else None), shortest, crop
+
+
+def _hf_size(config: dict[str, Any]) -> tuple[tuple[int, int] | None, int | None]:
+    size = config.get("size", {"height": 224, "width": 224})
+    if isinstance(size, int):
+        size = {"height": size, "width": size}
+    if "height" in size and "width" in size:
+        return (int(size["height"]), int(size["width"])), None
+    if set(size) == {"shortest_edge"}:
+        return None, int(size["shortest_edge"])
+    raise ValueError(f"preprocessor_config.json: size {size} not supported (height and width, or shortest_edge)")
+
+
+def _hf_crop_side(config: dict[str, Any]) -> int | None:
+    crop = config.get("crop_size", {"height": 224, "width": 224})
+    if isinstance(crop, int):
+        return crop
+    return int(crop["height"]) if crop.get("height") == crop.get("width") else None
+
+
+def _triple(values: Sequence[float]) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return a, b, c

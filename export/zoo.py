@@ -66,9 +66,8 @@ def export_zoo(zoo_dir: Path, repo: Path, force: bool = False, int8: bool = True
 
 def _export_digits(model: ViT, extra: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
     meta = extra["report"]
-    prep_fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["preprocessing"].items()}
     _, _, test_images, test_labels = split_digits(DigitsRecipe())
-    images = ImagePreprocessing(**prep_fields).apply(test_images)
+    images = ImagePreprocessing.from_config(meta["preprocessing"]).apply(test_images)
     return export_vit_entry(model, opts, labels=meta["labels"], preprocessing=meta["preprocessing"],
                             eval_images=images, eval_labels=test_labels)
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from transerve.models.checkpoint import CheckpointError
 from transerve.models.vit import ViT, ViTConfig
+from transerve.preprocessing import from_hf_processor
 
 StateDict = dict[str, Tensor]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -134,12 +135,19 @@ def import_hf_vit(directory: Path) -> tuple[ViT, dict[str, Any]]:
                  "mlp.fc2.weight": "encoder.layer.{i}.output.dense.weight",
                  "mlp.fc2.bias": "encoder.layer.{i}.output.dense.bias"}
         ours.update(block_state(get, qkv, names, i))
-    prep = read_json(directory / "preprocessor_config.json") if (directory / "preprocessor_config.json").is_file() \
-        else {}
     labels = [config.get("id2label", {}).get(str(i), str(i)) for i in range(cfg.num_classes)]
-    return build(cfg, ours, directory), {
-        "labels": labels, "preprocessing": {"size": cfg.image_size, "mean": prep.get("image_mean", [0.5] * 3),
-                                            "std": prep.get("image_std", [0.5] * 3), "resample": "bilinear"}}
+    return build(cfg, ours, directory), {"labels": labels, "preprocessing": hf_preprocessing(directory, cfg)}
+
+
+def hf_preprocessing(directory: Path, cfg: ViTConfig) -> dict[str, Any]:
+    """``preprocessor_config.json`` as the library's image processor applies it (without one: the processor's
+    defaults at the model's size); a setting transerve cannot reproduce is an error naming it."""
+    path = directory / "preprocessor_config.json"
+    settings = read_json(path) if path.is_file() else {"size": {"height": cfg.image_size, "width": cfg.image_size}}
+    try:
+        return from_hf_processor(settings, cfg.image_size).to_config()
+    except ValueError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
 
 
 def import_torchvision_vit(directory: Path) -> tuple[ViT, dict[str, Any]]:

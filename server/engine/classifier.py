@@ -15,7 +15,7 @@ from transerve.preprocessing import ImagePreprocessing
 from transerve.server.backends.runner import GraphRunner
 from transerve.server.engine.loaded_model import Limits, LoadedModel
 from transerve.server.engine.model_config import ModelConfig
-from transerve.server.exceptions import RequestError
+from transerve.server.exceptions import ConfigError, RequestError
 
 
 class ClassifierModel(LoadedModel):
@@ -24,11 +24,10 @@ class ClassifierModel(LoadedModel):
     def __init__(self, config: ModelConfig, version: str, backend: str, runners: dict[str, GraphRunner],
                  entry: Path, on_batch: Any, image_pool: ThreadPoolExecutor, limits: Limits) -> None:
         super().__init__(config, version, backend, runners, on_batch)
-        prep = dict(config.preprocessing or {})
-        for key in ("mean", "std"):
-            if key in prep:
-                prep[key] = tuple(prep[key])
-        self.preprocessing = ImagePreprocessing(**prep)
+        try:
+            self.preprocessing = ImagePreprocessing.from_config(dict(config.preprocessing or {}))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{entry / 'config.yaml'}: {e}") from None
         labels_file = entry / (config.labels or "labels.txt")
         self.labels = read_labels(labels_file)
         self.input_shape = tuple(config.inputs[0].dims[1:])
