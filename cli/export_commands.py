@@ -44,6 +44,10 @@ def export_command(
     torch_checkpoint: Annotated[bool, typer.Option("--torch-checkpoint", help="Also write the PyTorch checkpoint "
                                                    "that only `serve --backend torch` (the reference) reads.")]
     = False,
+    image_recipe: Annotated[str | None, typer.Option(
+        help="torchvision-vit: the weights' transform, which a state dict does not carry — a preset "
+        "(IMAGENET1K_V1, IMAGENET1K_SWAG_E2E_V1, IMAGENET1K_SWAG_LINEAR_V1) or RESIZE:CROP:INTERPOLATION "
+        "(e.g. 256:224:bilinear). Default: IMAGENET1K_V1's, scaled to the model's size.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(
         min=1, help="Translators: the generation budget (limit and default) in config.yaml. Default: the "
         "checkpoint's own (hf-marian: generation_config.json's max_new_tokens, or max_length − 1), else 64.")]
@@ -65,7 +69,7 @@ def export_command(
             report = export_translator_entry(translator.model, translator.tokenizer, opts,
                                              max_new_tokens=max_new_tokens, decoding=translator.decoding)
         else:
-            model, meta = _load_vit(source, checkpoint)
+            model, meta = _load_vit(source, checkpoint, image_recipe)
             report = export_vit_entry(model, opts, **meta)
     except (CheckpointError, PassError, ExportError) as e:
         raise fail(str(e)) from None
@@ -87,11 +91,18 @@ def _load_translator(source: Source, checkpoint: Path):  # type: ignore[no-untyp
     return TextTranslator.load(checkpoint)
 
 
-def _load_vit(source: Source, checkpoint: Path) -> tuple[Any, dict[str, Any]]:
+def _load_vit(source: Source, checkpoint: Path, image_recipe: str | None) -> tuple[Any, dict[str, Any]]:
     from transerve.models.checkpoint import CheckpointError, load_checkpoint
-    from transerve.models.importers.vit import VIT_IMPORTERS
+    from transerve.models.importers.vit import VIT_IMPORTERS, import_torchvision_vit
     from transerve.models.vit import ViT
 
+    if image_recipe is not None and source is not Source.torchvision_vit:
+        raise CheckpointError(f"--image-recipe is for torchvision-vit ({source.value} checkpoints carry their own)")
+    if source is Source.torchvision_vit:
+        model, meta = import_torchvision_vit(checkpoint, _recipe(image_recipe))
+        console.print(f"preprocessing (torchvision recipe {image_recipe or 'IMAGENET1K_V1, scaled'}): "
+                      + ", ".join(f"{k} {v}" for k, v in meta["preprocessing"].items()), highlight=False)
+        return model, {"labels": meta["labels"], "preprocessing": meta["preprocessing"]}
     if source is not Source.vit:
         model, meta = VIT_IMPORTERS[source.value](checkpoint)
         return model, {"labels": meta["labels"], "preprocessing": meta["preprocessing"]}
@@ -101,6 +112,22 @@ def _load_vit(source: Source, checkpoint: Path) -> tuple[Any, dict[str, Any]]:
                               "for this source)")
     return loaded, {"labels": _labels(extra, loaded.config.num_classes),
                     "preprocessing": _preprocessing(extra, loaded.config.image_size)}
+
+
+def _recipe(text: str | None) -> tuple[int, int, str] | None:
+    """``--image-recipe``: a preset name, or RESIZE:CROP:INTERPOLATION."""
+    from transerve.image_recipes import TORCHVISION_PRESETS
+    from transerve.models.checkpoint import CheckpointError
+
+    if text is None:
+        return None
+    if text in TORCHVISION_PRESETS:
+        return TORCHVISION_PRESETS[text]
+    parts = text.split(":")
+    if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+        raise CheckpointError(f"--image-recipe {text!r}: a preset ({', '.join(TORCHVISION_PRESETS)}) or "
+                              "RESIZE:CROP:INTERPOLATION such as 256:224:bilinear")
+    return int(parts[0]), int(parts[1]), parts[2]
 
 
 def _labels(extra: dict[str, Any], num_classes: int) -> list[str]:

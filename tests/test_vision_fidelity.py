@@ -20,7 +20,8 @@ import pytest
 import torch
 from helpers import running_server
 from PIL import Image
-from transerve.preprocessing import ImagePreprocessing, from_hf_processor
+from transerve.image_recipes import from_hf_processor
+from transerve.preprocessing import ImagePreprocessing
 from transerve_client._proto import transerve_pb2 as tpb
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
 
@@ -191,3 +192,55 @@ def test_shortest_edge_resize_and_crop_equal_the_libraries_transforms(kind: str,
     expected = t.normalize(t.rescale(cropped, 1 / 255), IMAGENET["image_mean"], IMAGENET["image_std"])
     ours = from_hf_processor(settings, 224).apply_one(Image.open(io.BytesIO(data)))
     np.testing.assert_allclose(ours, np.asarray(expected, np.float32).transpose(2, 0, 1), atol=TOL, rtol=0)
+
+
+def normalized(pixels: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    x = np.asarray(pixels, np.float32) / np.float32(255)
+    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(2, 0, 1)
+
+
+IMAGENET_MS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_torchvision_recipe_is_the_weights_transform_written_out() -> None:
+    """IMAGENET1K_V1's ``transforms()`` on the 427 × 640 photo, by its formula: the shortest edge to 256 (the
+    other side truncated: 383), bilinear; a 224 centre crop at offsets rounded as torchvision rounds them
+    ((383 − 224) / 2 = 79.5 → 80, Hugging Face would floor to 79); ImageNet mean and std."""
+    from transerve.image_recipes import TORCHVISION_PRESETS, torchvision_recipe
+
+    china = photo("china.jpg")
+    expected = normalized(china.resize((383, 256), Image.Resampling.BILINEAR).crop((80, 16, 304, 240)), *IMAGENET_MS)
+    ours = torchvision_recipe(*TORCHVISION_PRESETS["IMAGENET1K_V1"], 224).apply_one(china)
+    np.testing.assert_allclose(ours, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("mode", "resized", "box"), [
+    ("center", (371, 248), (74, 12, 298, 236)),  # floor(224 / 0.9) = 248 on the short side; (371-224)/2 = 73.5 → 74
+    ("squash", (248, 248), (12, 12, 236, 236)),
+])
+def test_timm_eval_transform_is_its_formula(mode: str, resized: tuple[int, int], box: tuple[int, ...]) -> None:
+    from transerve.image_recipes import from_timm_cfg
+
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": mode,
+           "mean": IMAGENET_MS[0], "std": IMAGENET_MS[1]}
+    china = photo("china.jpg")
+    expected = normalized(china.resize(resized, Image.Resampling.BICUBIC).crop(box), *IMAGENET_MS)
+    np.testing.assert_allclose(from_timm_cfg(cfg, 224).apply_one(china), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="crop_mode 'border' not supported"):
+        from_timm_cfg({**cfg, "crop_mode": "border"}, 224)
+
+
+def test_torchvision_export_takes_the_recipe_and_refuses_a_wrong_one(tmp_path: Path) -> None:
+    from test_importers_vit import torchvision_vit
+    from transerve.cli import app
+    from typer.testing import CliRunner
+
+    torchvision_vit(tmp_path / "ckpt")  # a 32 px model
+    runner = CliRunner()
+    args = ["export", "torchvision-vit", str(tmp_path / "ckpt"), "--repo", str(tmp_path / "repo"), "--name", "tv"]
+    wrong = runner.invoke(app, [*args, "--image-recipe", "IMAGENET1K_V1"], terminal_width=200)
+    assert wrong.exit_code == 2 and "crop size 224 does not match the model's 32 px" in " ".join(wrong.output.split())
+    done = runner.invoke(app, [*args, "--image-recipe", "36:32:bicubic"], terminal_width=200)
+    assert done.exit_code == 0, done.output
+    config = (tmp_path / "repo" / "tv" / "config.yaml").read_text()
+    assert "shortest_edge: 36" in config and "resample: bicubic" in config and "crop: true" in config

@@ -26,12 +26,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transerve.image_recipes import from_hf_processor, from_timm_cfg, torchvision_recipe
 from transerve.models.checkpoint import CheckpointError
 from transerve.models.vit import ViT, ViTConfig
-from transerve.preprocessing import from_hf_processor
 
 StateDict = dict[str, Tensor]
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def read_weights(directory: Path, names: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")) -> StateDict:
@@ -150,7 +149,9 @@ def hf_preprocessing(directory: Path, cfg: ViTConfig) -> dict[str, Any]:
         raise CheckpointError(f"{directory}: {e}") from None
 
 
-def import_torchvision_vit(directory: Path) -> tuple[ViT, dict[str, Any]]:
+def import_torchvision_vit(directory: Path, recipe: tuple[int, int, str] | None = None) -> tuple[ViT, dict[str, Any]]:
+    """``recipe``: the weights' (resize size, crop size, interpolation) — a torchvision state dict carries no
+    transform. Default: IMAGENET1K_V1's (shortest edge to 256/224 of the model's size, bilinear)."""
     state = read_weights(directory, ())
     meta = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
     get = lambda k: need(state, k, directory)  # noqa: E731
@@ -176,9 +177,13 @@ def import_torchvision_vit(directory: Path) -> tuple[ViT, dict[str, Any]]:
         qkv = (get(layer.format(i=i) + "self_attention.in_proj_weight"),
                get(layer.format(i=i) + "self_attention.in_proj_bias"))  # already [q; k; v]
         ours.update(block_state(get, qkv, names, i))
-    return build(cfg, ours, directory), {
-        "labels": [str(i) for i in range(cfg.num_classes)],
-        "preprocessing": {"size": cfg.image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resample": "bilinear"}}
+    resize, crop, interpolation = recipe or (round(cfg.image_size * 256 / 224), cfg.image_size, "bilinear")
+    try:
+        prep = torchvision_recipe(resize, crop, interpolation, cfg.image_size)
+    except ValueError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    return build(cfg, ours, directory), {"labels": [str(i) for i in range(cfg.num_classes)],
+                                         "preprocessing": prep.to_config()}
 
 
 _TIMM_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}
@@ -206,9 +211,11 @@ def import_timm_vit(directory: Path) -> tuple[ViT, dict[str, Any]]:
     ours = {k: v for k, v in state.items()}  # timm's names are ours
     model = build(cfg, ours, directory)
     labels = config.get("label_names") or [str(i) for i in range(cfg.num_classes)]
-    return model, {"labels": list(labels), "preprocessing": {
-        "size": cfg.image_size, "mean": list(pretrained.get("mean", IMAGENET_MEAN)),
-        "std": list(pretrained.get("std", IMAGENET_STD)), "resample": "bilinear"}}
+    try:
+        prep = from_timm_cfg(pretrained, cfg.image_size)
+    except ValueError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    return model, {"labels": list(labels), "preprocessing": prep.to_config()}
 
 
 VIT_IMPORTERS: dict[str, Callable[[Path], tuple[ViT, dict[str, Any]]]] = {
