@@ -73,7 +73,7 @@ class ImagePreprocessing:
         pixels = np.asarray(rgb)
         if self.crop:
             pixels = self._center_crop(pixels)
-        x = pixels.astype(np.float32) * np.float32(self.rescale)  # [H, W, 3]
+        x: np.ndarray = pixels.astype(np.float32) * np.float32(self.rescale)  # [H, W, 3]
         if self.normalize:
             x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return x.astype(np.float32).transpose(2, 0, 1).copy()  # [3, H, W]
