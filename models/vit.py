@@ -2,7 +2,8 @@
 
 A conv with kernel = stride = patch size embeds each patch; a learned class
 token is prepended and learned positions are added; pre-norm encoder blocks
-mix the tokens; the class token's final state is classified.
+mix the tokens; the class token's final state is classified (DeiT: a distillation token beside it, whose
+head's logits are averaged with the class head's where the checkpoint has one).
 
 ``norm="batch"`` swaps every LayerNorm for BatchNorm over features, puts a
 BatchNorm conv stem in front of the patch embedding and a BatchNorm inside
@@ -34,10 +35,17 @@ class ViTConfig:
     norm: NormName = "layer"
     norm_eps: float = 1e-5  # imported checkpoints: 1e-12 (Hugging Face), 1e-6 (torchvision, timm)
     attn_impl: AttentionImpl = "sdpa"
+    distillation_token: bool = False  # DeiT: a second prefix token after the class token
+    distillation_head: bool = False  # DeiT with teacher / timm distilled: logits = (head(cls) + head_dist(dist)) / 2
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token, and DeiT's distillation token."""
+        return 2 if self.distillation_token else 1
 
 
 class PatchEmbed(nn.Module):
@@ -91,9 +99,10 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))[0]
         return x + self.mlp(self.norm2(x))
 
-    def forward_first(self, x: Tensor) -> Tensor:
-        """The block's output at position 0 only, ``[B, 1, C]`` (every norm here acts on each token alone)."""
-        first = x[:, :1]
+    def forward_first(self, x: Tensor, count: int = 1) -> Tensor:
+        """The block's output at the first ``count`` positions only, ``[B, count, C]`` (every norm here acts on
+        each token alone)."""
+        first = x[:, :count]
         first = first + self.attn.forward_first(self.norm1(first), self.norm1(x))
         return first + self.mlp(self.norm2(first))
 
@@ -103,24 +112,32 @@ class ViT(nn.Module):
         super().__init__()
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg)
+        if cfg.distillation_head and not cfg.distillation_token:
+            raise ValueError("distillation_head needs distillation_token")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, cfg.dim) * 0.02)
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.distillation_token else None
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + cfg.prefix_tokens, cfg.dim) * 0.02)
         self.blocks = nn.Sequential(*(Block(cfg) for _ in range(cfg.depth)))
         self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.head_dist = nn.Linear(cfg.dim, cfg.num_classes) if cfg.distillation_head else None
 
     def embed(self, images: Tensor) -> Tensor:
-        """[B, 3, H, W] → input tokens [B, 1 + N, C] (class token first, positions added)."""
+        """[B, 3, H, W] → input tokens [B, T + N, C] (class token first, then DeiT's distillation token; positions
+        added)."""
         x = self.patch_embed(images)  # [B, N, C]
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # [B, 1, C]
-        return torch.cat([cls, x], dim=1) + self.pos_embed  # [B, 1 + N, C]
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        return torch.cat([*prefix, x], dim=1) + self.pos_embed  # [B, T + N, C]
 
     def forward_features(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] → token states [B, 1 + N, C] (class token first)."""
         return self.norm(self.blocks(self.embed(images)))
 
     def forward_head(self, features: Tensor) -> Tensor:
-        return self.head(features[:, 0])  # [B, classes]
+        logits = self.head(features[:, 0])  # [B, classes]
+        if self.head_dist is not None:  # DeiT's inference: the class and distillation heads averaged
+            logits = (logits + self.head_dist(features[:, 1])) / 2
+        return logits
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))
@@ -134,4 +151,4 @@ class ViT(nn.Module):
         for block in body:
             x = block(x)
         assert isinstance(last, Block)
-        return self.forward_head(self.norm(last.forward_first(x)))
+        return self.forward_head(self.norm(last.forward_first(x, 2 if self.head_dist is not None else 1)))

@@ -75,10 +75,11 @@ def block_count(state: StateDict, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
 
-def grid_image_size(pos_embed: Tensor, patch: int) -> int:
-    side = math.isqrt(pos_embed.shape[1] - 1)
-    if side * side != pos_embed.shape[1] - 1:
-        raise CheckpointError(f"position table of {pos_embed.shape[1]} rows is not 1 + a square grid")
+def grid_image_size(pos_embed: Tensor, patch: int, prefix: int = 1) -> int:
+    """The image side whose patch grid, after ``prefix`` token rows, fills the position table."""
+    side = math.isqrt(pos_embed.shape[1] - prefix)
+    if side * side != pos_embed.shape[1] - prefix:
+        raise CheckpointError(f"position table of {pos_embed.shape[1]} rows is not {prefix} + a square grid")
     return side * patch
 
 
@@ -98,27 +99,42 @@ def build(cfg: ViTConfig, state: StateDict, source: Path) -> ViT:
     return model.eval()
 
 
+def hf_heads(state: StateDict, directory: Path) -> tuple[StateDict, int, bool]:
+    """The classifier heads: ``classifier`` (ViT, DeiT), or DeiT-with-teacher's ``cls_classifier`` and
+    ``distillation_classifier``, whose logits the library averages. → (our head tensors, classes, two heads)."""
+    if "cls_classifier.weight" in state:
+        heads = {"head.weight": "cls_classifier.weight", "head.bias": "cls_classifier.bias",
+                 "head_dist.weight": "distillation_classifier.weight", "head_dist.bias": "distillation_classifier.bias"}
+    else:
+        heads = {"head.weight": "classifier.weight", "head.bias": "classifier.bias"}
+    tensors = {ours: need(state, theirs, directory) for ours, theirs in heads.items()}
+    return tensors, int(tensors["head.weight"].shape[0]), "head_dist.weight" in tensors
+
+
 def import_hf_vit(directory: Path) -> tuple[ViT, dict[str, Any]]:
+    """``ViTForImageClassification``, ``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher``
+    (class and distillation tokens; the two heads' logits averaged, as the library's inference does)."""
     config = read_json(directory / "config.json")
     state = read_weights(directory)
-    p = "vit." if any(k.startswith("vit.") for k in state) else ""
+    p = next((f"{m}." for m in ("vit", "deit") if any(k.startswith(f"{m}.") for k in state)), "")
     get = lambda k: need(state, p + k, directory)  # noqa: E731
-    patch = int(config.get("patch_size", 16))
-    cfg = ViTConfig(image_size=int(config.get("image_size", 224)), patch_size=patch,
-                    in_chans=int(config.get("num_channels", 3)),
-                    num_classes=int(state["classifier.weight"].shape[0]) if "classifier.weight" in state else 0,
+    heads, num_classes, with_teacher = hf_heads(state, directory)
+    distilled = p + "embeddings.distillation_token" in state  # DeiT
+    cfg = ViTConfig(image_size=int(config.get("image_size", 224)), patch_size=int(config.get("patch_size", 16)),
+                    in_chans=int(config.get("num_channels", 3)), num_classes=num_classes,
                     dim=int(config["hidden_size"]), depth=int(config["num_hidden_layers"]),
                     num_heads=int(config["num_attention_heads"]),
                     mlp_ratio=int(config["intermediate_size"]) / int(config["hidden_size"]),
-                    norm_eps=float(config.get("layer_norm_eps", 1e-12)))
+                    norm_eps=float(config.get("layer_norm_eps", 1e-12)), distillation_token=distilled,
+                    distillation_head=with_teacher)
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"{directory / 'config.json'}: hidden_act {config['hidden_act']!r} unsupported (gelu)")
     ours = {"patch_embed.proj.weight": get("embeddings.patch_embeddings.projection.weight"),
             "patch_embed.proj.bias": get("embeddings.patch_embeddings.projection.bias"),
             "cls_token": get("embeddings.cls_token"), "pos_embed": get("embeddings.position_embeddings"),
-            "norm.weight": get("layernorm.weight"), "norm.bias": get("layernorm.bias"),
-            "head.weight": need(state, "classifier.weight", directory),
-            "head.bias": need(state, "classifier.bias", directory)}
+            "norm.weight": get("layernorm.weight"), "norm.bias": get("layernorm.bias"), **heads}
+    if distilled:
+        ours["dist_token"] = get("embeddings.distillation_token")
     for i in range(cfg.depth):
         a = f"encoder.layer.{i}.attention."
         qkv = (torch.cat([get(f"{a}attention.{n}.weight") for n in ("query", "key", "value")]),
@@ -199,9 +215,12 @@ def import_timm_vit(directory: Path) -> tuple[ViT, dict[str, Any]]:
     heads = int(config.get("model_args", {}).get("num_heads") or
                 next((h for size, h in _TIMM_HEADS.items() if f"_{size}_" in arch), dim // 64))
     pretrained = config.get("pretrained_cfg", {})
-    cfg = ViTConfig(image_size=grid_image_size(get("pos_embed"), patch), patch_size=patch, in_chans=conv.shape[1],
-                    num_classes=get("head.weight").shape[0], dim=dim, depth=block_count(state, "blocks."),
-                    num_heads=heads, mlp_ratio=get("blocks.0.mlp.fc1.weight").shape[0] / dim, norm_eps=1e-6)
+    distilled = "dist_token" in state  # deit_*_distilled_*: VisionTransformerDistilled, heads averaged at inference
+    cfg = ViTConfig(image_size=grid_image_size(get("pos_embed"), patch, 2 if distilled else 1), patch_size=patch,
+                    in_chans=conv.shape[1], num_classes=get("head.weight").shape[0], dim=dim,
+                    depth=block_count(state, "blocks."), num_heads=heads,
+                    mlp_ratio=get("blocks.0.mlp.fc1.weight").shape[0] / dim, norm_eps=1e-6,
+                    distillation_token=distilled, distillation_head=distilled)
     pool = config.get("global_pool", "token")
     if pool not in ("token", None):  # our ViT (and its class-token export) classifies the class token
         raise CheckpointError(f"{directory}: timm global_pool {pool!r} is not supported (class-token pooling only)")
