@@ -67,7 +67,7 @@ class ImagePreprocessing:
         """Any mode, any size → float32 ``[3, size, size]``."""
         rgb = self._rgb(ImageOps.exif_transpose(image) if self.exif_transpose else image)
         filter_ = Image.Resampling[self.resample.upper()]
-        height, width = self._resized_shape(rgb.height, rgb.width)
+        height, width = self.resized_shape(rgb.height, rgb.width)
         if (height, width) != (rgb.height, rgb.width):
             rgb = rgb.resize((width, height), filter_)
         pixels = np.asarray(rgb)
@@ -88,7 +88,8 @@ class ImagePreprocessing:
             image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
         return image if image.mode == "RGB" else image.convert("RGB")
 
-    def _resized_shape(self, height: int, width: int) -> tuple[int, int]:
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of an image of this shape after the resize step (before the crop)."""
         if self.shortest_edge is not None:
             short, long = min(height, width), max(height, width)
             new_long = int(self.shortest_edge * long / short)

@@ -244,3 +244,56 @@ def test_torchvision_export_takes_the_recipe_and_refuses_a_wrong_one(tmp_path: P
     assert done.exit_code == 0, done.output
     config = (tmp_path / "repo" / "tv" / "config.yaml").read_text()
     assert "shortest_edge: 36" in config and "resample: bicubic" in config and "crop: true" in config
+
+
+def hostile_images() -> dict[str, tuple[bytes, str]]:
+    """Name → (bytes, expected: "ok" or the words the INVALID_ARGUMENT message must hold)."""
+    china = photo("china.jpg")
+
+    def jpeg(image: Image.Image, **options: Any) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", **options)
+        return buffer.getvalue()
+
+    lying = Image.Exif()
+    lying[0x0112] = 9  # no such orientation
+    huge = Image.Exif()
+    huge[0x010E] = "x" * 60_000  # a 60 kB ImageDescription
+    return {
+        "smaller than the crop": (jpeg(china.resize((10, 7))), "ok"),
+        "1 x 4000 strip": (jpeg(Image.new("RGB", (4000, 1), (200, 10, 10))), "aspect ratio too extreme"),
+        "progressive": (jpeg(china, progressive=True, quality=90), "ok"),
+        "EXIF orientation that lies": (jpeg(china, exif=lying.tobytes()), "ok"),
+        "huge EXIF block": (jpeg(china, exif=huge.tobytes()), "ok"),
+        "truncated scan": (jpeg(china)[:20_000], "not a decodable image"),
+    }
+
+
+@pytest.mark.slow
+def test_hostile_photos_are_answered_or_refused_by_name(tmp_path: Path) -> None:
+    """A shortest-edge + crop model (where a strip would be resized to a million pixels): every image is answered,
+    or refused with INVALID_ARGUMENT naming it — never INTERNAL, and the server keeps serving."""
+    from transerve.cli import app
+    from typer.testing import CliRunner
+
+    write_hf_deit_checkpoint(tmp_path / "ckpt")
+    settings = {"size": {"shortest_edge": 256}, "resample": 3, "do_center_crop": True,
+                "crop_size": {"height": 224, "width": 224}, **IMAGENET}
+    (tmp_path / "ckpt" / "preprocessor_config.json").write_text(json.dumps(settings))
+    exported = CliRunner().invoke(app, ["export", "hf-vit", str(tmp_path / "ckpt"), "--repo", str(tmp_path / "repo"),
+                                        "--name", "edge"], terminal_width=200)
+    assert exported.exit_code == 0, exported.output
+    with running_server(tmp_path / "repo", "--precision", "fp32") as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stub = tpb_grpc.ClassifierStub(channel)
+        for name, (data, expected) in hostile_images().items():
+            request = tpb.ClassifyRequest(model="edge", images=[tpb.Image(encoded=data)], top_k=1)
+            if expected == "ok":
+                assert len(stub.Classify(request, timeout=60).results) == 1, name
+                continue
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(request, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, refused.value.details())
+            assert "images[0]" in refused.value.details() and expected in refused.value.details(), name
+        assert stub.Classify(tpb.ClassifyRequest(model="edge", images=[tpb.Image(encoded=variant("china"))]),
+                             timeout=60).results

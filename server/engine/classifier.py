@@ -61,10 +61,16 @@ class ClassifierModel(LoadedModel):
             raise RequestError(f"{field}: {len(data)} bytes exceed the limit of {self.limits.max_image_bytes}")
         try:
             with Image.open(io.BytesIO(data)) as image:
-                pixels = image.size[0] * image.size[1]
+                width, height = image.size
+                pixels = width * height
                 if pixels > self.limits.max_image_pixels:
-                    raise RequestError(f"{field}: {image.size[0]}×{image.size[1]} = {pixels} pixels exceed the "
+                    raise RequestError(f"{field}: {width}×{height} = {pixels} pixels exceed the "
                                        f"limit of {self.limits.max_image_pixels}")
+                resized = self.preprocessing.resized_shape(height, width)  # a 1 × 4000 strip, shortest edge to 256
+                if resized[0] * resized[1] > self.limits.max_image_pixels:
+                    raise RequestError(f"{field}: {width}×{height} would be resized to {resized[1]}×{resized[0]}, "
+                                       f"more than the limit of {self.limits.max_image_pixels} pixels (aspect ratio "
+                                       "too extreme for this model's resize)")
                 image.load()
                 return self.preprocessing.apply_one(image)
         except Image.DecompressionBombError:  # Pillow's own guard, past twice its warning size
