@@ -13,6 +13,7 @@ model's square (zero padding where the image is smaller), rescale to [0, 1], nor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -66,17 +67,31 @@ class ImagePreprocessing:
     def apply_one(self, image: Image.Image) -> np.ndarray:
         """Any mode, any size → float32 ``[3, size, size]``."""
         rgb = self._rgb(ImageOps.exif_transpose(image) if self.exif_transpose else image)
-        filter_ = Image.Resampling[self.resample.upper()]
+        pixels = self._resized_and_cropped(rgb)
+        out = np.empty((3, *pixels.shape[:2]), np.float32)
+        for channel, table in enumerate(self._tables):  # rescale and normalise: one lookup per 8-bit value
+            np.take(table, pixels[..., channel], out=out[channel])
+        return out
+
+    def _resized_and_cropped(self, rgb: Image.Image) -> np.ndarray:
+        """8-bit ``[H, W, 3]`` after the resize and the crop. (Resampling only the cropped region with PIL's
+        ``box`` is a quarter faster but moves some pixels by one level where the scale is not a round number:
+        not the libraries' pixels, so not used.)"""
         height, width = self.resized_shape(rgb.height, rgb.width)
         if (height, width) != (rgb.height, rgb.width):
-            rgb = rgb.resize((width, height), filter_)
+            rgb = rgb.resize((width, height), Image.Resampling[self.resample.upper()])
         pixels = np.asarray(rgb)
-        if self.crop:
-            pixels = self._center_crop(pixels)
-        x: np.ndarray = pixels.astype(np.float32) * np.float32(self.rescale)  # [H, W, 3]
-        if self.normalize:
-            x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return x.astype(np.float32).transpose(2, 0, 1).copy()  # [3, H, W]
+        return self._center_crop(pixels) if self.crop else pixels
+
+    @functools.cached_property
+    def _tables(self) -> list[np.ndarray]:
+        """Per channel, the float32 value of each 8-bit level: ``(v · rescale − mean) / std`` computed as the
+        array form would compute it, so a lookup gives the same bits."""
+        levels = np.arange(256, dtype=np.float32) * np.float32(self.rescale)
+        if not self.normalize:
+            return [levels] * 3
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        return [((levels - mean[c]) / std[c]).astype(np.float32) for c in range(3)]
 
     def apply(self, images: Sequence[Image.Image]) -> np.ndarray:
         """A batch ``[N, 3, size, size]``."""

@@ -39,6 +39,7 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
                        "## Serving peers"),  # installs MLServer, PyTriton and tritonclient into their own venvs
     "rest_bench.py": (["--repo", "{repo}", "--repeats", "1", "--seconds", "0.5"], "## REST vs gRPC"),
     "scaling_bench.py": (["--repo", "{repo}", "--duration", "1", "--repeats", "1"], "## Scale-out"),
+    "image_bench.py": (["--quick", "--seconds", "0.5", "--repeats", "1"], "## Image path"),
 }
 
 

@@ -1,0 +1,186 @@
+"""Image path benchmark: served Classify of real JPEG photos against an offline pipeline, and preprocessing against
+the libraries' own.
+
+Usage: ``python bench/image_bench.py [--seconds 3] [--repeats 5] [--quick]``. The photos are scikit-learn's two
+427 × 640 sample JPEGs. The model is ViT-Tiny-shaped at 224 px (192 wide, 12 deep, random weights) exported
+here as a Hugging Face DeiT checkpoint would be (``DeiTImageProcessor``: resize 256 × 256 bicubic, centre crop
+224, ImageNet mean and std).
+
+(1) served vs offline, images/s: ``Classify`` with the JPEG bytes, 16 one-image requests in flight and 2
+    requests of 8 images in flight (one grpc.aio client on uvloop sharing the 2 cores), against one process that
+    decodes the same bytes, preprocesses them the same way and runs ONNX Runtime on the same graph in its best
+    batch and thread setting (batch 8 or 16, 2 threads or two 1-thread sessions side by side) — target ≥ 0.9;
+(2) preprocessing per image (decoded photo in, normalised array out): transerve's against ``DeiTImageProcessor``
+    (slow, PIL) and its fast variant where torchvision is installed (it is not on this project's machines: the
+    row says so) — target ≥ 1.5× faster, with the outputs compared (max |Δ|).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+import uvloop
+from PIL import Image
+from transerve.export.exporter import ExportOptions, export_vit_entry
+from transerve.image_recipes import from_hf_processor
+from transerve.models.vit import ViT, ViTConfig
+from transerve.server.backends.sessions import make_session
+from transerve_client._proto import transerve_pb2 as tpb
+from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from export_bench import command_line, markdown, median_ms, verdict, write_section
+from server_bench import start
+
+DEIT = {"do_resize": True, "size": {"height": 256, "width": 256}, "resample": 3, "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+HEADING = "## Image path"
+
+
+def photos() -> list[bytes]:
+    from sklearn.datasets import load_sample_images
+
+    out = []
+    for array in load_sample_images().images:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def export_tiny(repo: Path, quick: bool) -> None:
+    depth = 2 if quick else 12
+    cfg = ViTConfig(image_size=224, patch_size=16, num_classes=1000, dim=192, depth=depth, num_heads=3, mlp_ratio=4.0)
+    torch.manual_seed(0)
+    prep = from_hf_processor(DEIT, 224).to_config()
+    export_vit_entry(ViT(cfg).eval(), ExportOptions(repo, "deit-tiny"), labels=[str(i) for i in range(1000)],
+                     preprocessing=prep)
+
+
+def offline_rate(graph: Path, jpegs: list[bytes], seconds: float) -> tuple[float, str]:
+    """The best images/s of decode + preprocessing + ORT in one process, over batch and thread settings."""
+    prep = from_hf_processor(DEIT, 224)
+    pool = ThreadPoolExecutor(2)
+    best, label = 0.0, ""
+    for threads, sessions in ((2, 1), (1, 2)):
+        runners = [make_session(graph, threads) for _ in range(sessions)]
+        for batch in (8, 16):
+            def one(runner: Any, batch: int = batch) -> None:
+                images = [prep.apply_one(Image.open(io.BytesIO(jpegs[i % len(jpegs)]))) for i in range(batch)]
+                runner.run(None, {"images": np.stack(images)})
+
+            done, stop = 0, time.perf_counter() + seconds
+            while time.perf_counter() < stop:
+                list(pool.map(one, runners))
+                done += batch * sessions
+            rate = done / seconds
+            if rate > best:
+                best, label = rate, f"batch {batch}, {sessions} × {threads}-thread session"
+    return best, label
+
+
+async def served_rate(address: str, jpegs: list[bytes], per_request: int, in_flight: int, seconds: float) -> float:
+    images = [tpb.Image(encoded=jpegs[i % len(jpegs)]) for i in range(per_request)]
+    payload = tpb.ClassifyRequest(model="deit-tiny", images=images, top_k=1).SerializeToString()
+    async with grpc.aio.insecure_channel(address) as channel:
+        assert (await tpb_grpc.ClassifierStub(channel).Classify(tpb.ClassifyRequest.FromString(payload))).results
+        classify = channel.unary_unary("/transerve.v1.Classifier/Classify")
+        for _ in range(4):
+            await classify(payload)
+        stop = time.perf_counter() + seconds
+
+        async def client() -> int:
+            done = 0
+            while time.perf_counter() < stop:
+                await classify(payload)
+                done += per_request
+            return done
+
+        return sum(await asyncio.gather(*(client() for _ in range(in_flight)))) / seconds
+
+
+def serving_rows(repo: Path, jpegs: list[bytes], seconds: float, repeats: int) -> list[dict[str, object]]:
+    offline = [offline_rate(repo / "deit-tiny" / "1" / "model.onnx", jpegs, seconds) for _ in range(repeats)]
+    anchor = statistics.median(r for r, _ in offline)
+    rows = []
+    process, address = start(repo)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            for per_request, in_flight in ((1, 16), (8, 2)):
+                rates = [runner.run(served_rate(address, jpegs, per_request, in_flight, seconds))
+                         for _ in range(repeats)]
+                ratio = statistics.median(rates) / anchor
+                rows.append({"served": f"{in_flight} requests of {per_request} JPEG in flight",
+                             "images/s": f"{statistics.median(rates):.1f} ({min(rates):.1f}–{max(rates):.1f})",
+                             "offline anchor images/s": f"{anchor:.1f} ({offline[0][1]})",
+                             "served / offline": f"{ratio:.2f}", "target": verdict("≥ 0.9", ratio >= 0.9)})
+    finally:
+        process.terminate()
+        process.wait(60)
+    return rows
+
+
+def preprocessing_rows(jpegs: list[bytes], repeats: int) -> list[dict[str, object]]:
+    import transformers
+
+    image = Image.open(io.BytesIO(jpegs[0])).convert("RGB")
+    image.load()
+    ours = from_hf_processor(DEIT, 224)
+    ours_ms = median_ms(lambda: ours.apply_one(image), repeats * 20)
+    ours_out = ours.apply_one(image)
+    rows = [{"preprocessing (427 × 640 photo → 3 × 224 × 224)": "transerve", "ms/image": f"{ours_ms:.2f}",
+             "transerve speed-up": "1.00", "max abs Δ vs transerve": "0", "target": ""}]
+    for label, kind in (("DeiTImageProcessor (slow)", "DeiTImageProcessor"),
+                        ("DeiTImageProcessorFast", "DeiTImageProcessorFast")):
+        try:
+            processor = getattr(transformers, kind)(**DEIT)
+            theirs = processor(image, return_tensors="np" if "Fast" not in kind else "pt")["pixel_values"][0]
+        except Exception as e:  # the fast processors need torchvision, which is not installable here
+            rows.append({"preprocessing (427 × 640 photo → 3 × 224 × 224)": label,
+                         "ms/image": f"not run: {type(e).__name__}", "transerve speed-up": "",
+                         "max abs Δ vs transerve": "", "target": ""})
+            continue
+        theirs_ms = median_ms(lambda p=processor, k=kind: p(image, return_tensors="np" if "Fast" not in k else "pt"),
+                              repeats * 20)
+        speed = theirs_ms / ours_ms
+        rows.append({"preprocessing (427 × 640 photo → 3 × 224 × 224)": label, "ms/image": f"{theirs_ms:.2f}",
+                     "transerve speed-up": f"{speed:.2f}",
+                     "max abs Δ vs transerve": f"{np.abs(np.asarray(theirs) - ours_out).max():.1e}",
+                     "target": verdict("≥ 1.5", speed >= 1.5)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a 2-block model, short runs (the smoke test)")
+    args = parser.parse_args()
+    jpegs = photos()
+    with tempfile.TemporaryDirectory() as work:
+        export_tiny(Path(work), args.quick)
+        serving = markdown(serving_rows(Path(work), jpegs, args.seconds, args.repeats))
+    prep = markdown(preprocessing_rows(jpegs, args.repeats))
+    print(serving, prep, sep="\n\n")
+    depth = "2 blocks (--quick)" if args.quick else "12 blocks"
+    write_section(Path(__file__).with_name("RESULTS.md"), HEADING,
+                  f"{HEADING}: real JPEG photos through Classify (ViT-Tiny-shaped 224 px, {depth}, DeiT "
+                  f"preprocessing; median of {args.repeats} runs of {args.seconds:g} s, min–max in brackets; "
+                  f"server and client share the 2 cores)\n\n{command_line()}\n\n{serving}\n\n{prep}\n")
+
+
+if __name__ == "__main__":
+    main()
