@@ -109,10 +109,12 @@ def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("installed")
     source, wheels, venv = root / "source", root / "wheels", root / "venv"
+    source.mkdir()
     for name in SOURCES:  # built from a copy: setuptools' build/ folder stays out of the checkout
-        copy = shutil.copytree if (PROJECT / name).is_dir() else shutil.copy2
-        copy(PROJECT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                               if (PROJECT / name).is_dir() else {}))
+        if (PROJECT / name).is_dir():
+            shutil.copytree(PROJECT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(PROJECT / name, source / name)
     quiet = {"check": True, "capture_output": True, "text": True}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(wheels), str(source / "clients"), str(source)], **quiet)  # type: ignore[call-overload]
