@@ -103,7 +103,7 @@ def build_vit_digits(norm: str, recipe: DigitsRecipe | None = None) -> tuple[ViT
         "test_examples": len(y_test),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(seconds, 1),
-        "preprocessing": prep.__dict__,
+        "preprocessing": prep.to_config(),
         "labels": LABELS,
     }
     return model, report
