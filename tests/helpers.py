@@ -152,14 +152,20 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -
         await asyncio.sleep(0.001)
 
 
-def png_bytes(pixels: Any, mode: str | None = None) -> bytes:
-    """A PNG of ``pixels`` (an ``HxW`` or ``HxWxC`` uint8 array, or a PIL image), converted to ``mode`` if given."""
+def image_bytes(pixels: Any, format: str = "PNG", mode: str | None = None, **options: Any) -> bytes:
+    """``pixels`` (an ``HxW`` or ``HxWxC`` uint8 array, or a PIL image) encoded as a file of ``format`` (PIL's
+    name: PNG, JPEG, WEBP, …), converted to ``mode`` first if given; ``options`` go to PIL's ``save``."""
     from PIL import Image
 
     image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(np.asarray(pixels))
     buffer = io.BytesIO()
-    (image.convert(mode) if mode else image).save(buffer, format="PNG")
+    (image.convert(mode) if mode else image).save(buffer, format=format, **options)
     return buffer.getvalue()
+
+
+def png_bytes(pixels: Any, mode: str | None = None) -> bytes:
+    """A PNG of ``pixels`` (see :func:`image_bytes`)."""
+    return image_bytes(pixels, "PNG", mode)
 
 
 def offline_ids(model: Any, source: list[int], budget: int, beam: int = 1, penalty: float = 1.0) -> list[int]:

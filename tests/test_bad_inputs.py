@@ -12,7 +12,6 @@ still get the right answer. Valid-but-odd images (1×1, CMYK, 16-bit, palette, a
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers import ServerProcess
+from helpers import ServerProcess, image_bytes
 from PIL import Image
 from reliability import record_figures
 from transerve_client._proto import inference_pb2 as pb
@@ -35,12 +34,6 @@ CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, gr
 RNG = np.random.default_rng(14)
 
 
-def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG whose IHDR says ``width × height`` (8-bit gray) followed by a few KB of compressed zeros."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -52,24 +45,24 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 GRAY = Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8))
-GOOD_PNG = encoded(GRAY, "PNG")
-GOOD_JPEG = encoded(GRAY.convert("RGB"), "JPEG")
+GOOD_PNG = image_bytes(GRAY, "PNG")
+GOOD_JPEG = image_bytes(GRAY.convert("RGB"), "JPEG")
 CORPUS = Path(__file__).parent / "data" / "bad_inputs"  # files that must stay refused (README there says how)
 BAD_IMAGES: dict[str, bytes] = {
     **{f"corpus: {path.name}": path.read_bytes() for path in sorted(CORPUS.iterdir()) if path.suffix != ".md"},
     "empty": b"",
     "header lies: 2000x3000 with little data": png_claiming(2000, 3000),
-    "real 6000x6000 png, over the pixel limit": encoded(Image.new("L", (6000, 6000)), "PNG"),
+    "real 6000x6000 png, over the pixel limit": image_bytes(Image.new("L", (6000, 6000)), "PNG"),
 }
 ODD_GOOD_IMAGES: dict[str, bytes] = {
-    "1x1": encoded(Image.new("L", (1, 1), 128), "PNG"),
-    "cmyk jpeg": encoded(GRAY.convert("CMYK"), "JPEG"),
-    "16-bit png": encoded(Image.fromarray((np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)), "PNG"),
-    "palette png": encoded(GRAY.convert("P"), "PNG"),
-    "animated gif": encoded(GRAY, "GIF", save_all=True, append_images=[GRAY.rotate(90)], loop=0),
-    "la png": encoded(GRAY.convert("LA"), "PNG"),
-    "wide 1000x3": encoded(Image.new("RGB", (1000, 3), (9, 9, 9)), "PNG"),
-    "large 4000x4000": encoded(Image.new("RGB", (4000, 4000), (200, 30, 9)), "PNG"),
+    "1x1": image_bytes(Image.new("L", (1, 1), 128), "PNG"),
+    "cmyk jpeg": image_bytes(GRAY.convert("CMYK"), "JPEG"),
+    "16-bit png": image_bytes(Image.fromarray((np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)), "PNG"),
+    "palette png": image_bytes(GRAY.convert("P"), "PNG"),
+    "animated gif": image_bytes(GRAY, "GIF", save_all=True, append_images=[GRAY.rotate(90)], loop=0),
+    "la png": image_bytes(GRAY.convert("LA"), "PNG"),
+    "wide 1000x3": image_bytes(Image.new("RGB", (1000, 3), (9, 9, 9)), "PNG"),
+    "large 4000x4000": image_bytes(Image.new("RGB", (4000, 4000), (200, 30, 9)), "PNG"),
 }
 
 

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from helpers import running_server
+from helpers import image_bytes, running_server
 from PIL import Image
 from transerve.image_recipes import from_hf_processor
 from transerve.preprocessing import ImagePreprocessing
@@ -54,18 +54,15 @@ def variant(kind: str) -> bytes:
     china = photo("china.jpg")
     images = {"china": china, "flower": photo("flower.jpg"), "crop": china.crop((100, 50, 420, 290)),
               "gray": china.convert("L"), "cmyk": china.convert("CMYK"), "tall": china.crop((0, 0, 150, 427))}
-    buffer = io.BytesIO()
     if kind == "rgba":
         rgba = china.convert("RGBA")
         rgba.putalpha(Image.linear_gradient("L").resize(china.size))
-        rgba.save(buffer, format="PNG")
-    elif kind == "exif-rotated":
+        return image_bytes(rgba, "PNG")
+    if kind == "exif-rotated":
         exif = Image.Exif()
         exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
-        china.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
-    else:
-        images[kind].save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
+        return image_bytes(china, "JPEG", quality=95, exif=exif.tobytes())
+    return image_bytes(images[kind], "JPEG", quality=95)
 
 
 KINDS = ["china", "flower", "crop", "tall", "gray", "cmyk", "rgba", "exif-rotated"]
@@ -251,9 +248,7 @@ def hostile_images() -> dict[str, tuple[bytes, str]]:
     china = photo("china.jpg")
 
     def jpeg(image: Image.Image, **options: Any) -> bytes:
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", **options)
-        return buffer.getvalue()
+        return image_bytes(image, "JPEG", **options)
 
     lying = Image.Exif()
     lying[0x0112] = 9  # no such orientation
