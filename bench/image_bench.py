@@ -7,7 +7,8 @@ here as a Hugging Face DeiT checkpoint would be (``DeiTImageProcessor``: resize 
 224, ImageNet mean and std).
 
 (1) served vs offline, images/s: ``Classify`` with the JPEG bytes, 16 one-image requests in flight and 2
-    requests of 8 images in flight (one grpc.aio client on uvloop sharing the 2 cores), against one process that
+    requests of 8 images in flight (one grpc.aio client on uvloop sharing the 2 cores), served as ``instances: 1``
+    with 2 ORT threads and as ``instances: 2`` with 1 (the better compared), against one process that
     decodes the same bytes, preprocesses them the same way and runs ONNX Runtime on the same graph in its best
     batch and thread setting (batch 8 or 16, 2 threads or two 1-thread sessions side by side) — target ≥ 0.9;
 (2) preprocessing per image (decoded photo in, normalised array out): transerve's against ``DeiTImageProcessor``
@@ -42,7 +43,7 @@ from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_bench import command_line, markdown, median_ms, verdict, write_section
-from server_bench import start
+from server_bench import start, variant
 
 DEIT = {"do_resize": True, "size": {"height": 256, "width": 256}, "resample": 3, "do_center_crop": True,
         "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,
@@ -112,24 +113,36 @@ async def served_rate(address: str, jpegs: list[bytes], per_request: int, in_fli
         return sum(await asyncio.gather(*(client() for _ in range(in_flight)))) / seconds
 
 
+SERVED_SETTINGS = (("1 instance × 2 threads", {}, []), ("2 instances × 1 thread", {"instances": 2}, ["--threads", "1"]))
+
+
 def serving_rows(repo: Path, jpegs: list[bytes], seconds: float, repeats: int) -> list[dict[str, object]]:
+    """Each load shape against the offline anchor, served in both settings (every row shown, the better one
+    compared with the target, as the offline side takes its best)."""
     offline = [offline_rate(repo / "deit-tiny" / "1" / "model.onnx", jpegs, seconds) for _ in range(repeats)]
     anchor = statistics.median(r for r, _ in offline)
+    measured: dict[tuple[int, int], list[tuple[str, list[float]]]] = {}
+    for label, batching, server_args in SERVED_SETTINGS:
+        served_repo = variant(repo, repo.parent / label.replace(" ", "-"), "x", batching=batching, model="deit-tiny")
+        process, address = start(served_repo, *server_args)
+        try:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                for shape in ((1, 16), (8, 2)):
+                    rates = [runner.run(served_rate(address, jpegs, *shape, seconds)) for _ in range(repeats)]
+                    measured.setdefault(shape, []).append((label, rates))
+        finally:
+            process.terminate()
+            process.wait(60)
     rows = []
-    process, address = start(repo)
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            for per_request, in_flight in ((1, 16), (8, 2)):
-                rates = [runner.run(served_rate(address, jpegs, per_request, in_flight, seconds))
-                         for _ in range(repeats)]
-                ratio = statistics.median(rates) / anchor
-                rows.append({"served": f"{in_flight} requests of {per_request} JPEG in flight",
-                             "images/s": f"{statistics.median(rates):.1f} ({min(rates):.1f}–{max(rates):.1f})",
-                             "offline anchor images/s": f"{anchor:.1f} ({offline[0][1]})",
-                             "served / offline": f"{ratio:.2f}", "target": verdict("≥ 0.9", ratio >= 0.9)})
-    finally:
-        process.terminate()
-        process.wait(60)
+    for (per_request, in_flight), settings in measured.items():
+        best = max(statistics.median(r) for _, r in settings)
+        for label, rates in settings:
+            ratio = statistics.median(rates) / anchor
+            rows.append({"served": f"{in_flight} requests of {per_request} JPEG in flight, {label}",
+                         "images/s": f"{statistics.median(rates):.1f} ({min(rates):.1f}–{max(rates):.1f})",
+                         "offline anchor images/s": f"{anchor:.1f} ({offline[0][1]})",
+                         "served / offline": f"{ratio:.2f}",
+                         "target": verdict("≥ 0.9", ratio >= 0.9) if statistics.median(rates) == best else ""})
     return rows
 
 
@@ -171,8 +184,8 @@ def main() -> None:
     args = parser.parse_args()
     jpegs = photos()
     with tempfile.TemporaryDirectory() as work:
-        export_tiny(Path(work), args.quick)
-        serving = markdown(serving_rows(Path(work), jpegs, args.seconds, args.repeats))
+        export_tiny(Path(work) / "repo", args.quick)
+        serving = markdown(serving_rows(Path(work) / "repo", jpegs, args.seconds, args.repeats))
     prep = markdown(preprocessing_rows(jpegs, args.repeats))
     print(serving, prep, sep="\n\n")
     depth = "2 blocks (--quick)" if args.quick else "12 blocks"
