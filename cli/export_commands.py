@@ -99,13 +99,9 @@ def _load_vit(source: Source, checkpoint: Path, image_recipe: str | None) -> tup
     if image_recipe is not None and source is not Source.torchvision_vit:
         raise CheckpointError(f"--image-recipe is for torchvision-vit ({source.value} checkpoints carry their own)")
     if source is Source.torchvision_vit:
-        model, meta = import_torchvision_vit(checkpoint, _recipe(image_recipe))
-        console.print(f"preprocessing (torchvision recipe {image_recipe or 'IMAGENET1K_V1, scaled'}): "
-                      + ", ".join(f"{k} {v}" for k, v in meta["preprocessing"].items()), highlight=False)
-        return model, {"labels": meta["labels"], "preprocessing": meta["preprocessing"]}
+        return import_torchvision_vit(checkpoint, _recipe(image_recipe))
     if source is not Source.vit:
-        model, meta = VIT_IMPORTERS[source.value](checkpoint)
-        return model, {"labels": meta["labels"], "preprocessing": meta["preprocessing"]}
+        return VIT_IMPORTERS[source.value](checkpoint)
     loaded, extra = load_checkpoint(checkpoint)
     if not isinstance(loaded, ViT):
         raise CheckpointError(f"{checkpoint}: holds a {type(loaded).__name__}, not a vit (unsupported architecture "
@@ -155,17 +151,16 @@ def inspect_command(entry: Annotated[Path, typer.Argument(help="A repository ent
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e)) from None
     print_report(report, entry)
-    print_preprocessing(entry)
 
 
-def print_preprocessing(entry: Path) -> None:
+def print_preprocessing(entry: Path, source: str = "") -> None:
     """A classifier's image preprocessing as config.yaml holds it, which is what the server applies."""
     import yaml
 
     config_file = entry / "config.yaml"
     prep = (yaml.safe_load(config_file.read_text()) or {}).get("preprocessing") if config_file.is_file() else None
     if prep:
-        console.print("preprocessing (config.yaml; what the server applies): "
+        console.print(f"preprocessing (config.yaml; what the server applies{'; from ' + source if source else ''}): "
                       + ", ".join(f"{k} {v}" for k, v in prep.items()), highlight=False)
 
 
@@ -195,6 +190,7 @@ def print_report(report: dict[str, Any], entry: Path) -> None:
         console.print("decoding defaults (config.yaml; a request overrides beam, budget, length penalty): "
                       + ", ".join(f"{k} {v}" for k, v in report["generation"].items()), highlight=False)
     console.print(gate_table(report))
+    print_preprocessing(entry, report.get("preprocessing_from", ""))
 
 
 def gate_table(report: dict[str, Any]) -> Table:

@@ -81,10 +81,14 @@ def _check(report: dict[str, Any], vdir: Path) -> None:
 
 
 def export_vit_entry(model: ViT, opts: ExportOptions, *, labels: Sequence[str], preprocessing: dict[str, Any],
-                     eval_images: np.ndarray | None = None, eval_labels: np.ndarray | None = None) -> dict[str, Any]:
-    """Export a ViT classifier to ``REPO/NAME`` and return its export report."""
+                     eval_images: np.ndarray | None = None, eval_labels: np.ndarray | None = None,
+                     preprocessing_from: str = "") -> dict[str, Any]:
+    """Export a ViT classifier to ``REPO/NAME`` and return its export report; ``preprocessing_from`` says where
+    the preprocessing came from (an importer's checkpoint file or recipe), for the report."""
     start = time.perf_counter()
     cfg, report = model.config, _base_report(opts, "vit")
+    if preprocessing_from:
+        report["preprocessing_from"] = preprocessing_from
     opts.on_status(f"{opts.name}: exporting to ONNX (opset {graphs.OPSET})")
     raw = graphs.export_vit(model.eval())
     opts.on_status(f"{opts.name}: graph passes (target {opts.target})")

@@ -167,7 +167,8 @@ def test_inspect_shows_the_preprocessing_an_entry_serves_with(tmp_path: Path) ->
     assert shown.exit_code == 0, shown.output
     text = " ".join(shown.output.split())  # rich wraps long lines
     shown_prep = text[text.index("preprocessing (config.yaml"):]
-    for words in ("size 224", "resample bicubic", "resize [256, 256]", "crop True", "exif_transpose True"):
+    for words in ("from preprocessor_config.json", "size 224", "resample bicubic", "resize [256, 256]", "crop True",
+                  "exif_transpose True"):
         assert words in shown_prep, shown_prep
 
 
@@ -241,6 +242,8 @@ def test_torchvision_export_takes_the_recipe_and_refuses_a_wrong_one(tmp_path: P
     assert done.exit_code == 0, done.output
     config = (tmp_path / "repo" / "tv" / "config.yaml").read_text()
     assert "shortest_edge: 36" in config and "resample: bicubic" in config and "crop: true" in config
+    report = json.loads((tmp_path / "repo" / "tv" / "1" / "export_report.json").read_text())
+    assert report["preprocessing_from"] == "torchvision recipe 36:32:bicubic"  # the report says which it used
 
 
 def hostile_images() -> dict[str, tuple[bytes, str]]:

@@ -151,7 +151,10 @@ def import_hf_vit(directory: Path) -> tuple[ViT, dict[str, Any]]:
                  "mlp.fc2.bias": "encoder.layer.{i}.output.dense.bias"}
         ours.update(block_state(get, qkv, names, i))
     labels = [config.get("id2label", {}).get(str(i), str(i)) for i in range(cfg.num_classes)]
-    return build(cfg, ours, directory), {"labels": labels, "preprocessing": hf_preprocessing(directory, cfg)}
+    source = "preprocessor_config.json" if (directory / "preprocessor_config.json").is_file() else \
+        "the image processor's defaults (no preprocessor_config.json)"
+    return build(cfg, ours, directory), {"labels": labels, "preprocessing": hf_preprocessing(directory, cfg),
+                                         "preprocessing_from": source}
 
 
 def hf_preprocessing(directory: Path, cfg: ViTConfig) -> dict[str, Any]:
@@ -199,7 +202,9 @@ def import_torchvision_vit(directory: Path, recipe: tuple[int, int, str] | None 
     except ValueError as e:
         raise CheckpointError(f"{directory}: {e}") from None
     return build(cfg, ours, directory), {"labels": [str(i) for i in range(cfg.num_classes)],
-                                         "preprocessing": prep.to_config()}
+                                         "preprocessing": prep.to_config(),
+                                         "preprocessing_from": f"torchvision recipe {resize}:{crop}:{interpolation}"
+                                                               + ("" if recipe else " (IMAGENET1K_V1's, scaled)")}
 
 
 _TIMM_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16}
@@ -234,7 +239,8 @@ def import_timm_vit(directory: Path) -> tuple[ViT, dict[str, Any]]:
         prep = from_timm_cfg(pretrained, cfg.image_size)
     except ValueError as e:
         raise CheckpointError(f"{directory}: {e}") from None
-    return model, {"labels": list(labels), "preprocessing": prep.to_config()}
+    return model, {"labels": list(labels), "preprocessing": prep.to_config(),
+                   "preprocessing_from": "config.json pretrained_cfg"}
 
 
 VIT_IMPORTERS: dict[str, Callable[[Path], tuple[ViT, dict[str, Any]]]] = {
