@@ -21,6 +21,8 @@ from typing import Any
 
 from transerve.preprocessing import PIL_RESAMPLE, ImagePreprocessing, ResampleName
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's and torchvision's defaults
+
 HF_KNOWN = {"do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
             "do_normalize", "image_mean", "image_std", "do_convert_rgb"}
 HF_IGNORED = {"image_processor_type", "feature_extractor_type", "processor_class", "_processor_class",
@@ -102,8 +104,8 @@ def from_timm_cfg(cfg: dict[str, Any], model_size: int) -> ImagePreprocessing:
         raise ValueError(f"pretrained_cfg: crop_mode {mode!r} not supported (center, squash)")
     scale = math.floor(size / float(cfg.get("crop_pct") or 0.875))
     return ImagePreprocessing(
-        size=size, mean=_triple(cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=_triple(cfg.get("std", (0.229, 0.224, 0.225))), resample=_named(cfg.get("interpolation", "bicubic")),
+        size=size, mean=_triple(cfg.get("mean", IMAGENET_MEAN)), std=_triple(cfg.get("std", IMAGENET_STD)),
+        resample=_named(cfg.get("interpolation", "bicubic")),
         resize=(scale, scale) if mode == "squash" else None, shortest_edge=scale if mode == "center" else None,
         crop=True, crop_rounding="round", alpha="drop")
 
@@ -121,13 +123,13 @@ def torchvision_recipe(resize_size: int, crop_size: int, interpolation: str, mod
     ``crop_size``, ImageNet mean and std."""
     if crop_size != model_size:
         raise ValueError(f"crop size {crop_size} does not match the model's {model_size} px")
-    return ImagePreprocessing(size=crop_size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    return ImagePreprocessing(size=crop_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                               resample=_named(interpolation), shortest_edge=resize_size, crop=True,
                               crop_rounding="round", alpha="drop")
 
 
 def _named(name: str) -> ResampleName:
-    by_name = {v: v for v in PIL_RESAMPLE.values()}
-    if name not in by_name:
-        raise ValueError(f"interpolation {name!r} not supported ({', '.join(by_name)})")
-    return by_name[name]
+    for known in PIL_RESAMPLE.values():
+        if name == known:
+            return known
+    raise ValueError(f"interpolation {name!r} not supported ({', '.join(PIL_RESAMPLE.values())})")
