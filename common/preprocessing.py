@@ -21,6 +21,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from transerve.crop_resample import CropGeometry, resize_and_crop
+
 ResampleName = Literal["nearest", "lanczos", "bilinear", "bicubic", "box", "hamming"]
 # PIL's numbering, which Hugging Face's ``resample`` uses
 PIL_RESAMPLE: dict[int, ResampleName] = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box",
@@ -74,10 +76,14 @@ class ImagePreprocessing:
         return out
 
     def _resized_and_cropped(self, rgb: Image.Image) -> np.ndarray:
-        """8-bit ``[H, W, 3]`` after the resize and the crop. (Resampling only the cropped region with PIL's
-        ``box`` is a quarter faster but moves some pixels by one level where the scale is not a round number:
-        not the libraries' pixels, so not used.)"""
+        """8-bit ``[H, W, 3]`` after the resize and the crop (resampling only the crop where that gives the
+        same pixels: :mod:`transerve.crop_resample`)."""
         height, width = self.resized_shape(rgb.height, rgb.width)
+        if self.crop and height >= self.size and width >= self.size and (height, width) != (rgb.height, rgb.width):
+            return resize_and_crop(rgb, CropGeometry(
+                source=(rgb.height, rgb.width), resized=(height, width),
+                offset=(self._offset(height), self._offset(width)), crop=self.size,
+                resample=Image.Resampling[self.resample.upper()]))
         if (height, width) != (rgb.height, rgb.width):
             rgb = rgb.resize((width, height), Image.Resampling[self.resample.upper()])
         pixels = np.asarray(rgb)
