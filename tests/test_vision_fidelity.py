@@ -25,6 +25,8 @@ from transerve.preprocessing import ImagePreprocessing
 from transerve_client._proto import transerve_pb2 as tpb
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
 
+IMAGES = Path(__file__).parent / "data" / "images"
+
 transformers = pytest.importorskip("transformers", reason="the Hugging Face reference needs transformers")
 TOL = 1e-4
 IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
@@ -264,7 +266,16 @@ def hostile_images() -> dict[str, tuple[bytes, str]]:
         "EXIF orientation that lies": (jpeg(china, exif=lying.tobytes()), "ok"),
         "huge EXIF block": (jpeg(china, exif=huge.tobytes()), "ok"),
         "truncated scan": (jpeg(china)[:20_000], "not a decodable image"),
+        "arithmetic-coded": ((IMAGES / "china-arithmetic.jpg").read_bytes(), "ok"),
     }
+
+
+def test_arithmetic_coded_jpeg_decodes_to_the_huffman_pixels() -> None:
+    """Arithmetic and Huffman coding of the same coefficients (made with cjpeg: tests/data/images/README.md) are
+    the same picture: the decoder the server uses reads both, to the same pixels."""
+    arithmetic, huffman = (Image.open(IMAGES / f"china-{kind}.jpg") for kind in ("arithmetic", "huffman"))
+    assert np.array_equal(np.asarray(arithmetic.convert("RGB")), np.asarray(huffman.convert("RGB")))
+    assert arithmetic.size == (240, 160)
 
 
 @pytest.mark.slow
