@@ -40,6 +40,7 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
     "rest_bench.py": (["--repo", "{repo}", "--repeats", "1", "--seconds", "0.5"], "## REST vs gRPC"),
     "scaling_bench.py": (["--repo", "{repo}", "--duration", "1", "--repeats", "1"], "## Scale-out"),
     "image_bench.py": (["--quick", "--seconds", "0.5", "--repeats", "1"], "## Image path"),
+    "sentence_splitters.py": (["--repeats", "1"], "## Sentence splitters"),
 }
 
 
