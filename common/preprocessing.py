@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
-
 from transerve.crop_resample import CropGeometry, resize_and_crop
 
 ResampleName = Literal["nearest", "lanczos", "bilinear", "bicubic", "box", "hamming"]

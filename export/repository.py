@@ -55,7 +55,8 @@ def translator_config(name: str, *, num_layers: int, num_heads: int, head_dim: i
     return {
         "name": name, "task": "translate", "backend": "onnxruntime", "default": default,
         "max_batch_size": max_batch_size, "batching": batching_defaults(max_batch_size),
-        "max_input_tokens": max_len - 1, "max_new_tokens": decoding.max_new_tokens, "beam_size": decoding.beam_size,
+        "max_input_tokens": max_len - 1, "max_new_tokens": decoding.max_new_tokens,
+        "max_new_tokens_limit": max(max_len - 1, decoding.max_new_tokens), "beam_size": decoding.beam_size,
         "generation": decoding.generation_section(),
         "scheduler": {"mode": "continuous", "max_active_sequences": 64, "max_cached_tokens": 64 * max_len},
         "decoder": {"num_layers": num_layers, "num_heads": num_heads, "head_dim": head_dim,

@@ -50,7 +50,8 @@ def test_whitespace_and_empty_documents_have_no_sentences() -> None:
 def test_the_test_set_is_split_as_the_benchmark_says() -> None:
     """29 of the 30 cases of tests/data/segmentation_cases.json (bench/RESULTS.md, "Sentence splitters"): the
     one miss is "Wait… What was that?", kept whole."""
-    wrong = [case["kind"] for case in CASES if split_document(case["text"], case["lang"]).sentences != case["sentences"]]
+    wrong = [case["kind"] for case in CASES
+             if split_document(case["text"], case["lang"]).sentences != case["sentences"]]
     assert wrong == ["ellipses"]
 
 

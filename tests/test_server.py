@@ -155,10 +155,17 @@ def test_bad_classify_requests(channel: grpc.Channel, request_: tpb.ClassifyRequ
     assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 
 
+WHOLE = tpb.TranslateOptions(segmentation=tpb.SEGMENTATION_WHOLE)
+
+
 @pytest.mark.parametrize(("request_", "words"), [
-    (tpb.TranslateRequest(texts=["x" * 5000]), "texts[0]: 5000 characters exceed the limit of 4096"),
-    (tpb.TranslateRequest(texts=["seven"], options=tpb.TranslateOptions(max_new_tokens=999)), "max_new_tokens"),
-    (tpb.TranslateRequest(texts=[" ".join(["seven"] * 60)]), "tokens exceed max_input_tokens 47"),
+    (tpb.TranslateRequest(texts=["x" * 5000], options=WHOLE), "texts[0]: 5000 characters exceed the limit of 4096"),
+    (tpb.TranslateRequest(texts=["x" * 100_001]), "texts[0]: 100001 characters exceed max_document_chars 100000"),
+    (tpb.TranslateRequest(texts=["seven"], options=tpb.TranslateOptions(max_new_tokens=999)),
+     "max_new_tokens: 999 exceeds the model's limit of 47 (max_new_tokens_limit)"),
+    (tpb.TranslateRequest(texts=[" ".join(["seven"] * 60)], options=WHOLE), "tokens exceed max_input_tokens 47"),
+    (tpb.TranslateRequest(texts=["seven"], options=tpb.TranslateOptions(segmentation=7)),
+     "options.segmentation: 7 is not a Segmentation value"),
     (tpb.TranslateRequest(texts=[]), "texts: 0 texts"),
 ])
 def test_bad_translate_requests(channel: grpc.Channel, request_: tpb.TranslateRequest, words: str) -> None:

@@ -7,8 +7,9 @@ the mistake (the message lists what the model takes). Types are checked against 
 
 Accepted:
 - every model: ``timeout`` (microseconds, Triton's meaning; the tighter of it and the gRPC deadline wins);
-- translators: ``beam_size``, ``max_new_tokens``, ``length_penalty`` (as ``TranslateOptions``) and
-  ``stream`` (Triton's decoupled convention, ``ModelStreamInfer`` only).
+- translators: ``beam_size``, ``max_new_tokens``, ``length_penalty``, ``segmentation`` (``"sentences"``, the
+  default, or ``"whole"``; as ``TranslateOptions``) and ``stream`` (Triton's decoupled convention,
+  ``ModelStreamInfer`` only).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from transerve.server.exceptions import RequestError
 
@@ -26,7 +27,8 @@ _NUMBER_KINDS = (*_INTEGER_KINDS, "double_param")
 # name → (accepted oneof kinds, what the message says it must be)
 _COMMON = {"timeout": (_INTEGER_KINDS, "an integer of microseconds")}
 _TRANSLATE = {"beam_size": (_INTEGER_KINDS, "an integer"), "max_new_tokens": (_INTEGER_KINDS, "an integer"),
-              "length_penalty": (_NUMBER_KINDS, "a number"), "stream": (("bool_param",), "a bool")}
+              "length_penalty": (_NUMBER_KINDS, "a number"), "stream": (("bool_param",), "a bool"),
+              "segmentation": (("string_param",), '"sentences" or "whole"')}
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class InferParameters:
     max_new_tokens: int | None = None
     length_penalty: float | None = None
     stream: bool = False
+    segmentation: Literal["sentences", "whole"] = "sentences"
 
     def deadline(self, grpc_deadline: float | None) -> float | None:
         """The tighter of the gRPC deadline (a monotonic instant) and ``timeout``."""
@@ -64,7 +67,17 @@ def parse_parameters(parameters: Any, task: str) -> InferParameters:
         timeout_s=_bounded(values, "timeout", 1, MAX_TIMEOUT_US) / 1e6 if "timeout" in values else None,
         beam_size=_bounded(values, "beam_size", 1, 1 << 31), max_new_tokens=_bounded(values, "max_new_tokens", 1,
                                                                                       1 << 31),
-        length_penalty=_finite(values, "length_penalty"), stream=bool(values.get("stream", False)))
+        length_penalty=_finite(values, "length_penalty"), stream=bool(values.get("stream", False)),
+        segmentation=_segmentation(values))
+
+
+def _segmentation(values: dict[str, Any]) -> Literal["sentences", "whole"]:
+    value = values.get("segmentation", "sentences")
+    if value == "whole":
+        return "whole"
+    if value != "sentences":
+        raise RequestError(f"parameters.segmentation: must be \"sentences\" or \"whole\", got {value[:40]!r}")
+    return "sentences"
 
 
 def _bounded(values: dict[str, Any], name: str, low: int, high: int) -> Any:

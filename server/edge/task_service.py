@@ -11,7 +11,7 @@ from transerve.server.edge.rpc import RequestInfo, RpcCall, abort, deadline_of, 
 from transerve.server.engine.classifier import ClassifierModel
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
-from transerve.server.engine.translator import TranslatorModel
+from transerve.server.engine.translator import Segmentation, TranslatorModel
 from transerve.server.exceptions import RequestError
 from transerve_client._proto import transerve_pb2 as pb
 from transerve_client._proto import transerve_pb2_grpc as pb_grpc
@@ -32,7 +32,8 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             opts = request.options
             results = await model.translate(list(request.texts), opts.max_new_tokens or None,
                                             deadline_of(context), field="texts",
-                                            beam_size=opts.beam_size or None, length_penalty=length_penalty(opts))
+                                            beam_size=opts.beam_size or None, length_penalty=length_penalty(opts),
+                                            segmentation=segmentation(opts))
             self.metrics.generated_tokens.labels(model.name).inc(sum(len(r.ids) for r in results))
             return pb.TranslateResponse(model=model.name, model_version=model.version,
                                         translations=[pb.Translation(text=r.text, tokens=len(r.ids))
@@ -52,7 +53,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                 call.scope.model = model.name
                 opts = request.options
                 async for piece in model.stream(request.text, opts.max_new_tokens or None, deadline_of(context),
-                                                opts.beam_size or None, length_penalty(opts)):
+                                                opts.beam_size or None, length_penalty(opts), segmentation(opts)):
                     tokens = piece.tokens
                     if piece.text:
                         yield pb.TranslateStreamResponse(piece=piece.text, tokens=tokens)
@@ -101,6 +102,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                     raise RequestError(f"images[{i}].tensor: holds {len(one)} images; send one per Image")
                 arrays[i] = one[0]
         return np.stack([a for a in arrays if a is not None])
+
+
+def segmentation(options: pb.TranslateOptions) -> Segmentation:
+    if options.segmentation == pb.SEGMENTATION_WHOLE:
+        return "whole"
+    if options.segmentation != pb.SEGMENTATION_SENTENCES:
+        raise RequestError(f"options.segmentation: {options.segmentation} is not a Segmentation value "
+                           "(0 sentences, 1 whole)")
+    return "sentences"
 
 
 def length_penalty(options: pb.TranslateOptions) -> float | None:

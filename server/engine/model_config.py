@@ -50,6 +50,18 @@ class Scheduler(BaseModel):
     max_encode_batch: int = Field(32, ge=1)
 
 
+class Documents(BaseModel):
+    """Document translation (``segmentation: sentences``, the default): each text is split into sentences that
+    decode together (``server/engine/documents.py``). A document's sentences each wait in the scheduler's queue,
+    so one larger than ``batching.max_queue_size`` leaves no room for anything else."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_document_chars: int = Field(100_000, ge=1, le=10_000_000)
+    max_document_sentences: int = Field(256, ge=1, le=100_000)
+    language: str = Field("en", min_length=2, max_length=12)  # the source language's sentence rules (ISO 639)
+
+
 class DecoderSpec(BaseModel):
     num_layers: int = Field(ge=1)
     num_heads: int = Field(ge=1)
@@ -97,7 +109,10 @@ class ModelConfig(BaseModel):
     labels: str | None = None
     # translate
     max_input_tokens: int = Field(128, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1)  # the default budget (the checkpoint's generation config)
+    # the hard limit a request may ask for: the decoder's positions (older entries: max_new_tokens)
+    max_new_tokens_limit: int | None = Field(None, ge=1)
+    documents: Documents = Documents()
     beam_size: int = Field(1, ge=1, le=16)
     scheduler: Scheduler = Scheduler()
     generation: Generation = Generation()
@@ -110,12 +125,20 @@ class ModelConfig(BaseModel):
             raise ValueError("a classify model needs 'preprocessing'")
         if self.task == "translate" and (self.decoder is None or self.tokenizer is None):
             raise ValueError("a translate model needs 'decoder' and 'tokenizer'")
+        if self.max_new_tokens_limit is not None and self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens {self.max_new_tokens} exceeds max_new_tokens_limit "
+                             f"{self.max_new_tokens_limit}")
         vocab = self.decoder.vocab_size if self.decoder is not None else None
         for word in self.generation.bad_words_ids:
             if not word or (vocab is not None and not all(0 <= t < vocab for t in word)):
                 raise ValueError(f"generation.bad_words_ids: {word} is not a token sequence within the vocabulary "
                                  f"(0 to {vocab})")
         return self
+
+
+def token_limit(config: ModelConfig) -> int:
+    """The most new tokens a request may ask for."""
+    return config.max_new_tokens_limit or config.max_new_tokens
 
 
 def load_model_config(entry: Path) -> ModelConfig:

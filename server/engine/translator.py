@@ -5,27 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tokenizers import Tokenizer
 from transerve.server.backends.runner import GraphRunner
 from transerve.server.engine.detokenizer import Detokenizer
+from transerve.server.engine.document_plan import DocumentPlan, DocumentPlanner, TextLimits, check_text
 from transerve.server.engine.loaded_model import Limits, LoadedModel
 from transerve.server.engine.metrics import Metrics
-from transerve.server.engine.model_config import ModelConfig
+from transerve.server.engine.model_config import ModelConfig, token_limit
 from transerve.server.engine.scheduler import ContinuousScheduler, SchedulerCaps, SequenceRequest
 from transerve.server.engine.seq2seq import DecoderLayout, OrtSeq2Seq, pad_ids
 from transerve.server.exceptions import ConfigError, DeadlineExceeded, RequestError
 
 MAX_BEAM = 8
 MAX_LENGTH_PENALTY = 10.0
-CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+Segmentation = Literal["sentences", "whole"]  # a text split into sentences (documents), or one model input
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +38,21 @@ class TranslationResult:
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """A request's decoding settings, validated against the model's limits."""
+    """A request's decoding settings, validated against the model's limits (``max_new_tokens`` None: each
+    sentence's budget is the model's rule, :mod:`document_plan`)."""
 
-    max_new_tokens: int
+    max_new_tokens: int | None
     beam_size: int
     length_penalty: float
 
 
 @dataclass(frozen=True)
 class TranslateJob:
-    """One request's sources for request-level batching (``scheduler.mode: static``)."""
+    """Sources of one request (or a slice of a document's sentences) for request-level batching
+    (``scheduler.mode: static``), each with its budget."""
 
     sources: list[list[int]]
+    budgets: list[int]
     options: DecodeOptions
 
 
@@ -83,6 +86,9 @@ class TranslatorModel(LoadedModel):
         step = runners.get("decoder_step_ragged") or runners["decoder_step"]  # the ragged step decodes both ways
         self.seq2seq = OrtSeq2Seq(runners["encoder"], step, self.layout, self.rules)
         self.limits = limits
+        self.planner = DocumentPlanner(self.tokenizer, d.eos_id, TextLimits(
+            config.documents.max_document_chars, config.documents.max_document_sentences, config.max_input_tokens,
+            config.max_new_tokens, token_limit(config), config.documents.language))
         self.scheduler: ContinuousScheduler | None = None
         if config.scheduler.mode == "continuous":
             if "decoder_step_ragged" in runners:
@@ -135,18 +141,10 @@ class TranslatorModel(LoadedModel):
         await super().aclose(grace)
 
     def encode(self, texts: list[str], field: str) -> list[list[int]]:
-        if not 1 <= len(texts) <= self.config.max_batch_size:
-            raise RequestError(f"{field}: {len(texts)} texts, the limit is 1 to {self.config.max_batch_size}")
+        """``segmentation: whole``: each text one model input, refused when longer than the encoder takes."""
+        self._check_count(texts, field)
         for i, text in enumerate(texts):
-            if len(text) > self.limits.max_text_chars:
-                raise RequestError(f"{field}[{i}]: {len(text)} characters exceed the limit of "
-                                   f"{self.limits.max_text_chars}")
-            if not text.strip():
-                raise RequestError(f"{field}[{i}]: empty text (nothing to translate)")
-            control = CONTROL_CHARACTERS.search(text)
-            if control:
-                raise RequestError(f"{field}[{i}]: control character U+{ord(control.group()):04X} at position "
-                                   f"{control.start()} (only tab, newline and carriage return are allowed)")
+            check_text(text, f"{field}[{i}]", self.limits.max_text_chars, "the limit of")
         eos = self.layout.eos_id
         rows = [[*e.ids, eos] for e in self.tokenizer.encode_batch(texts)]
         for i, row in enumerate(rows):
@@ -155,6 +153,10 @@ class TranslatorModel(LoadedModel):
                                    f"{self.config.max_input_tokens}")
         return rows
 
+    def _check_count(self, texts: list[str], field: str) -> None:
+        if not 1 <= len(texts) <= self.config.max_batch_size:
+            raise RequestError(f"{field}: {len(texts)} texts, the limit is 1 to {self.config.max_batch_size}")
+
     def _run_batch(self, payloads: list[TranslateJob]) -> list[list[list[int]]]:
         """Requests with the same beam search settings decode together; each keeps its own budget."""
         results: dict[int, list[list[int]]] = {}
@@ -162,7 +164,7 @@ class TranslatorModel(LoadedModel):
             group = [i for i, p in enumerate(payloads)
                      if (p.options.beam_size, p.options.length_penalty) == (beam, penalty)]
             rows = [r for i in group for r in payloads[i].sources]
-            budgets = [payloads[i].options.max_new_tokens for i in group for _ in payloads[i].sources]
+            budgets = [b for i in group for b in payloads[i].budgets]
             ids, mask = pad_ids(rows, self.layout.pad_id)
             out = self.seq2seq.generate(ids, mask, budgets, beam_size=beam, length_penalty=penalty)
             start = 0
@@ -173,69 +175,133 @@ class TranslatorModel(LoadedModel):
 
     def _options(self, max_new_tokens: int | None, beam_size: int | None, length_penalty: float | None
                  ) -> DecodeOptions:
-        budget = max_new_tokens or self.config.max_new_tokens
-        if budget > self.config.max_new_tokens:
-            raise RequestError(f"max_new_tokens: {budget} exceeds the model's limit of {self.config.max_new_tokens}")
+        if max_new_tokens is not None and max_new_tokens > token_limit(self.config):
+            raise RequestError(f"max_new_tokens: {max_new_tokens} exceeds the model's limit of "
+                               f"{token_limit(self.config)} (max_new_tokens_limit)")
         beam = beam_size or self.config.beam_size
         if beam > MAX_BEAM:
             raise RequestError(f"beam_size: {beam} exceeds the limit of {MAX_BEAM}")
         penalty = self.config.generation.length_penalty if length_penalty is None else float(length_penalty)
         if not 0.0 <= penalty <= MAX_LENGTH_PENALTY:
             raise RequestError(f"length_penalty: {penalty} is outside 0 to {MAX_LENGTH_PENALTY}")
-        return DecodeOptions(budget, beam, penalty)
+        return DecodeOptions(max_new_tokens or None, beam, penalty)
 
     async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
-                        field: str = "texts", beam_size: int | None = None, length_penalty: float | None = None
-                        ) -> list[TranslationResult]:
+                        field: str = "texts", beam_size: int | None = None, length_penalty: float | None = None,
+                        segmentation: Segmentation = "sentences") -> list[TranslationResult]:
+        """Each text translated: as a document (its sentences decoded together with every other sentence in
+        flight, then put back with the text's own whitespace) or, with ``segmentation="whole"``, as one input."""
         o = self._options(max_new_tokens, beam_size, length_penalty)
-        sources = self.encode(texts, field)
+        if segmentation == "whole":
+            sources = self.encode(texts, field)
+            ids = await self._decode(sources, [o.max_new_tokens or self.config.max_new_tokens] * len(sources), o,
+                                     deadline)
+            return [TranslationResult(r, t) for r, t in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
+        self._check_count(texts, field)
+        plans = self.planner.plan(texts, field, o.max_new_tokens)
+        ids = await self._decode([s for p in plans for s in p.sources], [b for p in plans for b in p.budgets], o,
+                                 deadline)
+        sentences = self.tokenizer.decode_batch(ids)
+        results, start = [], 0
+        for plan in plans:
+            end = start + len(plan.sources)
+            results.append(TranslationResult([t for row in ids[start:end] for t in row],
+                                             plan.document.reassemble(sentences[start:end])))
+            start = end
+        return results
+
+    async def _decode(self, sources: list[list[int]], budgets: list[int], o: DecodeOptions,
+                      deadline: float | None) -> list[list[int]]:
+        """Every source at once: into the continuous batch, or in request-level batches of at most
+        ``max_batch_size`` (which the dynamic batcher joins with other requests')."""
         if self.scheduler is not None:
-            ids = await _all_or_cancel([self.scheduler.run(s, o.max_new_tokens, o.beam_size, o.length_penalty,
-                                                           deadline) for s in sources])
-        else:
-            ids = await self.batcher.submit(TranslateJob(sources, o), size=len(sources), deadline=deadline)
-        return [TranslationResult(row, text) for row, text in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
+            scheduler = self.scheduler
+            return await _all_or_cancel([scheduler.run(s, b, o.beam_size, o.length_penalty, deadline)
+                                         for s, b in zip(sources, budgets, strict=True)])
+        step = self.config.max_batch_size
+        chunks = await _all_or_cancel([
+            self.batcher.submit(TranslateJob(sources[i:i + step], budgets[i:i + step], o),
+                                size=len(sources[i:i + step]), deadline=deadline)
+            for i in range(0, len(sources), step)])
+        return [row for chunk in chunks for row in chunk]
 
     async def warm_up(self) -> None:
         await self.translate(["warm up"], 2, None)
 
     async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None,
-                     beam_size: int | None = None, length_penalty: float | None = None
-                     ) -> AsyncIterator[StreamPiece]:
+                     beam_size: int | None = None, length_penalty: float | None = None,
+                     segmentation: Segmentation = "sentences") -> AsyncIterator[StreamPiece]:
         """Text pieces as tokens are made, the last one with the final count (its piece may be empty); closing
-        the iterator (a cancelled client) takes the sequence out of the batch at the next step. Beam search
+        the iterator (a cancelled client) takes the sequences out of the batch at the next step. Beam search
         streams its result when it is final (a beam's tokens are not settled before). No piece ever splits a
-        character (see :class:`Detokenizer`)."""
+        character (see :class:`Detokenizer`). A document of several sentences streams sentence by sentence, in
+        order, each as soon as it and every earlier one are done (all decode together); the pieces join to the
+        unary translation, whitespace included."""
         o = self._options(max_new_tokens, beam_size, length_penalty)
-        source = self.encode([text], "text")[0]
+        if segmentation == "whole":
+            source = self.encode([text], "text")[0]
+            async for piece in self._stream_tokens(source, o.max_new_tokens or self.config.max_new_tokens, o,
+                                                   deadline):
+                yield piece
+            return
+        plan = self.planner.plan_one(text, "text", o.max_new_tokens)
+        document, made = plan.document, 0
+        if len(plan.sources) > 1:
+            async for piece in self._stream_sentences(plan, o, deadline):
+                yield piece
+            return
+        if document.gap_before(0):
+            yield StreamPiece(document.gap_before(0), 0)
+        async for piece in self._stream_tokens(plan.sources[0], plan.budgets[0], o, deadline):
+            made = piece.tokens
+            yield piece
+        if document.tail():
+            yield StreamPiece(document.tail(), made)
+
+    async def _stream_sentences(self, plan: DocumentPlan, o: DecodeOptions, deadline: float | None
+                                ) -> AsyncIterator[StreamPiece]:
+        tasks = [asyncio.ensure_future(self._decode([source], [budget], o, deadline))
+                 for source, budget in zip(plan.sources, plan.budgets, strict=True)]
+        made = 0
+        try:
+            for i, task in enumerate(tasks):
+                ids = (await task)[0]
+                made += len(ids)
+                yield StreamPiece(plan.document.gap_before(i) + self.tokenizer.decode(ids), made)
+            yield StreamPiece(plan.document.tail(), made)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _stream_tokens(self, source: list[int], budget: int, o: DecodeOptions, deadline: float | None
+                             ) -> AsyncIterator[StreamPiece]:
         pieces = Detokenizer(self.tokenizer)
         if self.scheduler is None:
-            progress = self._static_stream(source, o, deadline)
+            progress = self._static_stream(source, budget, o, deadline)
         else:
-            progress = self._scheduled_stream(source, o, deadline)
+            progress = self._scheduled_stream(source, budget, o, deadline)
         async for step in progress:
             piece = pieces.update(step.ids, step.final)
             if piece or step.final:  # the final count goes out even when the last token added no text
                 yield StreamPiece(piece, len(step.ids))
 
-    async def _scheduled_stream(self, source: list[int], o: DecodeOptions, deadline: float | None
+    async def _scheduled_stream(self, source: list[int], budget: int, o: DecodeOptions, deadline: float | None
                                 ) -> AsyncIterator[TokenProgress]:
         assert self.scheduler is not None
         ids: list[int] = []
-        async for event in self.scheduler.generate(source, o.max_new_tokens, o.beam_size, o.length_penalty,
-                                                   deadline):
+        async for event in self.scheduler.generate(source, budget, o.beam_size, o.length_penalty, deadline):
             if event.final is not None:
                 yield TokenProgress(event.final, True)
             else:
                 ids += event.tokens
                 yield TokenProgress(list(ids), False)
 
-    async def _static_stream(self, source: list[int], o: DecodeOptions, deadline: float | None
+    async def _static_stream(self, source: list[int], budget: int, o: DecodeOptions, deadline: float | None
                              ) -> AsyncIterator[TokenProgress]:
         """Greedy: one sequence stepped alone (request-level mode has no shared step to join). A beam search
         settles its tokens only at the end: it decodes with the batch and streams its result whole."""
         if o.beam_size > 1:
-            ids = await self.batcher.submit(TranslateJob([source], o), size=1, deadline=deadline)
+            ids = await self.batcher.submit(TranslateJob([source], [budget], o), size=1, deadline=deadline)
             yield TokenProgress(ids[0], True)
             return
         s2s, loop, layout = self.seq2seq, asyncio.get_running_loop(), self.layout
@@ -243,12 +309,12 @@ class TranslatorModel(LoadedModel):
         cross = await loop.run_in_executor(None, s2s.encode, ids, mask)
         past, last = s2s.empty_cache(1), np.array([layout.bos_id])
         tokens: list[int] = []
-        for made in range(o.max_new_tokens):
+        for made in range(budget):
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("deadline passed while decoding")
             logits, past = await loop.run_in_executor(None, s2s.step, last, mask, past, cross)
             history = [[layout.bos_id, *tokens]] if self.rules.needs_history else None
-            token = int(self.rules.greedy_pick(logits, history, np.array([made + 1 == o.max_new_tokens]),
+            token = int(self.rules.greedy_pick(logits, history, np.array([made + 1 == budget]),
                                                layout.eos_id)[0])
             if token == layout.eos_id:
                 break

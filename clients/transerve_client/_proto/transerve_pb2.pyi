@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,15 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Segmentation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEGMENTATION_SENTENCES: _ClassVar[Segmentation]
+    SEGMENTATION_WHOLE: _ClassVar[Segmentation]
+SEGMENTATION_SENTENCES: Segmentation
+SEGMENTATION_WHOLE: Segmentation
+
 class TranslateOptions(_message.Message):
-    __slots__ = ("beam_size", "max_new_tokens", "length_penalty")
+    __slots__ = ("beam_size", "max_new_tokens", "length_penalty", "segmentation")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTATION_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     max_new_tokens: int
     length_penalty: float
-    def __init__(self, beam_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ...) -> None: ...
+    segmentation: Segmentation
+    def __init__(self, beam_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ..., segmentation: _Optional[_Union[Segmentation, str]] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
     __slots__ = ("model", "texts", "options")

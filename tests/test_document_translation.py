@@ -1,0 +1,140 @@
+"""Document translation through the server: a text is split into sentences that decode together and come back
+with the text's own whitespace; the result equals translating the sentences one by one, token for token, in
+both scheduler modes; long sentences are cut, never refused; limits and budgets answer by name."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from helpers import running_server
+from transerve.server.engine.documents import split_document
+from transerve_client._proto import inference_pb2 as pb
+from transerve_client._proto import inference_pb2_grpc as pb_grpc
+from transerve_client._proto import transerve_pb2 as tpb
+from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+
+DOCUMENT = ("three hundred and forty-two. nineteen eighty-four.\n\n  Seven hundred!  twelve\n"
+            "- eight\n- ninety-nine.   ")
+MODES = ["doc-continuous", "doc-static"]
+
+
+@pytest.fixture(scope="module")
+def doc_repo(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-mt twice: continuous and static scheduling, with small document limits."""
+    repo = tmp_path_factory.mktemp("doc-repo")
+    for name, mode in (("doc-continuous", "continuous"), ("doc-static", "static")):
+        shutil.copytree(small_repo / "tiny-mt", repo / name)
+        config_file = repo / name / "config.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        config.update(name=name, default=False, documents={"max_document_chars": 20_000, "max_document_sentences": 40})
+        config["scheduler"]["mode"] = mode
+        config_file.write_text(yaml.safe_dump(config))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def stub(doc_repo: Path) -> Iterator[tpb_grpc.TranslatorStub]:
+    with running_server(doc_repo) as server, grpc.insecure_channel(server.address) as channel:
+        yield tpb_grpc.TranslatorStub(channel)
+
+
+def translate(stub: tpb_grpc.TranslatorStub, model: str, texts: list[str], **options: int) -> list[tpb.Translation]:
+    request = tpb.TranslateRequest(model=model, texts=texts, options=tpb.TranslateOptions(**options))
+    return list(stub.Translate(request, timeout=60).translations)
+
+
+@pytest.mark.parametrize("model", MODES)
+def test_a_document_equals_its_sentences_one_by_one(stub: tpb_grpc.TranslatorStub, model: str) -> None:
+    doc = split_document(DOCUMENT)
+    assert len(doc.spans) == 6
+    one_by_one = [translate(stub, model, [s], max_new_tokens=12, segmentation=tpb.SEGMENTATION_WHOLE)[0]
+                  for s in doc.sentences]
+    [whole] = translate(stub, model, [DOCUMENT], max_new_tokens=12)
+    assert whole.text == doc.reassemble([t.text for t in one_by_one])  # whitespace as sent, sentence for sentence
+    assert whole.tokens == sum(t.tokens for t in one_by_one)
+    # two documents in one request, and the beam: the same per sentence
+    both = translate(stub, model, [DOCUMENT, "nineteen. twenty."], max_new_tokens=12, beam_size=3)
+    beams = [translate(stub, model, [s], max_new_tokens=12, beam_size=3, segmentation=tpb.SEGMENTATION_WHOLE)[0]
+             for s in doc.sentences]
+    assert both[0].text == doc.reassemble([t.text for t in beams])
+
+
+@pytest.mark.parametrize("model", MODES)
+def test_a_stream_yields_sentences_in_order_and_joins_to_the_unary_text(stub: tpb_grpc.TranslatorStub,
+                                                                         model: str) -> None:
+    request = tpb.TranslateStreamRequest(model=model, text=DOCUMENT, options=tpb.TranslateOptions(max_new_tokens=12))
+    replies = list(stub.TranslateStream(request, timeout=60))
+    [unary] = translate(stub, model, [DOCUMENT], max_new_tokens=12)
+    pieces = [r.piece for r in replies if not r.done]
+    assert "".join(pieces) == unary.text and replies[-1].done and replies[-1].tokens == unary.tokens
+    doc = split_document(DOCUMENT)
+    assert len(pieces) == len(doc.spans) + 1  # one per sentence, with the whitespace before it; then the tail
+    assert pieces[-1] == doc.tail() and all(p.startswith(doc.gap_before(i)) for i, p in enumerate(pieces[:-1]))
+    tokens = [r.tokens for r in replies]
+    assert tokens == sorted(tokens)  # counts only grow
+
+
+@pytest.mark.parametrize("model", MODES)
+def test_a_sentence_longer_than_the_encoder_takes_is_cut_not_refused(stub: tpb_grpc.TranslatorStub,
+                                                                     model: str) -> None:
+    rng = np.random.default_rng(0)
+    words = ["seven", "hundred", "and", "twelve", "forty", "three,", "nine"]
+    long = " ".join(rng.choice(words, 400))  # ~1000 tokens; the encoder takes 47
+    with pytest.raises(grpc.RpcError) as refused:
+        translate(stub, model, [long], segmentation=tpb.SEGMENTATION_WHOLE)
+    assert "exceed max_input_tokens 47" in refused.value.details()
+    [answer] = translate(stub, model, [long], max_new_tokens=4)
+    assert answer.tokens > 0 and answer.text
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    (". ".join(["seven"] * 41) + ".", "texts[0]: 41 sentences exceed max_document_sentences 40"),
+    ("seven " * 4000, "texts[0]: 24000 characters exceed max_document_chars 20000"),
+    ("  \n\n ", "texts[0]: empty text"),
+])
+def test_document_limits_are_refused_by_name(stub: tpb_grpc.TranslatorStub, text: str, words: str) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        translate(stub, "doc-continuous", [text])
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in refused.value.details()
+    assert translate(stub, "doc-continuous", ["seven. eight."])[0].text  # and the next request is answered
+
+
+def test_budgets_default_per_sentence_and_limit_at_the_decoders_positions(stub: tpb_grpc.TranslatorStub) -> None:
+    """tiny-mt's default budget is 16 and its decoder has 48 positions: 32 is allowed, 48 is not; without a
+    budget a long sentence may run past 16 tokens (2 x source + 10)."""
+    assert translate(stub, "doc-continuous", ["seven"], max_new_tokens=32)[0].tokens <= 32
+    with pytest.raises(grpc.RpcError) as refused:
+        translate(stub, "doc-continuous", ["seven"], max_new_tokens=48)
+    assert "exceeds the model's limit of 47 (max_new_tokens_limit)" in refused.value.details()
+    long = " ".join(["seven hundred and twelve"] * 4)
+    default = translate(stub, "doc-continuous", [long], segmentation=tpb.SEGMENTATION_WHOLE)[0]
+    scaled = translate(stub, "doc-continuous", [long])[0]
+    assert default.tokens <= 16 and (scaled.tokens > 16 or scaled.tokens == default.tokens)
+
+
+def test_kserve_takes_segmentation_as_a_parameter(doc_repo: Path, stub: tpb_grpc.TranslatorStub) -> None:
+    with running_server(doc_repo) as server, grpc.insecure_channel(server.address) as channel:
+        kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        def infer(**parameters: str) -> str:
+            request = pb.ModelInferRequest(model_name="doc-continuous")
+            text = request.inputs.add(name="text", datatype="BYTES", shape=[1])
+            text.contents.bytes_contents.append(DOCUMENT.encode())
+            request.parameters["max_new_tokens"].int64_param = 12
+            for name, value in parameters.items():
+                request.parameters[name].string_param = value
+            reply = kserve.ModelInfer(request, timeout=60)
+            return reply.outputs[0].contents.bytes_contents[0].decode() if reply.outputs[0].contents.bytes_contents \
+                else reply.raw_output_contents[0][4:].decode()
+
+        [unary] = translate(stub, "doc-continuous", [DOCUMENT], max_new_tokens=12)
+        assert infer() == infer(segmentation="sentences") == unary.text
+        with pytest.raises(grpc.RpcError) as refused:
+            infer(segmentation="paragraphs")
+        assert 'parameters.segmentation: must be "sentences" or "whole"' in refused.value.details()
