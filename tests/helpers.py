@@ -191,6 +191,27 @@ def entry_model(repo: Path, entry: str) -> tuple[Any, Any]:
     return model.eval(), Tokenizer.from_file(str(repo / entry / "tokenizer.json"))
 
 
+def without_sentence_cache(entry: Path) -> None:
+    """``translation_cache_mb: 0`` in an entry's config: for tests whose point is repeated decoding work (queues,
+    deadlines, killed clients), which the cache would otherwise answer at once."""
+    path = entry / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["translation_cache_mb"] = 0
+    path.write_text(yaml.safe_dump(config))
+
+
+def sentence_budget(repo: Path, entry: str, text: str) -> int:
+    """The new tokens a served sentence may make without ``max_new_tokens``: the larger of the entry's
+    ``max_new_tokens`` and 2 × its source tokens (EOS included) + 10, up to its ``max_new_tokens_limit`` —
+    server/engine/document_plan.py's rule, written out again here."""
+    import yaml
+
+    config = yaml.safe_load((repo / entry / "config.yaml").read_text())
+    _, tokenizer = entry_model(repo, entry)
+    scaled = 2 * (len(tokenizer.encode(text).ids) + 1) + 10
+    return int(min(config["max_new_tokens_limit"], max(config["max_new_tokens"], scaled)))
+
+
 def offline_text(repo: Path, entry: str, text: str, budget: int, beam: int = 1, penalty: float = 1.0) -> str:
     """``text`` translated by :func:`offline_ids` with the entry's own checkpoint and tokenizer."""
     model, tokenizer = entry_model(repo, entry)

@@ -69,7 +69,7 @@ def test_infer_over_kserve(client: TranserveClient, small_repo: Path) -> None:
 @pytest.mark.parametrize(("call", "code", "words"), [
     (lambda c: c.translate(["seven"], model="nope"), "NOT_FOUND", "nope"),
     (lambda c: c.infer("tiny-vit", {"images": np.zeros((1, 3, 9, 9), np.float32)}), "INVALID_ARGUMENT", "[1, 3, 9, 9]"),
-    (lambda c: c.translate(["x" * 5000]), "INVALID_ARGUMENT", "5000 characters"),
+    (lambda c: c.translate(["x" * 5000], segmentation="whole"), "INVALID_ARGUMENT", "5000 characters"),
 ])
 def test_errors_carry_code_and_message(client: TranserveClient, call, code: str, words: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TranserveError) as info:
@@ -88,7 +88,7 @@ def test_deadline_exceeded(client: TranserveClient) -> None:
 def test_a_refused_stream_raises_with_its_status(client: TranserveClient) -> None:
     """(That streamed pieces join to the translation, sync and asyncio, is tests/test_stream_join.py.)"""
     with pytest.raises(TranserveError) as info:
-        list(client.translate_stream("x" * 5000))
+        list(client.translate_stream("x" * 5000, segmentation="whole"))
     assert info.value.code.name == "INVALID_ARGUMENT" and info.value.request_id
 
 

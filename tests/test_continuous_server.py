@@ -126,7 +126,7 @@ def test_bad_decoding_options_name_the_field(channel: grpc.Channel) -> None:
     stub = tpb_grpc.TranslatorStub(channel)
     for options, words in ((tpb.TranslateOptions(length_penalty=11.0), "length_penalty: 11.0 is outside 0 to 10"),
                            (tpb.TranslateOptions(beam_size=9), "beam_size: 9 exceeds the limit of 8"),
-                           (tpb.TranslateOptions(max_new_tokens=201), "max_new_tokens: 201 exceeds")):
+                           (tpb.TranslateOptions(max_new_tokens=256), "max_new_tokens: 256 exceeds")):
         with pytest.raises(grpc.RpcError) as info:
             stub.Translate(tpb.TranslateRequest(texts=["seven"], options=options))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in info.value.details()

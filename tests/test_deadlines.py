@@ -41,6 +41,7 @@ def server(small_repo: Path, long_repo: Path, tmp_path_factory: pytest.TempPathF
         config["batching"].update(change)
         if name == "long-mt":
             config["scheduler"].update(max_active_sequences=1)
+            config["translation_cache_mb"] = 0  # every blocker decodes: the same sentence each time
         path.write_text(yaml.safe_dump(config))
     with running_server(repo) as server:
         yield server

@@ -1,6 +1,7 @@
-"""Document translation through the server: a text is split into sentences that decode together and come back
-with the text's own whitespace; the result equals translating the sentences one by one, token for token, in
-both scheduler modes; long sentences are cut, never refused; limits and budgets answer by name."""
+"""Document translation through the server, on the zoo's trained translator (en → de numbers): a text is split
+into sentences that decode together and come back with the text's own whitespace; the result equals
+translating the sentences one by one, token for token, in both scheduler modes; long sentences are cut, never
+refused; limits and budgets answer by name."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from helpers import running_server
+from helpers import ServerProcess, running_server, scrape
 from transerve.server.engine.documents import split_document
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -24,12 +25,16 @@ DOCUMENT = ("three hundred and forty-two. nineteen eighty-four.\n\n  Seven hundr
 MODES = ["doc-continuous", "doc-static"]
 
 
+pytestmark = pytest.mark.slow  # the zoo is trained once per session
+
+
 @pytest.fixture(scope="module")
-def doc_repo(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-mt twice: continuous and static scheduling, with small document limits."""
+def doc_repo(zoo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zoo translator twice (64 positions, default budget 40): continuous and static scheduling, with small
+    document limits."""
     repo = tmp_path_factory.mktemp("doc-repo")
     for name, mode in (("doc-continuous", "continuous"), ("doc-static", "static")):
-        shutil.copytree(small_repo / "tiny-mt", repo / name)
+        shutil.copytree(zoo_repo / "mt-en-de-numbers", repo / name)
         config_file = repo / name / "config.yaml"
         config = yaml.safe_load(config_file.read_text())
         config.update(name=name, default=False, documents={"max_document_chars": 20_000, "max_document_sentences": 40})
@@ -44,7 +49,8 @@ def stub(doc_repo: Path) -> Iterator[tpb_grpc.TranslatorStub]:
         yield tpb_grpc.TranslatorStub(channel)
 
 
-def translate(stub: tpb_grpc.TranslatorStub, model: str, texts: list[str], **options: int) -> list[tpb.Translation]:
+def translate(stub: tpb_grpc.TranslatorStub, model: str, texts: list[str], **options: int | bool
+              ) -> list[tpb.Translation]:
     request = tpb.TranslateRequest(model=model, texts=texts, options=tpb.TranslateOptions(**options))
     return list(stub.Translate(request, timeout=60).translations)
 
@@ -58,6 +64,7 @@ def test_a_document_equals_its_sentences_one_by_one(stub: tpb_grpc.TranslatorStu
     [whole] = translate(stub, model, [DOCUMENT], max_new_tokens=12)
     assert whole.text == doc.reassemble([t.text for t in one_by_one])  # whitespace as sent, sentence for sentence
     assert whole.tokens == sum(t.tokens for t in one_by_one)
+    assert sum(bool(t.text.strip()) for t in one_by_one) >= 5  # the model really translates them
     # two documents in one request, and the beam: the same per sentence
     both = translate(stub, model, [DOCUMENT, "nineteen. twenty."], max_new_tokens=12, beam_size=3)
     beams = [translate(stub, model, [s], max_new_tokens=12, beam_size=3, segmentation=tpb.SEGMENTATION_WHOLE)[0]
@@ -74,8 +81,10 @@ def test_a_stream_yields_sentences_in_order_and_joins_to_the_unary_text(stub: tp
     pieces = [r.piece for r in replies if not r.done]
     assert "".join(pieces) == unary.text and replies[-1].done and replies[-1].tokens == unary.tokens
     doc = split_document(DOCUMENT)
-    assert len(pieces) == len(doc.spans) + 1  # one per sentence, with the whitespace before it; then the tail
-    assert pieces[-1] == doc.tail() and all(p.startswith(doc.gap_before(i)) for i, p in enumerate(pieces[:-1]))
+    one_by_one = [translate(stub, model, [s], max_new_tokens=12, segmentation=tpb.SEGMENTATION_WHOLE)[0].text
+                  for s in doc.sentences]
+    expected = [doc.gap_before(i) + t for i, t in enumerate(one_by_one)] + [doc.tail()]
+    assert pieces == [p for p in expected if p]  # sentence by sentence, in order, each with the gap before it
     tokens = [r.tokens for r in replies]
     assert tokens == sorted(tokens)  # counts only grow
 
@@ -85,12 +94,12 @@ def test_a_sentence_longer_than_the_encoder_takes_is_cut_not_refused(stub: tpb_g
                                                                      model: str) -> None:
     rng = np.random.default_rng(0)
     words = ["seven", "hundred", "and", "twelve", "forty", "three,", "nine"]
-    long = " ".join(rng.choice(words, 400))  # ~1000 tokens; the encoder takes 47
+    long = " ".join(rng.choice(words, 400))  # several hundred tokens; the encoder takes 63
     with pytest.raises(grpc.RpcError) as refused:
         translate(stub, model, [long], segmentation=tpb.SEGMENTATION_WHOLE)
-    assert "exceed max_input_tokens 47" in refused.value.details()
-    [answer] = translate(stub, model, [long], max_new_tokens=4)
-    assert answer.tokens > 0 and answer.text
+    assert "exceed max_input_tokens 63" in refused.value.details()
+    [answer] = translate(stub, model, [long], max_new_tokens=8)
+    assert answer.tokens > 8 and answer.text.strip()  # several pieces, each translated
 
 
 @pytest.mark.parametrize(("text", "words"), [
@@ -105,17 +114,12 @@ def test_document_limits_are_refused_by_name(stub: tpb_grpc.TranslatorStub, text
     assert translate(stub, "doc-continuous", ["seven. eight."])[0].text  # and the next request is answered
 
 
-def test_budgets_default_per_sentence_and_limit_at_the_decoders_positions(stub: tpb_grpc.TranslatorStub) -> None:
-    """tiny-mt's default budget is 16 and its decoder has 48 positions: 32 is allowed, 48 is not; without a
-    budget a long sentence may run past 16 tokens (2 x source + 10)."""
-    assert translate(stub, "doc-continuous", ["seven"], max_new_tokens=32)[0].tokens <= 32
+def test_a_budget_is_limited_by_the_decoders_positions_not_the_default(stub: tpb_grpc.TranslatorStub) -> None:
+    """The zoo translator's default budget is 40 and its decoder has 64 positions: 50 is allowed, 64 is not."""
+    assert translate(stub, "doc-continuous", ["seven"], max_new_tokens=50)[0].tokens <= 50
     with pytest.raises(grpc.RpcError) as refused:
-        translate(stub, "doc-continuous", ["seven"], max_new_tokens=48)
-    assert "exceeds the model's limit of 47 (max_new_tokens_limit)" in refused.value.details()
-    long = " ".join(["seven hundred and twelve"] * 4)
-    default = translate(stub, "doc-continuous", [long], segmentation=tpb.SEGMENTATION_WHOLE)[0]
-    scaled = translate(stub, "doc-continuous", [long])[0]
-    assert default.tokens <= 16 and (scaled.tokens > 16 or scaled.tokens == default.tokens)
+        translate(stub, "doc-continuous", ["seven"], max_new_tokens=64)
+    assert "exceeds the model's limit of 63 (max_new_tokens_limit)" in refused.value.details()
 
 
 def test_kserve_takes_segmentation_as_a_parameter(doc_repo: Path, stub: tpb_grpc.TranslatorStub) -> None:
@@ -138,3 +142,30 @@ def test_kserve_takes_segmentation_as_a_parameter(doc_repo: Path, stub: tpb_grpc
         with pytest.raises(grpc.RpcError) as refused:
             infer(segmentation="paragraphs")
         assert 'parameters.segmentation: must be "sentences" or "whole"' in refused.value.details()
+
+
+def test_repeated_sentences_come_from_the_cache_with_the_same_text(doc_repo: Path) -> None:
+    """A document repeating its sentences: the first request decodes each distinct sentence once, a second one
+    takes them all from the cache; hits equal misses, and cache=false decodes afresh."""
+    document = " ".join(["seven hundred and twelve.", "forty-one!", "seven hundred and twelve.", "nine."] * 5)
+    with running_server(doc_repo) as server, grpc.insecure_channel(server.address) as channel:
+        stub = tpb_grpc.TranslatorStub(channel)
+        first = translate(stub, "doc-continuous", [document], max_new_tokens=12)[0]
+        after_first = cache_events(server)
+        second = translate(stub, "doc-continuous", [document], max_new_tokens=12)[0]
+        after_second = cache_events(server)
+        fresh = translate(stub, "doc-continuous", [document], max_new_tokens=12, cache=False)[0]
+        sentence_by_sentence = [translate(stub, "doc-continuous", [s], max_new_tokens=12, cache=False)[0].text
+                                for s in ("seven hundred and twelve.", "forty-one!", "nine.")]
+        assert first.text == second.text == fresh.text and first.tokens == second.tokens == fresh.tokens
+        assert first.text == " ".join([sentence_by_sentence[i] for i in (0, 1, 0, 2)] * 5)
+        assert after_first["miss"] == 20 and after_first["hit"] == 0  # 3 distinct sentences decoded, once each
+        assert after_second["hit"] - after_first["hit"] == 20 and after_second["miss"] == after_first["miss"]
+        assert cache_events(server) == after_second  # cache=false neither looks up nor counts
+        assert scrape(server)['transerve_translation_cache_bytes{model="doc-continuous"}'] > 0
+
+
+def cache_events(server: ServerProcess) -> dict[str, float]:
+    samples = scrape(server)
+    return {kind: samples[f'transerve_translation_cache_total{{model="doc-continuous",event="{kind}"}}']
+            for kind in ("hit", "miss", "eviction")}

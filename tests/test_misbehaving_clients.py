@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import ServerProcess, running_server, scrape, total, wait_for
+from helpers import ServerProcess, running_server, scrape, total, wait_for, without_sentence_cache
 from reliability import counts, record_figures, settled
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -56,6 +56,7 @@ def server(small_repo: Path, long_repo: Path, tmp_path_factory: pytest.TempPathF
     repo = tmp_path_factory.mktemp("misbehaving-repo")
     shutil.copytree(small_repo / "tiny-vit", repo / "tiny-vit")
     shutil.copytree(long_repo / "long-mt", repo / "long-mt")
+    without_sentence_cache(repo / "long-mt")  # each killed request must be decoding, not answered from the cache
     with running_server(repo) as server:
         yield server
 

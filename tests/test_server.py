@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import ServerProcess, metrics_text, offline_text, png_bytes
+from helpers import ServerProcess, metrics_text, offline_text, png_bytes, sentence_budget
 from PIL import Image
 from transerve.preprocessing import ImagePreprocessing
 from transerve.server.backends.sessions import make_session
@@ -49,7 +49,7 @@ def offline_logits(repo: Path, images: np.ndarray) -> np.ndarray:
 
 
 def offline_translations(repo: Path, texts: list[str]) -> list[str]:
-    return [offline_text(repo, "tiny-mt", text, 16) for text in texts]  # the entry's max_new_tokens
+    return [offline_text(repo, "tiny-mt", text, sentence_budget(repo, "tiny-mt", text)) for text in texts]
 
 
 def test_health_and_server_metadata(channel: grpc.Channel) -> None:

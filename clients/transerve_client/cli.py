@@ -21,8 +21,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("health", help="exit 0 when the server is ready, 1 when not")
     sub.add_parser("models", help="list the models ready for inference")
-    t = sub.add_parser("translate", help="translate TEXT arguments, or one text per stdin line")
-    t.add_argument("texts", nargs="*", help="texts to translate (none: read stdin)")
+    t = sub.add_parser("translate", help="translate TEXT arguments, a document (--file), or one text per stdin line")
+    t.add_argument("texts", nargs="*", help="texts to translate, each sentence by sentence (none: read stdin)")
+    t.add_argument("--file", help="translate this UTF-8 file as one document (paragraphs and line breaks kept)")
+    t.add_argument("--whole", action="store_true",
+                   help="send each text to the model as one input, unsplit (refused when too long for the model)")
     t.add_argument("--model", help="translator name (default: the server's default)")
     t.add_argument("--beam-size", type=int, help="beam width (default: the model's)")
     t.add_argument("--max-new-tokens", type=int, help="generation budget per text")
@@ -43,9 +46,12 @@ def run(args: argparse.Namespace, client: TranserveClient) -> int:
         print(json.dumps(names) if args.json else "\n".join(names))
         return 0
     if args.command == "translate":
-        texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-        out = client.translate(texts, model=args.model, beam_size=args.beam_size,
-                               max_new_tokens=args.max_new_tokens)
+        texts = _texts(args)
+        out = client.translate(texts, model=args.model, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
+                               segmentation="whole" if args.whole else "sentences")
+        if args.file and not args.json:
+            sys.stdout.write(out[0])
+            return 0
         print(json.dumps([{"text": s, "translation": t} for s, t in zip(texts, out, strict=True)], ensure_ascii=False)
               if args.json else "\n".join(out))
         return 0
@@ -59,6 +65,15 @@ def run(args: argparse.Namespace, client: TranserveClient) -> int:
     return 0
 
 
+def _texts(args: argparse.Namespace) -> list[str]:
+    if args.file:
+        if args.texts:
+            raise TypeError("translate: give texts or --file, not both")
+        with open(args.file, encoding="utf-8") as f:
+            return [f.read()]
+    return args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -67,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TranserveError as e:
         print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
         return 2
-    except (OSError, TypeError, ImportError) as e:
+    except (OSError, TypeError, ImportError, UnicodeDecodeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

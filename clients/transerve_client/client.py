@@ -131,23 +131,31 @@ class TranserveClient(_Base):
 
     def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
                   max_new_tokens: int | None = None, length_penalty: float | None = None,
-                  timeout: float | None = None) -> list[str]:
+                  segmentation: str = "sentences", timeout: float | None = None) -> list[str]:
         """Translations of ``texts``, in order (``model=None``: the server's default translator); more texts
-        than the model takes per request are split (see the module's docstring)."""
+        than the model takes per request are split (see the module's docstring). Each text is a document:
+        the server translates it sentence by sentence and keeps its whitespace (``segmentation="whole"``: one
+        model input, refused when too long for the model)."""
         if isinstance(texts, str):
             raise TypeError("translate() takes a list of texts; wrap a single text in a list")
 
         def one(part: Sequence[str]) -> list[str]:
-            request = rq.translate_request(part, model, beam_size, max_new_tokens, length_penalty)
+            request = rq.translate_request(part, model, beam_size, max_new_tokens, length_penalty, segmentation)
             return [t.text for t in self._call(self._translator.Translate, request, timeout).translations]
 
         return self._split(list(texts), self._limit("translate", model, timeout), one)
 
-    def translate_stream(self, text: str, *, model: str | None = None, timeout: float | None = None
-                         ) -> Iterator[str]:
-        """Pieces of the translation as the server produces them."""
+    def translate_document(self, document: str, *, model: str | None = None, beam_size: int | None = None,
+                           timeout: float | None = None) -> str:
+        """One document of any length the server's limits allow (``documents.max_document_chars``), translated
+        sentence by sentence with its paragraphs, line breaks and spacing kept."""
+        return self.translate([document], model=model, beam_size=beam_size, timeout=timeout)[0]
+
+    def translate_stream(self, text: str, *, model: str | None = None, segmentation: str = "sentences",
+                         timeout: float | None = None) -> Iterator[str]:
+        """Pieces of the translation as the server produces them (a document: sentence by sentence)."""
         try:
-            for message in self._translator.TranslateStream(rq.stream_request(text, model),
+            for message in self._translator.TranslateStream(rq.stream_request(text, model, segmentation),
                                                             timeout=timeout or self.timeout, metadata=self._metadata):
                 if message.piece:
                     yield message.piece
@@ -250,19 +258,24 @@ class AsyncTranserveClient(_Base):
 
     async def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
                         max_new_tokens: int | None = None, length_penalty: float | None = None,
-                        timeout: float | None = None) -> list[str]:
+                        segmentation: str = "sentences", timeout: float | None = None) -> list[str]:
         if isinstance(texts, str):
             raise TypeError("translate() takes a list of texts; wrap a single text in a list")
 
         async def one(part: Sequence[str]) -> list[str]:
-            request = rq.translate_request(part, model, beam_size, max_new_tokens, length_penalty)
+            request = rq.translate_request(part, model, beam_size, max_new_tokens, length_penalty, segmentation)
             return [t.text for t in (await self._call(self._translator.Translate, request, timeout)).translations]
 
         return await self._split(list(texts), await self._limit("translate", model, timeout), one)
 
-    async def translate_stream(self, text: str, *, model: str | None = None, timeout: float | None = None
-                               ) -> AsyncIterator[str]:
-        call = self._translator.TranslateStream(rq.stream_request(text, model), timeout=timeout or self.timeout,
+    async def translate_document(self, document: str, *, model: str | None = None, beam_size: int | None = None,
+                                 timeout: float | None = None) -> str:
+        return (await self.translate([document], model=model, beam_size=beam_size, timeout=timeout))[0]
+
+    async def translate_stream(self, text: str, *, model: str | None = None, segmentation: str = "sentences",
+                               timeout: float | None = None) -> AsyncIterator[str]:
+        call = self._translator.TranslateStream(rq.stream_request(text, model, segmentation),
+                                                timeout=timeout or self.timeout,
                                                 metadata=self._metadata)
         try:
             async for message in call:

@@ -8,8 +8,8 @@ the mistake (the message lists what the model takes). Types are checked against 
 Accepted:
 - every model: ``timeout`` (microseconds, Triton's meaning; the tighter of it and the gRPC deadline wins);
 - translators: ``beam_size``, ``max_new_tokens``, ``length_penalty``, ``segmentation`` (``"sentences"``, the
-  default, or ``"whole"``; as ``TranslateOptions``) and ``stream`` (Triton's decoupled convention,
-  ``ModelStreamInfer`` only).
+  default, or ``"whole"``), ``cache`` (a bool; false: bypass the sentence cache) — as ``TranslateOptions`` —
+  and ``stream`` (Triton's decoupled convention, ``ModelStreamInfer`` only).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _NUMBER_KINDS = (*_INTEGER_KINDS, "double_param")
 _COMMON = {"timeout": (_INTEGER_KINDS, "an integer of microseconds")}
 _TRANSLATE = {"beam_size": (_INTEGER_KINDS, "an integer"), "max_new_tokens": (_INTEGER_KINDS, "an integer"),
               "length_penalty": (_NUMBER_KINDS, "a number"), "stream": (("bool_param",), "a bool"),
-              "segmentation": (("string_param",), '"sentences" or "whole"')}
+              "segmentation": (("string_param",), '"sentences" or "whole"'), "cache": (("bool_param",), "a bool")}
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class InferParameters:
     length_penalty: float | None = None
     stream: bool = False
     segmentation: Literal["sentences", "whole"] = "sentences"
+    cache: bool = True
 
     def deadline(self, grpc_deadline: float | None) -> float | None:
         """The tighter of the gRPC deadline (a monotonic instant) and ``timeout``."""
@@ -68,7 +69,7 @@ def parse_parameters(parameters: Any, task: str) -> InferParameters:
         beam_size=_bounded(values, "beam_size", 1, 1 << 31), max_new_tokens=_bounded(values, "max_new_tokens", 1,
                                                                                       1 << 31),
         length_penalty=_finite(values, "length_penalty"), stream=bool(values.get("stream", False)),
-        segmentation=_segmentation(values))
+        segmentation=_segmentation(values), cache=bool(values.get("cache", True)))
 
 
 def _segmentation(values: dict[str, Any]) -> Literal["sentences", "whole"]:

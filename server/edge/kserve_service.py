@@ -132,7 +132,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         text = decoded_texts(texts)[0]
         tokens = 0
         async for piece in model.stream(text, parameters.max_new_tokens, parameters.deadline(deadline_from(time_left)),
-                                        parameters.beam_size, parameters.length_penalty, parameters.segmentation):
+                                        parameters.beam_size, parameters.length_penalty, parameters.segmentation,
+                                        parameters.cache):
             tokens = piece.tokens
             if not piece.text:
                 continue
@@ -242,7 +243,7 @@ async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline:
     decoded = decoded_texts(texts)
     p = parameters or InferParameters()
     results = await model.translate(decoded, p.max_new_tokens, deadline, field="inputs.text", beam_size=p.beam_size,
-                                    length_penalty=p.length_penalty, segmentation=p.segmentation)
+                                    length_penalty=p.length_penalty, segmentation=p.segmentation, use_cache=p.cache)
     return {"translation": np.array([r.text.encode() for r in results], dtype=np.object_).reshape(texts.shape)}
 
 

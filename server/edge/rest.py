@@ -73,7 +73,8 @@ class RequestOutput(BaseModel):
 class InferenceRequest(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="timeout (µs), beam_size, max_new_tokens, "
-                                                                "length_penalty, segmentation, binary_data_output")
+                                                                "length_penalty, segmentation, cache, "
+                                                                "binary_data_output")
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = None
 

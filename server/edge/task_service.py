@@ -33,7 +33,8 @@ class TranslatorService(pb_grpc.TranslatorServicer):
             results = await model.translate(list(request.texts), opts.max_new_tokens or None,
                                             deadline_of(context), field="texts",
                                             beam_size=opts.beam_size or None, length_penalty=length_penalty(opts),
-                                            segmentation=segmentation(opts))
+                                            segmentation=segmentation(opts),
+                                            use_cache=opts.cache if opts.HasField("cache") else True)
             self.metrics.generated_tokens.labels(model.name).inc(sum(len(r.ids) for r in results))
             return pb.TranslateResponse(model=model.name, model_version=model.version,
                                         translations=[pb.Translation(text=r.text, tokens=len(r.ids))
@@ -53,7 +54,8 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                 call.scope.model = model.name
                 opts = request.options
                 async for piece in model.stream(request.text, opts.max_new_tokens or None, deadline_of(context),
-                                                opts.beam_size or None, length_penalty(opts), segmentation(opts)):
+                                                opts.beam_size or None, length_penalty(opts), segmentation(opts),
+                                                opts.cache if opts.HasField("cache") else True):
                     tokens = piece.tokens
                     if piece.text:
                         yield pb.TranslateStreamResponse(piece=piece.text, tokens=tokens)

@@ -2,9 +2,10 @@
 a sentence too long for the encoder cut at its best boundary, tokenized, and given its budget.
 
 Budgets: a request's ``max_new_tokens`` applies to every sentence (up to the model's hard limit, the decoder's
-positions); without one, each sentence gets the larger of the model's default budget and twice its source
-tokens plus 10, capped by the hard limit — so a long sentence is not cut short by a default sized for short
-ones, and a short one is not given room to ramble.
+positions); without one, each sentence may make the larger of the model's default budget (its generation
+config: what the library's own ``generate`` would allow, so an imported model still answers as its library
+does) and twice its source tokens (EOS included) plus 10, capped by the hard limit — so a long sentence is not
+cut short by a small default sized for short ones.
 """
 
 from __future__ import annotations

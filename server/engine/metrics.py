@@ -80,6 +80,10 @@ class Metrics:
         self.time_to_first_token = Histogram("transerve_time_to_first_token_seconds",
                                              "Arrival to first generated token", ["model"],
                                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.translation_cache = Counter("transerve_translation_cache", "Sentence cache look-ups (hit, miss) and "
+                                         "evictions", ["model", "event"], registry=r)
+        self.translation_cache_bytes = Gauge("transerve_translation_cache_bytes", "Bytes held by the sentence cache",
+                                             ["model"], registry=r)
         self.request_tokens = Histogram("transerve_request_tokens", "Tokens generated per request", ["model"],
                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
 

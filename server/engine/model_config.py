@@ -109,10 +109,13 @@ class ModelConfig(BaseModel):
     labels: str | None = None
     # translate
     max_input_tokens: int = Field(128, ge=1)
-    max_new_tokens: int = Field(64, ge=1)  # the default budget (the checkpoint's generation config)
+    # the default budget (the checkpoint's generation config); a document's sentence may make more, up to
+    # 2 x its source tokens + 10 (server/engine/document_plan.py)
+    max_new_tokens: int = Field(64, ge=1)
     # the hard limit a request may ask for: the decoder's positions (older entries: max_new_tokens)
     max_new_tokens_limit: int | None = Field(None, ge=1)
     documents: Documents = Documents()
+    translation_cache_mb: float = Field(64.0, ge=0, le=65_536)  # translated sentences remembered; 0: off
     beam_size: int = Field(1, ge=1, le=16)
     scheduler: Scheduler = Scheduler()
     generation: Generation = Generation()

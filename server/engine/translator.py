@@ -20,6 +20,7 @@ from transerve.server.engine.loaded_model import Limits, LoadedModel
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.model_config import ModelConfig, token_limit
 from transerve.server.engine.scheduler import ContinuousScheduler, SchedulerCaps, SequenceRequest
+from transerve.server.engine.sentence_cache import CachedSentence, CacheKey, SentenceCache
 from transerve.server.engine.seq2seq import DecoderLayout, OrtSeq2Seq, pad_ids
 from transerve.server.exceptions import ConfigError, DeadlineExceeded, RequestError
 
@@ -89,6 +90,7 @@ class TranslatorModel(LoadedModel):
         self.planner = DocumentPlanner(self.tokenizer, d.eos_id, TextLimits(
             config.documents.max_document_chars, config.documents.max_document_sentences, config.max_input_tokens,
             config.max_new_tokens, token_limit(config), config.documents.language))
+        self.cache = SentenceCache(int(config.translation_cache_mb * 2**20))
         self.scheduler: ContinuousScheduler | None = None
         if config.scheduler.mode == "continuous":
             if "decoder_step_ragged" in runners:
@@ -127,6 +129,10 @@ class TranslatorModel(LoadedModel):
             stats = self.scheduler.stats
             metrics.queue_length.labels(self.name).set_function(lambda: stats.queued)
             self.scheduler.on_drop = lambda reason, count: metrics.on_drop(self.name, reason, count)
+        counters = {kind: metrics.translation_cache.labels(self.name, kind) for kind in ("hit", "miss", "eviction")}
+        self.cache.on_event = lambda kind, count: counters[kind].inc(count)
+        cache = self.cache
+        metrics.translation_cache_bytes.labels(self.name).set_function(lambda: cache.bytes)
 
     async def start(self) -> None:
         if self.scheduler is None:
@@ -188,7 +194,7 @@ class TranslatorModel(LoadedModel):
 
     async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
                         field: str = "texts", beam_size: int | None = None, length_penalty: float | None = None,
-                        segmentation: Segmentation = "sentences") -> list[TranslationResult]:
+                        segmentation: Segmentation = "sentences", use_cache: bool = True) -> list[TranslationResult]:
         """Each text translated: as a document (its sentences decoded together with every other sentence in
         flight, then put back with the text's own whitespace) or, with ``segmentation="whole"``, as one input."""
         o = self._options(max_new_tokens, beam_size, length_penalty)
@@ -198,17 +204,39 @@ class TranslatorModel(LoadedModel):
                                      deadline)
             return [TranslationResult(r, t) for r, t in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
         self._check_count(texts, field)
+        if deadline is not None and time.monotonic() > deadline:  # not answered late, even from the cache
+            raise DeadlineExceeded("deadline passed before translating")
         plans = self.planner.plan(texts, field, o.max_new_tokens)
-        ids = await self._decode([s for p in plans for s in p.sources], [b for p in plans for b in p.budgets], o,
-                                 deadline)
-        sentences = self.tokenizer.decode_batch(ids)
+        done = await self._sentences([s for p in plans for s in p.document.sentences],
+                                     [s for p in plans for s in p.sources], [b for p in plans for b in p.budgets],
+                                     o, deadline, use_cache)
         results, start = [], 0
         for plan in plans:
-            end = start + len(plan.sources)
-            results.append(TranslationResult([t for row in ids[start:end] for t in row],
-                                             plan.document.reassemble(sentences[start:end])))
-            start = end
+            mine = done[start:start + len(plan.sources)]
+            results.append(TranslationResult([t for m in mine for t in m.ids],
+                                             plan.document.reassemble([m.text for m in mine])))
+            start += len(plan.sources)
         return results
+
+    async def _sentences(self, sentences: list[str], sources: list[list[int]], budgets: list[int],
+                         o: DecodeOptions, deadline: float | None, use_cache: bool) -> list[CachedSentence]:
+        """Each sentence's translation: from the cache, or decoded — a sentence repeated within the request
+        decoded once."""
+        keys = [CacheKey(s, b, o.beam_size, o.length_penalty) for s, b in zip(sentences, budgets, strict=True)]
+        use_cache = use_cache and self.cache.enabled
+        found = [self.cache.get(k) if use_cache else None for k in keys]
+        todo: dict[CacheKey, int] = {}
+        for i, (key, hit) in enumerate(zip(keys, found, strict=True)):
+            if hit is None:
+                todo.setdefault(key, i)
+        ids = await self._decode([sources[i] for i in todo.values()], [budgets[i] for i in todo.values()], o,
+                                 deadline)
+        decoded = {key: CachedSentence(tuple(row), text)
+                   for key, row, text in zip(todo, ids, self.tokenizer.decode_batch(ids), strict=True)}
+        if use_cache:
+            for key, value in decoded.items():
+                self.cache.put(key, value)
+        return [hit or decoded[key] for key, hit in zip(keys, found, strict=True)]
 
     async def _decode(self, sources: list[list[int]], budgets: list[int], o: DecodeOptions,
                       deadline: float | None) -> list[list[int]]:
@@ -230,7 +258,7 @@ class TranslatorModel(LoadedModel):
 
     async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None,
                      beam_size: int | None = None, length_penalty: float | None = None,
-                     segmentation: Segmentation = "sentences") -> AsyncIterator[StreamPiece]:
+                     segmentation: Segmentation = "sentences", use_cache: bool = True) -> AsyncIterator[StreamPiece]:
         """Text pieces as tokens are made, the last one with the final count (its piece may be empty); closing
         the iterator (a cancelled client) takes the sequences out of the batch at the next step. Beam search
         streams its result when it is final (a beam's tokens are not settled before). No piece ever splits a
@@ -247,7 +275,7 @@ class TranslatorModel(LoadedModel):
         plan = self.planner.plan_one(text, "text", o.max_new_tokens)
         document, made = plan.document, 0
         if len(plan.sources) > 1:
-            async for piece in self._stream_sentences(plan, o, deadline):
+            async for piece in self._stream_sentences(plan, o, deadline, use_cache):
                 yield piece
             return
         if document.gap_before(0):
@@ -258,16 +286,18 @@ class TranslatorModel(LoadedModel):
         if document.tail():
             yield StreamPiece(document.tail(), made)
 
-    async def _stream_sentences(self, plan: DocumentPlan, o: DecodeOptions, deadline: float | None
-                                ) -> AsyncIterator[StreamPiece]:
-        tasks = [asyncio.ensure_future(self._decode([source], [budget], o, deadline))
-                 for source, budget in zip(plan.sources, plan.budgets, strict=True)]
+    async def _stream_sentences(self, plan: DocumentPlan, o: DecodeOptions, deadline: float | None,
+                                use_cache: bool) -> AsyncIterator[StreamPiece]:
+        sentences = plan.document.sentences
+        tasks = [asyncio.ensure_future(self._sentences([sentences[i]], [plan.sources[i]], [plan.budgets[i]], o,
+                                                       deadline, use_cache))
+                 for i in range(len(sentences))]
         made = 0
         try:
             for i, task in enumerate(tasks):
-                ids = (await task)[0]
-                made += len(ids)
-                yield StreamPiece(plan.document.gap_before(i) + self.tokenizer.decode(ids), made)
+                one = (await task)[0]
+                made += len(one.ids)
+                yield StreamPiece(plan.document.gap_before(i) + one.text, made)
             yield StreamPiece(plan.document.tail(), made)
         finally:
             for task in tasks:

@@ -15,16 +15,18 @@ SEGMENTATION_SENTENCES: Segmentation
 SEGMENTATION_WHOLE: Segmentation
 
 class TranslateOptions(_message.Message):
-    __slots__ = ("beam_size", "max_new_tokens", "length_penalty", "segmentation")
+    __slots__ = ("beam_size", "max_new_tokens", "length_penalty", "segmentation", "cache")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
     SEGMENTATION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     max_new_tokens: int
     length_penalty: float
     segmentation: Segmentation
-    def __init__(self, beam_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ..., segmentation: _Optional[_Union[Segmentation, str]] = ...) -> None: ...
+    cache: bool
+    def __init__(self, beam_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ..., segmentation: _Optional[_Union[Segmentation, str]] = ..., cache: _Optional[bool] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
     __slots__ = ("model", "texts", "options")
