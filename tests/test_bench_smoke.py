@@ -41,6 +41,7 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
     "scaling_bench.py": (["--repo", "{repo}", "--duration", "1", "--repeats", "1"], "## Scale-out"),
     "image_bench.py": (["--quick", "--seconds", "0.5", "--repeats", "1"], "## Image path"),
     "sentence_splitters.py": (["--repeats", "1"], "## Sentence splitters"),
+    "document_bench.py": (["--work", "{work}", "--repeats", "1", "--budget", "4"], "## Document translation"),
 }
 
 

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from helpers import ServerProcess, running_server, scrape
+from helpers import ServerProcess, running_server, scrape, total
 from transerve.server.engine.documents import split_document
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -167,5 +167,5 @@ def test_repeated_sentences_come_from_the_cache_with_the_same_text(doc_repo: Pat
 
 def cache_events(server: ServerProcess) -> dict[str, float]:
     samples = scrape(server)
-    return {kind: samples[f'transerve_translation_cache_total{{model="doc-continuous",event="{kind}"}}']
+    return {kind: total(samples, "transerve_translation_cache_total", model="doc-continuous", event=kind)
             for kind in ("hit", "miss", "eviction")}

@@ -53,14 +53,17 @@ def mostly(usual: st.SearchStrategy, odd: st.SearchStrategy) -> st.SearchStrateg
 
 versions = mostly(real_versions, st.sampled_from(["0", "-1", "99", "1.0"]) | st.text(max_size=4))
 dims = st.lists(st.sampled_from([-1, 0, 1, 2, 3, 4, 8, 65]) | st.integers(-(1 << 40), 1 << 40), max_size=5)
-texts = st.text(max_size=64) | st.sampled_from(["seven", "one hundred and seven", " ", "\t\n"])
+texts = st.text(max_size=64) | st.sampled_from(["seven", "one hundred and seven", " ", "\t\n"]) | \
+    st.lists(st.sampled_from(["seven.", "Eight!", "\n\n", "  ", "- nine", "1.", "…", "x" * 300, "。"]),
+             max_size=12).map("".join)  # documents: sentences, paragraphs, list items, a long unpunctuated run
 uint32 = st.sampled_from([0, 1, 2, 4, 8, 9, 16, 17]) | st.integers(0, (1 << 32) - 1)
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 
 
 @st.composite
 def parameters(draw: st.DrawFn, message: pb.ModelInferRequest) -> None:
-    keys = st.sampled_from(["beam_size", "max_new_tokens", "length_penalty", "stream", "timeout", "top_k"])
+    keys = st.sampled_from(["beam_size", "max_new_tokens", "length_penalty", "stream", "timeout", "top_k",
+                            "segmentation", "cache"])
     for key in draw(st.lists(keys | st.text(max_size=8), max_size=3)):
         slot = message.parameters[key]
         choice = draw(st.integers(0, 4))
@@ -136,9 +139,12 @@ def classify_requests(draw: st.DrawFn) -> tpb.ClassifyRequest:
 
 @st.composite
 def translate_options(draw: st.DrawFn) -> tpb.TranslateOptions:
-    options = tpb.TranslateOptions(beam_size=draw(uint32), max_new_tokens=draw(uint32))
+    options = tpb.TranslateOptions(beam_size=draw(uint32), max_new_tokens=draw(uint32),
+                                   segmentation=draw(st.sampled_from([0, 0, 1, 2, 1 << 20])))
     if draw(st.booleans()):
         options.length_penalty = draw(floats)
+    if draw(st.booleans()):
+        options.cache = draw(st.booleans())
     return options
 
 
