@@ -178,6 +178,19 @@ BAD_TRANSLATE = {
                                                options=tpb.TranslateOptions(length_penalty=float("nan"))),
     "too many texts": tpb.TranslateRequest(texts=["seven"] * 10_000),
     "unknown model": tpb.TranslateRequest(texts=["seven"], model="../tiny-mt"),
+    "whitespace-only document": tpb.TranslateRequest(texts=[" \n\n\t \u00a0", "seven"]),
+    # cut into more pieces than a document may hold (tiny-mt's encoder takes 47 tokens): refused by name
+    "50 000-character sentence without punctuation": tpb.TranslateRequest(texts=["seven " * 8_334]),
+    "too many sentences": tpb.TranslateRequest(texts=["Seven. " * 300]),
+    "unknown segmentation": tpb.TranslateRequest(texts=["seven"], options=tpb.TranslateOptions(segmentation=9)),
+}
+# documents that look hostile but are fine: answered, each with its whitespace kept
+ODD_GOOD_DOCUMENTS = {
+    "12 000 characters, no punctuation": "seven " * 2_000,
+    "one 4 000-character word": "x" * 4_000,
+    "punctuation only": "... !!! ??? …",
+    "markup as text": "<p>seven <b>eight</b></p>\n\n<!-- nine -->",
+    "paragraph breaks only around one word": "\n\n\n  seven  \n\n\n",
 }
 
 
@@ -252,12 +265,23 @@ def test_bad_translations_are_refused_by_field(channel: grpc.Channel, healthy: C
                                                case: str) -> None:
     translator = tpb_grpc.TranslatorStub(channel)
     _, message = client_error(lambda: translator.Translate(BAD_TRANSLATE[case], timeout=30))
-    assert any(w in message for w in ("texts", "beam_size", "max_new_tokens", "length_penalty", "model")), message
+    assert any(w in message for w in ("texts", "beam_size", "max_new_tokens", "length_penalty", "model",
+                                      "segmentation")), message
     if BAD_TRANSLATE[case].texts:
         stream = tpb.TranslateStreamRequest(text=BAD_TRANSLATE[case].texts[0], model=BAD_TRANSLATE[case].model,
                                             options=BAD_TRANSLATE[case].options)
         if case != "too many texts":
             client_error(lambda: list(translator.TranslateStream(stream, timeout=30)))
+    healthy()
+
+
+@pytest.mark.parametrize("case", list(ODD_GOOD_DOCUMENTS))
+def test_odd_but_valid_documents_are_answered(channel: grpc.Channel, healthy: Callable[[], None], case: str) -> None:
+    text = ODD_GOOD_DOCUMENTS[case]
+    reply = tpb_grpc.TranslatorStub(channel).Translate(tpb.TranslateRequest(texts=[text]), timeout=120)
+    [translation] = reply.translations
+    lead, trail = text[:len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+    assert translation.text.startswith(lead) and translation.text.endswith(trail)  # the document's own spacing
     healthy()
 
 

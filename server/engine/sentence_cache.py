@@ -8,8 +8,9 @@ event loop (no lock): looked up before a sentence joins the batch, filled when i
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 ENTRY_OVERHEAD = 200  # bytes of Python objects around an entry's strings and ids, roughly
@@ -43,13 +44,14 @@ class SentenceCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: CacheKey) -> CachedSentence | None:
+    def get(self, key: CacheKey, count: bool = True) -> CachedSentence | None:
+        """The entry, made the most recent; ``count``: a hit or a miss for the metrics (the translator counts
+        itself when a miss may still be served by a decode already under way)."""
         found = self._entries.get(key)
-        if found is None:
-            self.on_event("miss", 1)
-            return None
-        self._entries.move_to_end(key)
-        self.on_event("hit", 1)
+        if found is not None:
+            self._entries.move_to_end(key)
+        if count:
+            self.on_event("miss" if found is None else "hit", 1)
         return found
 
     def put(self, key: CacheKey, value: CachedSentence) -> None:
@@ -69,3 +71,63 @@ class SentenceCache:
 
 def _size(key: CacheKey, value: CachedSentence) -> int:
     return ENTRY_OVERHEAD + len(key.sentence.encode()) + len(value.text.encode()) + 8 * len(value.ids)
+
+
+Decode = Callable[[list[int]], Awaitable[list[CachedSentence]]]
+
+
+class SharedSentences:
+    """The cache, plus the decodes under way: a sentence that another request (or an earlier place in this one)
+    is already decoding is awaited, not decoded again. Counted as a hit; a miss is a sentence decoded here."""
+
+    def __init__(self, cache: SentenceCache) -> None:
+        self.cache = cache
+        self._under_way: dict[CacheKey, asyncio.Future[CachedSentence | None]] = {}
+
+    async def translate(self, keys: list[CacheKey], decode: Decode) -> list[CachedSentence]:
+        """Each key's translation; ``decode(indices)`` decodes the sentences at those indices of ``keys``."""
+        found: dict[CacheKey, CachedSentence] = {}
+        waits: dict[CacheKey, asyncio.Future[CachedSentence | None]] = {}
+        mine: dict[CacheKey, int] = {}
+        for i, key in enumerate(keys):
+            if key in found or key in waits or key in mine:
+                continue
+            hit = self.cache.get(key, count=False)
+            if hit is not None:
+                found[key] = hit
+            elif key in self._under_way:
+                waits[key] = self._under_way[key]
+            else:
+                mine[key] = i
+        self.cache.on_event("hit", len(keys) - len(mine))
+        self.cache.on_event("miss", len(mine))
+        found |= await self._decode_mine(mine, decode)
+        retry: dict[CacheKey, int] = {}
+        for key, future in waits.items():
+            value = await asyncio.shield(future)
+            if value is None:  # that decode failed or was cancelled with its request: do it here
+                retry[key] = keys.index(key)
+            else:
+                found[key] = value
+        if retry:
+            found |= await self._decode_mine(retry, decode)
+        return [found[key] for key in keys]
+
+    async def _decode_mine(self, mine: dict[CacheKey, int], decode: Decode) -> dict[CacheKey, CachedSentence]:
+        if not mine:
+            return {}
+        loop = asyncio.get_running_loop()
+        futures = {key: loop.create_future() for key in mine}
+        self._under_way.update(futures)
+        decoded: dict[CacheKey, CachedSentence] = {}
+        try:
+            decoded = dict(zip(mine, await decode(list(mine.values())), strict=True))
+            for key, value in decoded.items():
+                self.cache.put(key, value)
+            return decoded
+        finally:
+            for key, future in futures.items():
+                if self._under_way.get(key) is future:
+                    del self._under_way[key]
+                if not future.done():
+                    future.set_result(decoded.get(key))  # None: the waiters decode it themselves

@@ -20,7 +20,7 @@ from transerve.server.engine.loaded_model import Limits, LoadedModel
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.model_config import ModelConfig, token_limit
 from transerve.server.engine.scheduler import ContinuousScheduler, SchedulerCaps, SequenceRequest
-from transerve.server.engine.sentence_cache import CachedSentence, CacheKey, SentenceCache
+from transerve.server.engine.sentence_cache import CachedSentence, CacheKey, SentenceCache, SharedSentences
 from transerve.server.engine.seq2seq import DecoderLayout, OrtSeq2Seq, pad_ids
 from transerve.server.exceptions import ConfigError, DeadlineExceeded, RequestError
 
@@ -91,6 +91,7 @@ class TranslatorModel(LoadedModel):
             config.documents.max_document_chars, config.documents.max_document_sentences, config.max_input_tokens,
             config.max_new_tokens, token_limit(config), config.documents.language))
         self.cache = SentenceCache(int(config.translation_cache_mb * 2**20))
+        self.shared = SharedSentences(self.cache)
         self.scheduler: ContinuousScheduler | None = None
         if config.scheduler.mode == "continuous":
             if "decoder_step_ragged" in runners:
@@ -220,23 +221,17 @@ class TranslatorModel(LoadedModel):
 
     async def _sentences(self, sentences: list[str], sources: list[list[int]], budgets: list[int],
                          o: DecodeOptions, deadline: float | None, use_cache: bool) -> list[CachedSentence]:
-        """Each sentence's translation: from the cache, or decoded — a sentence repeated within the request
-        decoded once."""
+        """Each sentence's translation: from the cache or a decode already under way (:class:`SharedSentences`),
+        else decoded; ``use_cache=False`` decodes every sentence afresh."""
+
+        async def decode(indices: list[int]) -> list[CachedSentence]:
+            ids = await self._decode([sources[i] for i in indices], [budgets[i] for i in indices], o, deadline)
+            return [CachedSentence(tuple(r), t) for r, t in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
+
+        if not (use_cache and self.cache.enabled):
+            return await decode(list(range(len(sentences))))
         keys = [CacheKey(s, b, o.beam_size, o.length_penalty) for s, b in zip(sentences, budgets, strict=True)]
-        use_cache = use_cache and self.cache.enabled
-        found = [self.cache.get(k) if use_cache else None for k in keys]
-        todo: dict[CacheKey, int] = {}
-        for i, (key, hit) in enumerate(zip(keys, found, strict=True)):
-            if hit is None:
-                todo.setdefault(key, i)
-        ids = await self._decode([sources[i] for i in todo.values()], [budgets[i] for i in todo.values()], o,
-                                 deadline)
-        decoded = {key: CachedSentence(tuple(row), text)
-                   for key, row, text in zip(todo, ids, self.tokenizer.decode_batch(ids), strict=True)}
-        if use_cache:
-            for key, value in decoded.items():
-                self.cache.put(key, value)
-        return [hit or decoded[key] for key, hit in zip(keys, found, strict=True)]
+        return await self.shared.translate(keys, decode)
 
     async def _decode(self, sources: list[list[int]], budgets: list[int], o: DecodeOptions,
                       deadline: float | None) -> list[list[int]]:
