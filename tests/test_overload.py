@@ -56,6 +56,7 @@ def heavy_repo(tmp_path_factory: pytest.TempPathFactory, long_repo: Path) -> Pat
         config["batching"].update(max_queue_size=512, max_queue_time_ms=MAX_QUEUE_TIME_MS)
         if name == "long-mt":
             config["scheduler"].update(max_active_sequences=8, max_cached_tokens=8 * 256)
+            config["translation_cache_mb"] = 0  # the same request over and over must cost a decode each time
         path.write_text(yaml.safe_dump(config))
     return repo
 

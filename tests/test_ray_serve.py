@@ -147,9 +147,11 @@ def test_proxy_errors_streams_health_and_reflection(ray_address: str) -> None:
     with grpc.insecure_channel(ray_address) as channel:
         translator = tpb_grpc.TranslatorStub(channel)
         # (streams through the proxy join to the unary answer: tests/test_stream_join.py)
-        for call, words in ((lambda: translator.Translate(tpb.TranslateRequest(texts=["x" * 5000])),
+        whole = tpb.TranslateOptions(segmentation=tpb.SEGMENTATION_WHOLE)  # one model input: the text limit applies
+        for call, words in ((lambda: translator.Translate(tpb.TranslateRequest(texts=["x" * 5000], options=whole)),
                              "texts[0]: 5000 characters exceed the limit of 4096"),
-                            (lambda: list(translator.TranslateStream(tpb.TranslateStreamRequest(text="x" * 5000))),
+                            (lambda: list(translator.TranslateStream(tpb.TranslateStreamRequest(text="x" * 5000,
+                                                                                                options=whole))),
                              "text[0]: 5000 characters exceed the limit of 4096")):
             with pytest.raises(grpc.RpcError) as failed:
                 call()
