@@ -36,20 +36,22 @@ def translate_request(texts: Sequence[str], model: str | None, beam_size: int | 
                       segmentation: str = "sentences") -> Any:
     if isinstance(texts, str):
         raise TypeError("translate() takes a list of texts; wrap a single text in a list")
-    if segmentation not in SEGMENTATIONS:
-        raise ValueError(f"segmentation: {segmentation!r} is not one of {', '.join(SEGMENTATIONS)}")
     options = tpb.TranslateOptions(beam_size=beam_size or 0, max_new_tokens=max_new_tokens or 0,
-                                   segmentation=SEGMENTATIONS[segmentation])
+                                   segmentation=_segmentation(segmentation))
     if length_penalty is not None:
         options.length_penalty = length_penalty
     return tpb.TranslateRequest(model=model or "", texts=list(texts), options=options)
 
 
 def stream_request(text: str, model: str | None, segmentation: str = "sentences") -> Any:
-    if segmentation not in SEGMENTATIONS:
-        raise ValueError(f"segmentation: {segmentation!r} is not one of {', '.join(SEGMENTATIONS)}")
     return tpb.TranslateStreamRequest(model=model or "", text=text,
-                                      options=tpb.TranslateOptions(segmentation=SEGMENTATIONS[segmentation]))
+                                      options=tpb.TranslateOptions(segmentation=_segmentation(segmentation)))
+
+
+def _segmentation(name: str) -> Any:
+    if name not in SEGMENTATIONS:
+        raise ValueError(f"segmentation: {name!r} is not one of {', '.join(SEGMENTATIONS)}")
+    return SEGMENTATIONS[name]
 
 
 def _png(image: Any) -> bytes:

@@ -64,24 +64,32 @@ class DocumentPlanner:
     def plan_one(self, text: str, field: str, max_new_tokens: int | None) -> DocumentPlan:
         lim = self.limits
         check_text(text, field, lim.max_chars, "max_document_chars")
-        document = self.fit(split_document(text, lim.language))
+        document, sources = self.fit(split_document(text, lim.language))
         if len(document.spans) > lim.max_sentences:
             raise RequestError(f"{field}: {len(document.spans)} sentences exceed max_document_sentences "
                                f"{lim.max_sentences}")
-        sources = [[*e.ids, self.eos_id] for e in self.tokenizer.encode_batch(document.sentences)]
         budgets = [max_new_tokens or min(lim.hard_budget, max(lim.default_budget, 2 * len(s) + 10))
                    for s in sources]
         return DocumentPlan(document, sources, budgets)
 
-    def fit(self, document: Segmented) -> Segmented:
-        """The document with every sentence longer than the encoder's limit cut into pieces that fit."""
-        counts = [len(e.ids) + 1 for e in self.tokenizer.encode_batch(document.sentences)]
-        if all(c <= self.limits.max_input_tokens for c in counts):
-            return document
+    def fit(self, document: Segmented) -> tuple[Segmented, list[list[int]]]:
+        """The document with every sentence longer than the encoder's limit cut into pieces that fit, and each
+        sentence's token ids (EOS appended): a sentence is tokenized once, only cut pieces again."""
+        rows = [[*e.ids, self.eos_id] for e in self.tokenizer.encode_batch(document.sentences)]
+        if all(len(r) <= self.limits.max_input_tokens for r in rows):
+            return document, rows
         spans: list[tuple[int, int]] = []
-        for (start, end), count in zip(document.spans, counts, strict=True):
-            spans += [(start, end)] if count <= self.limits.max_input_tokens else self._cut(document.text, start, end)
-        return Segmented(document.text, tuple(spans))
+        sources: list[list[int]] = []
+        for (start, end), row in zip(document.spans, rows, strict=True):
+            if len(row) <= self.limits.max_input_tokens:
+                spans.append((start, end))
+                sources.append(row)
+                continue
+            pieces = self._cut(document.text, start, end)
+            spans += pieces
+            sources += [[*e.ids, self.eos_id]
+                        for e in self.tokenizer.encode_batch([document.text[a:b] for a, b in pieces])]
+        return Segmented(document.text, tuple(spans)), sources
 
     def _cut(self, text: str, start: int, end: int) -> list[tuple[int, int]]:
         """Pieces of ``text[start:end]`` that each fit: the longest prefix that fits, ended at its strongest
