@@ -154,26 +154,29 @@ def greedy_search(step: StepFn, state: State, batch_size: int, bos_id: int, eos_
 
 
 def beam_search(step: StepFn, state: State, batch_size: int, beam_size: int, bos_id: int, eos_id: int,
-                max_new_tokens: Budgets, length_penalty: float = 1.0, rules: GenerationRules = DEFAULT_RULES
-                ) -> list[Hypothesis]:
+                max_new_tokens: Budgets, length_penalty: float = 1.0, rules: GenerationRules = DEFAULT_RULES,
+                beams: Sequence[SourceBeams] | None = None) -> list[Hypothesis]:
     """Keep the ``beam_size`` best prefixes per source; the best finished one each. ``step`` must return
-    log-probabilities, and ``state`` hold ``batch_size * beam_size`` rows (source-major)."""
+    log-probabilities, and ``state`` hold ``batch_size * beam_size`` rows (source-major). ``beams``: each
+    source's search, made by the caller (a constrained one, :mod:`transerve.constrained`); by default
+    :class:`SourceBeams` from the other arguments."""
     k = beam_size
     budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (batch_size,)).tolist()
-    sources = [SourceBeams(k, bos_id, eos_id, budget, length_penalty, rules) for budget in budgets]
+    sources = list(beams) if beams is not None else [SourceBeams(k, bos_id, eos_id, budget, length_penalty, rules)
+                                                     for budget in budgets]
     last = np.full(batch_size * k, bos_id, np.int64)
     for _ in range(max(budgets, default=0)):
         log_probs, state = step(last, state)
         rows = np.arange(batch_size * k)  # a finished source's rows stay as they are (never read again)
         last = last.copy()
-        for b, beams in enumerate(sources):
-            if not beams.done:
-                rows[b * k:(b + 1) * k] = np.asarray(beams.advance(log_probs[b * k:(b + 1) * k])) + b * k
-                last[b * k:(b + 1) * k] = beams.last_tokens()
-        if all(beams.done for beams in sources):
+        for b, source in enumerate(sources):
+            if not source.done:
+                rows[b * k:(b + 1) * k] = np.asarray(source.advance(log_probs[b * k:(b + 1) * k])) + b * k
+                last[b * k:(b + 1) * k] = source.last_tokens()
+        if all(source.done for source in sources):
             break
         state = None if state is None else [s[rows] for s in state]
-    return [beams.best() for beams in sources]
+    return [source.best() for source in sources]
 
 
 __all__ = ["DEFAULT_RULES", "Budgets", "GenerationRules", "Hypothesis", "SourceBeams", "StepFn", "beam_search",

@@ -169,7 +169,9 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
         vocab_size=cfg.vocab_size, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, max_len=cfg.max_len,
         decoding=decoding, default=opts.default)
     vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"tokenizer.json": tokenizer.to_str()})
-    save_graphs(vdir, fused)  # one weights.bin: the embedding the encoder and decoder share is stored once
+    opts.on_status(f"{opts.name}: exporting decoder_score (scores and word alignment)")
+    score = graphs.export_score(model)
+    save_graphs(vdir, {**fused, "decoder_score": score})  # one weights.bin: shared tensors are stored once
     if opts.torch_checkpoint:
         save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
     report["generation"] = {"beam_size": decoding.beam_size, "max_new_tokens": decoding.max_new_tokens,

@@ -11,7 +11,11 @@
   — rows at different lengths for continuous batching, and a uniform batch
   (one masked slot to start) for request-level batching, so the decoder is
   stored once. ``export_translator`` still makes the plain ``decoder_step``
-  (no positions, no cache mask) for comparisons.
+  (no positions, no cache mask) for comparisons. ``decoder_score.onnx``:
+  teacher forcing for scores and word alignment — ``input_ids, target_ids
+  [N, T]`` (T ≥ 2), ``attention_mask``, cross K/V → ``token_log_probs [N, T]``
+  (each target token's log-probability) and ``cross_attention [N, L, T, S]``
+  (every layer's cross-attention weights, averaged over heads).
 
 Opset 23, deliberately: torch's exporter turns each
 ``F.scaled_dot_product_attention`` into one ONNX ``Attention`` node, which
@@ -130,6 +134,24 @@ class RaggedDecoderStepGraph(nn.Module):
         return logits, [t for kv in present for t in kv]
 
 
+class ScoreGraph(nn.Module):
+    """Teacher forcing over a finished translation: each target token's log-probability and where every layer's
+    cross-attention looked — one parallel pass, not a decode."""
+
+    def __init__(self, model: Seq2SeqTransformer) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = model.config.num_decoder_layers
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, attention_mask: Tensor,
+                cross: list[Tensor]) -> tuple[Tensor, Tensor]:
+        cross_kv: list[KVCache] = [(cross[2 * i], cross[2 * i + 1]) for i in range(self.layers)]
+        weights: list[Tensor] = []
+        logits, _ = self.model.decode(input_ids, cross_kv, attention_mask.bool(), None, weights)
+        log_probs = logits.log_softmax(dim=-1).gather(-1, target_ids[..., None])[..., 0]  # [N, T]
+        return log_probs, torch.stack([w.mean(dim=1) for w in weights], dim=1)  # [N, L, T, S]
+
+
 @dataclass
 class _StepExample:
     """What both decoder-step exports share: example caches (batch 2, source 5, cache 3) and dynamic dims."""
@@ -166,6 +188,20 @@ def export_ragged_step(model: Seq2SeqTransformer, opset: int = OPSET) -> onnx.Mo
     return _export(RaggedDecoderStepGraph(model.eval()), args, shapes,
                    ["input_ids", "positions", "attention_mask", "past_mask", *kv_names("past", ex.layers),
                     *kv_names("cross", ex.layers)], ["logits", *kv_names("present", ex.layers)], opset)
+
+
+def export_score(model: Seq2SeqTransformer, opset: int = OPSET) -> onnx.ModelProto:
+    """``decoder_score`` (see the module's docstring): T ≥ 2, since a one-token decode takes the cache-free path
+    with no causal mask — the scorer pads a one-token target with one more position."""
+    cfg = model.config
+    ex = _step_example(cfg, past_min=0)
+    tgt = Dim("tgt_len", min=2, max=cfg.max_len)
+    ids, targets = torch.randint(4, cfg.vocab_size, (2, 4)), torch.randint(4, cfg.vocab_size, (2, 4))
+    shapes = {"input_ids": {0: ex.batch, 1: tgt}, "target_ids": {0: ex.batch, 1: tgt},
+              "attention_mask": {0: ex.batch, 1: ex.src}, "cross": ex.cache_shapes["cross"]}
+    return _export(ScoreGraph(model.eval()), (ids, targets, torch.ones(2, 5, dtype=torch.long), ex.caches[1]),
+                   shapes, ["input_ids", "target_ids", "attention_mask", *kv_names("cross", ex.layers)],
+                   ["token_log_probs", "cross_attention"], opset)
 
 
 def kv_names(prefix: str, layers: int) -> list[str]:

@@ -160,3 +160,15 @@ class CrossAttention(nn.Module):
         q = split_heads(self.q(x), self.num_heads)  # [B, H, T, D]
         out = merge_heads(self.attend(q, memory_kv[0], memory_kv[1], mask))
         return self.dropout(self.proj(out))
+
+    def forward_with_weights(self, x: Tensor, memory_kv: KVCache, mask: Tensor | None = None
+                             ) -> tuple[Tensor, Tensor]:
+        """As :meth:`forward`, and the attention weights ``[B, H, T, S]`` (the formula written out, since the
+        fused kernel does not return them): where each target position looked in the source, which is what
+        word alignment reads."""
+        q = split_heads(self.q(x), self.num_heads)
+        scores = q @ memory_kv[0].transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        return self.dropout(self.proj(merge_heads(weights @ memory_kv[1]))), weights

@@ -102,11 +102,18 @@ class DecoderLayer(nn.Module):
         self.norm_in3, self.norm_out3 = _pre_post(make_norm(cfg.norm, cfg.d_model, cfg.norm_eps), cfg.pre_norm)
 
     def forward(
-        self, x: Tensor, self_mask: Tensor | None, memory_kv: KVCache, src_mask: Tensor, past: KVCache | None
+        self, x: Tensor, self_mask: Tensor | None, memory_kv: KVCache, src_mask: Tensor, past: KVCache | None,
+        cross_weights: list[Tensor] | None = None,
     ) -> tuple[Tensor, KVCache]:
+        """``cross_weights``: when a list, this layer's cross-attention weights ``[B, H, T, S]`` are appended."""
         attended, present = self.self_attn(self.norm_in1(x), self_mask, past)
         x = self.norm_out1(x + attended)
-        x = self.norm_out2(x + self.cross_attn(self.norm_in2(x), memory_kv, src_mask))
+        if cross_weights is None:
+            crossed = self.cross_attn(self.norm_in2(x), memory_kv, src_mask)
+        else:
+            crossed, weights = self.cross_attn.forward_with_weights(self.norm_in2(x), memory_kv, src_mask)
+            cross_weights.append(weights)
+        x = self.norm_out2(x + crossed)
         return self.norm_out3(x + self.ffn(self.norm_in3(x))), present
 
 
@@ -155,12 +162,14 @@ class Seq2SeqTransformer(nn.Module):
         return [cast(DecoderLayer, layer).cross_attn.memory_kv(memory) for layer in self.decoder]
 
     def decode(
-        self, tgt: Tensor, memory_kv: list[KVCache], src_keep: Tensor, past: list[KVCache] | None = None
+        self, tgt: Tensor, memory_kv: list[KVCache], src_keep: Tensor, past: list[KVCache] | None = None,
+        cross_weights: list[Tensor] | None = None,
     ) -> tuple[Tensor, list[KVCache]]:
         """tgt: [B, T] new ids → logits [B, T, V] and the grown self-attention cache.
 
         With ``past`` the new tokens continue the cached positions; without it
-        they start at position 0.
+        they start at position 0. ``cross_weights``: a list that receives every layer's cross-attention
+        weights ``[B, H, T, S]`` (what scoring and word alignment read).
         """
         offset = 0 if past is None else past[0][0].shape[2]
         x = self.embed_dropout(self.positions(self.tgt_embed(tgt) * self.embed_scale, offset))
@@ -170,7 +179,7 @@ class Seq2SeqTransformer(nn.Module):
         src_mask = padding_mask(src_keep).expand(-1, -1, t, -1)  # [B, 1, T, S], see encode()
         present: list[KVCache] = []
         for i, layer in enumerate(self.decoder):
-            x, kv = layer(x, self_mask, memory_kv[i], src_mask, None if past is None else past[i])
+            x, kv = layer(x, self_mask, memory_kv[i], src_mask, None if past is None else past[i], cross_weights)
             present.append(kv)
         return self.lm_head(self.decoder_norm(x)), present
 

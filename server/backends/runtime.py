@@ -66,25 +66,34 @@ class Runtime:
 
 
 def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], threads: int = 2,
-                 spinning: bool = False, precision: PrecisionName = "auto", small_batches: int = 0) -> Runtime:
+                 spinning: bool = False, precision: PrecisionName = "auto", small_batches: int = 0,
+                 aux: dict[str, str] | None = None) -> Runtime:
     """The runtime for an entry's version folder: TensorRT engines where they and a GPU exist (``auto``), the
     torch reference when asked for, else the precision variant :func:`transerve.server.backends.precision.choose`
     picks (ONNX Runtime, or OpenVINO for bf16). ``small_batches``: the batch limit of a model whose graphs
-    take a one-thread session for small batches where that measures faster (0: none)."""
+    take a one-thread session for small batches where that measures faster (0: none). ``aux``: graphs that run
+    on ONNX Runtime's CPU provider in fp32 whatever serves the rest (a translator's scoring graph), added to the
+    runners under their names."""
+    aux = aux or {}
+    for filename in aux.values():
+        if not (vdir / filename).is_file():
+            raise BackendError(f"{vdir / filename}: missing")
     if backend in ("auto", "tensorrt"):
         ready, why = tensorrt_ready(vdir, list(files))
         if ready:
             log.info("%s: backend tensorrt (%s)", vdir, why)
             from transerve.server.backends.tensorrt_runner import TensorRTRunner
 
-            return Runtime("tensorrt", {g: TensorRTRunner(vdir / f"{g}.plan") for g in files}, "engine", why)
+            engines: dict[str, GraphRunner] = {g: TensorRTRunner(vdir / f"{g}.plan") for g in files}
+            return Runtime("tensorrt", {**engines, **_aux_runners(vdir, aux, threads)}, "engine", why)
         if backend == "tensorrt":
             raise BackendError(f"{vdir}: backend tensorrt unavailable: {why}")
         log.info("%s: not tensorrt: %s", vdir, why)
     if backend == "torch":
         from transerve.server.backends.torch_backend import torch_runners
 
-        return Runtime("torch", torch_runners(vdir, files), "fp32", "backend torch asked for")
+        return Runtime("torch", {**torch_runners(vdir, files), **_aux_runners(vdir, aux, threads)}, "fp32",
+                       "backend torch asked for")
     try:
         choice = choose(precision, files, read_variants(vdir))
     except PrecisionError as e:
@@ -97,10 +106,21 @@ def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], thread
         if choice.runtime == "openvino":
             runners: dict[str, GraphRunner] = {g: OpenVinoRunner(folder / f, threads, "bf16")
                                                for g, f in choice.files.items()}
+            runners.update(_aux_runners(folder, aux, threads, private=False))
             return Runtime("openvino", runners, choice.precision, choice.reason)
         providers, why = ort_providers()
         log.info("%s: backend onnxruntime (%s)", vdir, why)
         runners = {g: OrtRunner(folder / f, threads, providers, spinning, small_batches)
                    for g, f in choice.files.items()}
+        runners.update(_aux_runners(folder, aux, threads, private=False))
         return Runtime("onnxruntime", runners, choice.precision, choice.reason)
 
+
+def _aux_runners(vdir: Path, aux: dict[str, str], threads: int, private: bool = True) -> dict[str, GraphRunner]:
+    """``aux``'s graphs on ONNX Runtime's CPU provider, from a private copy of ``vdir`` unless it is one."""
+    if not aux:
+        return {}
+    if not private:
+        return {g: OrtRunner(vdir / f, threads, ["CPUExecutionProvider"]) for g, f in aux.items()}
+    with private_weights(vdir) as folder:
+        return {g: OrtRunner(folder / f, threads, ["CPUExecutionProvider"]) for g, f in aux.items()}

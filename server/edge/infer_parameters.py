@@ -8,17 +8,21 @@ the mistake (the message lists what the model takes). Types are checked against 
 Accepted:
 - every model: ``timeout`` (microseconds, Triton's meaning; the tighter of it and the gRPC deadline wins);
 - translators: ``beam_size``, ``max_new_tokens``, ``length_penalty``, ``segmentation`` (``"sentences"``, the
-  default, or ``"whole"``), ``cache`` (a bool; false: bypass the sentence cache) — as ``TranslateOptions`` —
-  and ``stream`` (Triton's decoupled convention, ``ModelStreamInfer`` only).
+  default, or ``"whole"``), ``cache`` (a bool; false: bypass the sentence cache), ``scores`` and
+  ``alignments`` (bools: an extra BYTES output ``sentences``, one JSON list per text), ``glossary`` (a string:
+  a JSON list of ``{"source", "target"}`` objects) — as ``TranslateOptions`` — and ``stream`` (Triton's
+  decoupled convention, ``ModelStreamInfer`` only).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from transerve.server.engine.glossary import GlossaryEntry
 from transerve.server.exceptions import RequestError
 
 MAX_TIMEOUT_US = 24 * 3600 * 1_000_000  # a day: anything longer is a unit mistake, not a deadline
@@ -28,7 +32,10 @@ _NUMBER_KINDS = (*_INTEGER_KINDS, "double_param")
 _COMMON = {"timeout": (_INTEGER_KINDS, "an integer of microseconds")}
 _TRANSLATE = {"beam_size": (_INTEGER_KINDS, "an integer"), "max_new_tokens": (_INTEGER_KINDS, "an integer"),
               "length_penalty": (_NUMBER_KINDS, "a number"), "stream": (("bool_param",), "a bool"),
-              "segmentation": (("string_param",), '"sentences" or "whole"'), "cache": (("bool_param",), "a bool")}
+              "segmentation": (("string_param",), '"sentences" or "whole"'), "cache": (("bool_param",), "a bool"),
+              "scores": (("bool_param",), "a bool"), "alignments": (("bool_param",), "a bool"),
+              "glossary": (("string_param",), 'a JSON list of {"source": …, "target": …}')}
+MAX_GLOSSARY_JSON = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ class InferParameters:
     stream: bool = False
     segmentation: Literal["sentences", "whole"] = "sentences"
     cache: bool = True
+    scores: bool = False
+    alignments: bool = False
+    glossary: tuple[GlossaryEntry, ...] = ()
 
     def deadline(self, grpc_deadline: float | None) -> float | None:
         """The tighter of the gRPC deadline (a monotonic instant) and ``timeout``."""
@@ -69,7 +79,31 @@ def parse_parameters(parameters: Any, task: str) -> InferParameters:
         beam_size=_bounded(values, "beam_size", 1, 1 << 31), max_new_tokens=_bounded(values, "max_new_tokens", 1,
                                                                                       1 << 31),
         length_penalty=_finite(values, "length_penalty"), stream=bool(values.get("stream", False)),
-        segmentation=_segmentation(values), cache=bool(values.get("cache", True)))
+        segmentation=_segmentation(values), cache=bool(values.get("cache", True)),
+        scores=bool(values.get("scores", False)), alignments=bool(values.get("alignments", False)),
+        glossary=_glossary(values.get("glossary")))
+
+
+def _glossary(value: str | None) -> tuple[GlossaryEntry, ...]:
+    """``glossary``: a JSON list of ``{"source": str, "target": str}`` objects (what TranslateOptions.glossary
+    holds); each entry's terms are checked by the model."""
+    if value is None:
+        return ()
+    if len(value) > MAX_GLOSSARY_JSON:
+        raise RequestError(f"parameters.glossary: {len(value)} characters exceed the limit of {MAX_GLOSSARY_JSON}")
+    try:
+        entries = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"parameters.glossary: not JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(entries, list):
+        raise RequestError("parameters.glossary: must be a JSON list of {\"source\": …, \"target\": …}")
+    out = []
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and set(entry) == {"source", "target"} and isinstance(entry["source"], str)
+                and isinstance(entry["target"], str)):
+            raise RequestError(f"parameters.glossary[{i}]: must be {{\"source\": string, \"target\": string}}")
+        out.append(GlossaryEntry(entry["source"], entry["target"]))
+    return tuple(out)
 
 
 def _segmentation(values: dict[str, Any]) -> Literal["sentences", "whole"]:

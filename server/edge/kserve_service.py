@@ -7,6 +7,7 @@ Every model is reachable through ModelInfer: classifiers take ``images``
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -20,6 +21,7 @@ from transerve.server.engine.loaded_model import LoadedModel, deadline_from
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.tensor_model import TensorModel
+from transerve.server.engine.translation_types import ReportOptions, TranslationResult
 from transerve.server.engine.translator import TranslatorModel
 from transerve.server.exceptions import ControlDisabled, ModelNotFound, RequestError
 from transerve_client._proto import inference_pb2 as pb
@@ -133,7 +135,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         tokens = 0
         async for piece in model.stream(text, parameters.max_new_tokens, parameters.deadline(deadline_from(time_left)),
                                         parameters.beam_size, parameters.length_penalty, parameters.segmentation,
-                                        parameters.cache):
+                                        parameters.cache, parameters.glossary):
             tokens = piece.tokens
             if not piece.text:
                 continue
@@ -242,9 +244,25 @@ async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline:
         raise RequestError("inputs.text: datatype must be BYTES")
     decoded = decoded_texts(texts)
     p = parameters or InferParameters()
+    report = ReportOptions(p.scores, p.alignments)
     results = await model.translate(decoded, p.max_new_tokens, deadline, field="inputs.text", beam_size=p.beam_size,
-                                    length_penalty=p.length_penalty, segmentation=p.segmentation, use_cache=p.cache)
-    return {"translation": np.array([r.text.encode() for r in results], dtype=np.object_).reshape(texts.shape)}
+                                    length_penalty=p.length_penalty, segmentation=p.segmentation, use_cache=p.cache,
+                                    report=report, glossary=p.glossary)
+    outputs = {"translation": np.array([r.text.encode() for r in results], dtype=np.object_).reshape(texts.shape)}
+    if report.wanted:
+        outputs["sentences"] = np.array([sentences_json(r).encode() for r in results],
+                                        dtype=np.object_).reshape(texts.shape)
+    return outputs
+
+
+def sentences_json(result: TranslationResult) -> str:
+    """A text's sentence reports as the ``sentences`` output holds them: a JSON list of objects with ``source``
+    and ``target`` spans, ``mean_log_prob``, ``min_token_prob`` and ``alignments`` (``[source_start,
+    source_end, target_start, target_end]`` lists) — TranslateResponse's SentenceInfo in JSON."""
+    return json.dumps([{"source": list(r.source), "target": list(r.target), "mean_log_prob": r.score.mean_log_prob,
+                        "min_token_prob": r.score.min_token_prob,
+                        "alignments": [[*a.source, *a.target] for a in r.score.alignments]}
+                       for r in result.sentences or ()])
 
 
 def decoded_texts(texts: np.ndarray) -> list[str]:

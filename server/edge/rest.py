@@ -74,7 +74,8 @@ class InferenceRequest(BaseModel):
     id: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="timeout (µs), beam_size, max_new_tokens, "
                                                                 "length_penalty, segmentation, cache, "
-                                                                "binary_data_output")
+                                                                "scores, alignments, glossary (a list of "
+                                                                "{source, target}), binary_data_output")
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = None
 

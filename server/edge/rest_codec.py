@@ -142,6 +142,9 @@ def parameter_values(parameters: Any) -> dict[str, Any]:
             if v.WhichOneof("parameter_choice")}
 
 
+JSON_PARAMETERS = ("glossary",)  # list-valued in REST JSON, a JSON string in the gRPC parameter map
+
+
 def _set_parameters(target: Any, values: dict[str, Any], where: str) -> None:
     for name, value in values.items():
         if name in TRANSPORT_PARAMETERS:
@@ -154,6 +157,8 @@ def _set_parameters(target: Any, values: dict[str, Any], where: str) -> None:
             target[name].double_param = value
         elif isinstance(value, str):
             target[name].string_param = value
+        elif name in JSON_PARAMETERS and isinstance(value, list):  # KServe's map holds scalars: carried as JSON
+            target[name].string_param = json.dumps(value)
         else:
             raise RequestError(f"{where}.{name}: must be a boolean, number or string")
 

@@ -9,9 +9,12 @@ from typing import Any, TypeAlias
 import numpy as np
 from transerve.server.edge.rpc import RequestInfo, RpcCall, abort, deadline_of, unary_call
 from transerve.server.engine.classifier import ClassifierModel
+from transerve.server.engine.glossary import GlossaryEntry
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
-from transerve.server.engine.translator import Segmentation, TranslatorModel
+from transerve.server.engine.scoring import SentenceReport
+from transerve.server.engine.translation_types import ReportOptions, Segmentation, TranslationResult
+from transerve.server.engine.translator import TranslatorModel
 from transerve.server.exceptions import RequestError
 from transerve_client._proto import transerve_pb2 as pb
 from transerve_client._proto import transerve_pb2_grpc as pb_grpc
@@ -34,11 +37,12 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                                             deadline_of(context), field="texts",
                                             beam_size=opts.beam_size or None, length_penalty=length_penalty(opts),
                                             segmentation=segmentation(opts),
-                                            use_cache=opts.cache if opts.HasField("cache") else True)
+                                            use_cache=opts.cache if opts.HasField("cache") else True,
+                                            report=ReportOptions(opts.scores, opts.alignments),
+                                            glossary=glossary(opts))
             self.metrics.generated_tokens.labels(model.name).inc(sum(len(r.ids) for r in results))
             return pb.TranslateResponse(model=model.name, model_version=model.version,
-                                        translations=[pb.Translation(text=r.text, tokens=len(r.ids))
-                                                      for r in results])
+                                        translations=[translation_message(r) for r in results])
 
         return await unary_call(self.metrics, "Translate", context, translated)
 
@@ -55,7 +59,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                 opts = request.options
                 async for piece in model.stream(request.text, opts.max_new_tokens or None, deadline_of(context),
                                                 opts.beam_size or None, length_penalty(opts), segmentation(opts),
-                                                opts.cache if opts.HasField("cache") else True):
+                                                opts.cache if opts.HasField("cache") else True, glossary(opts)):
                     tokens = piece.tokens
                     if piece.text:
                         yield pb.TranslateStreamResponse(piece=piece.text, tokens=tokens)
@@ -113,6 +117,24 @@ def segmentation(options: pb.TranslateOptions) -> Segmentation:
         raise RequestError(f"options.segmentation: {options.segmentation} is not a Segmentation value "
                            "(0 sentences, 1 whole)")
     return "sentences"
+
+
+def glossary(options: pb.TranslateOptions) -> list[GlossaryEntry]:
+    return [GlossaryEntry(e.source, e.target) for e in options.glossary]
+
+
+def translation_message(result: TranslationResult) -> pb.Translation:
+    return pb.Translation(text=result.text, tokens=len(result.ids),
+                          sentences=[sentence_message(r) for r in result.sentences or ()])
+
+
+def sentence_message(report: SentenceReport) -> pb.SentenceInfo:
+    score = report.score
+    return pb.SentenceInfo(
+        source_start=report.source[0], source_end=report.source[1], target_start=report.target[0],
+        target_end=report.target[1], mean_log_prob=score.mean_log_prob, min_token_prob=score.min_token_prob,
+        alignments=[pb.WordAlignment(source_start=a.source[0], source_end=a.source[1], target_start=a.target[0],
+                                     target_end=a.target[1]) for a in score.alignments])
 
 
 def length_penalty(options: pb.TranslateOptions) -> float | None:

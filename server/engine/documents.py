@@ -38,14 +38,21 @@ class Segmented:
 
     def reassemble(self, translations: Sequence[str]) -> str:
         """The document with each sentence replaced by its translation and everything between kept."""
+        return self.reassemble_spans(translations)[0]
+
+    def reassemble_spans(self, translations: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+        """:meth:`reassemble`, and where each translation sits in the result."""
         if len(translations) != len(self.spans):
             raise ValueError(f"{len(translations)} translations for {len(self.spans)} sentences")
-        parts, cursor = [], 0
+        parts, spans, cursor, at = [], [], 0, 0
         for (start, end), translation in zip(self.spans, translations, strict=True):
+            at += start - cursor
             parts += [self.text[cursor:start], translation]
+            spans.append((at, at + len(translation)))
+            at += len(translation)
             cursor = end
         parts.append(self.text[cursor:])
-        return "".join(parts)
+        return "".join(parts), spans
 
     def gap_before(self, index: int) -> str:
         """What lies between sentence ``index - 1`` and sentence ``index`` (or the document's start)."""

@@ -62,6 +62,17 @@ class Documents(BaseModel):
     language: str = Field("en", min_length=2, max_length=12)  # the source language's sentence rules (ISO 639)
 
 
+class Scoring(BaseModel):
+    """The teacher-forcing graph behind per-sentence scores and word alignments (``decoder_score.onnx``, always
+    run in fp32 on ONNX Runtime, whatever serves the decoder). ``alignment_layer``: whose cross-attention
+    (averaged over heads) aligns words — the penultimate layer by default, after Garg et al. (2019)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(min_length=1)
+    alignment_layer: int = Field(0, ge=0)
+
+
 class DecoderSpec(BaseModel):
     num_layers: int = Field(ge=1)
     num_heads: int = Field(ge=1)
@@ -121,6 +132,8 @@ class ModelConfig(BaseModel):
     generation: Generation = Generation()
     decoder: DecoderSpec | None = None
     tokenizer: str | None = None
+    scoring: Scoring | None = None  # entries exported before scores existed have none
+    glossary: str | None = None  # a TSV file in the entry (source<TAB>target): terms every request must use
 
     @model_validator(mode="after")
     def _task_fields(self) -> ModelConfig:
@@ -131,6 +144,10 @@ class ModelConfig(BaseModel):
         if self.max_new_tokens_limit is not None and self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(f"max_new_tokens {self.max_new_tokens} exceeds max_new_tokens_limit "
                              f"{self.max_new_tokens_limit}")
+        if self.scoring is not None and self.decoder is not None and \
+                self.scoring.alignment_layer >= self.decoder.num_layers:
+            raise ValueError(f"scoring.alignment_layer: {self.scoring.alignment_layer} is not a decoder layer "
+                             f"(0 to {self.decoder.num_layers - 1})")
         vocab = self.decoder.vocab_size if self.decoder is not None else None
         for word in self.generation.bad_words_ids:
             if not word or (vocab is not None and not all(0 <= t < vocab for t in word)):

@@ -36,7 +36,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import numpy as np
-from transerve.search import DEFAULT_RULES, GenerationRules, SourceBeams, log_softmax, strip_special
+from transerve.constrained import Constraints, new_beams
+from transerve.search import DEFAULT_RULES, GenerationRules, log_softmax, strip_special
 from transerve.server.backends.runner import GraphRunner
 from transerve.server.engine.kv_cache import BatchRows, TokenBudget
 from transerve.server.engine.seq2seq import DecoderLayout
@@ -92,10 +93,11 @@ class ContinuousScheduler:
         self._thread.start()
 
     async def generate(self, source: list[int], max_new_tokens: int, beam_size: int = 1,
-                       length_penalty: float = 1.0, deadline: float | None = None, stream: bool = True
-                       ) -> AsyncIterator[SequenceEvent]:
+                       length_penalty: float = 1.0, deadline: float | None = None, stream: bool = True,
+                       constraints: Constraints | None = None) -> AsyncIterator[SequenceEvent]:
         """Events for one source until the final one. Leaving the iteration early cancels the request:
-        its rows leave the batch at the next step and their cache is freed then."""
+        its rows leave the batch at the next step and their cache is freed then. ``constraints``: glossary
+        terms the result must contain (a constrained beam search of ``beam_size`` rows)."""
         rows = beam_size
         if self._closing:
             raise QueueFull(f"model {self.name!r} is shutting down")
@@ -104,7 +106,7 @@ class ContinuousScheduler:
                             f"scheduler's caps ({self.caps.max_active_sequences} sequences, "
                             f"{self.caps.max_cached_tokens} cached tokens)")
         request = SequenceRequest(source, max_new_tokens, beam_size, length_penalty, deadline, asyncio.Queue(),
-                                  stream, enqueued=self._clock())
+                                  stream, enqueued=self._clock(), constraints=constraints)
         with self._cond:
             if len(self._waiting) >= self.caps.max_queue_size:
                 raise QueueFull(f"model {self.name!r}: queue full ({len(self._waiting)} of "
@@ -143,9 +145,9 @@ class ContinuousScheduler:
         return ahead * self.decode_seconds / self.caps.max_active_sequences
 
     async def run(self, source: list[int], max_new_tokens: int, beam_size: int = 1, length_penalty: float = 1.0,
-                  deadline: float | None = None) -> list[int]:
+                  deadline: float | None = None, constraints: Constraints | None = None) -> list[int]:
         async for event in self.generate(source, max_new_tokens, beam_size, length_penalty, deadline,
-                                         stream=False):
+                                         stream=False, constraints=constraints):
             if event.final is not None:
                 return event.final
         raise RuntimeError("the scheduler ended a request without a result")
@@ -262,9 +264,9 @@ class ContinuousScheduler:
             cross = self.runner.encode(ids, mask)
             rows = np.repeat(np.arange(len(group)), [r.rows for r in group])
             for r in group:
-                if r.beam_size > 1:
-                    r.beams = SourceBeams(r.beam_size, self.layout.bos_id, self.layout.eos_id, r.max_new_tokens,
-                                          r.length_penalty, self.rules)
+                if r.beam_size > 1 or r.constraints:
+                    r.beams = new_beams(r.beam_size, self.layout.bos_id, self.layout.eos_id, r.max_new_tokens,
+                                        r.length_penalty, self.rules, r.constraints)
             self._batch.join(group, [c[rows] for c in cross], mask[rows])
 
     def _update(self, logits: np.ndarray, outbox: Outbox) -> None:

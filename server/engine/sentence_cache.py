@@ -1,7 +1,8 @@
 """Translated sentences remembered, so a document that repeats its boilerplate decodes it once.
 
 An LRU bounded in bytes (``translation_cache_mb`` in the model's ``config.yaml``; 0 turns it off). The key
-holds everything that changes a sentence's translation — the decoding options and the sentence's budget —
+holds everything that changes a sentence's translation — the decoding options, the sentence's budget and the
+glossary terms it must contain —
 and the cache belongs to one loaded model version, so a reload or a new version starts empty. It lives on the
 event loop (no lock): looked up before a sentence joins the batch, filled when it is decoded.
 """
@@ -22,6 +23,7 @@ class CacheKey:
     budget: int
     beam_size: int
     length_penalty: float
+    terms: tuple[tuple[int, ...], ...] = ()  # the glossary targets the sentence must contain (token ids)
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class SentenceCache:
 
 
 def _size(key: CacheKey, value: CachedSentence) -> int:
-    return ENTRY_OVERHEAD + len(key.sentence.encode()) + len(value.text.encode()) + 8 * len(value.ids)
+    terms = sum(len(t) for t in key.terms)
+    return ENTRY_OVERHEAD + len(key.sentence.encode()) + len(value.text.encode()) + 8 * (len(value.ids) + terms)
 
 
 Decode = Callable[[list[int]], Awaitable[list[CachedSentence]]]

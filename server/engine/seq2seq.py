@@ -23,6 +23,7 @@ from transerve.search import (
     DEFAULT_RULES,
     Budgets,
     GenerationRules,
+    SourceBeams,
     beam_search,
     greedy_search,
     log_softmax,
@@ -81,8 +82,9 @@ class OrtSeq2Seq:
         return logits, present
 
     def generate(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: Budgets, beam_size: int = 1,
-                 length_penalty: float = 1.0) -> list[list[int]]:
-        """Token ids for each source (EOS stripped), greedy when ``beam_size == 1``; one budget or one each."""
+                 length_penalty: float = 1.0, beams: Sequence[SourceBeams] | None = None) -> list[list[int]]:
+        """Token ids for each source (EOS stripped), greedy when ``beam_size == 1``; one budget or one each.
+        ``beams``: each source's beam search, made by the caller (constrained ones for glossary terms)."""
         batch, layout = ids.shape[0], self.layout
         cross = self.encode(ids, mask)
         rows = np.arange(batch).repeat(beam_size)
@@ -96,7 +98,7 @@ class OrtSeq2Seq:
             return greedy_search(step, None, batch, layout.bos_id, layout.eos_id, max_new_tokens, layout.pad_id,
                                  self.rules)
         best = beam_search(step, None, batch, beam_size, layout.bos_id, layout.eos_id, max_new_tokens,
-                           length_penalty, self.rules)
+                           length_penalty, self.rules, beams)
         return [strip_special(h.tokens, layout.eos_id) for h in best]
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from transerve.constrained import Constraints
 from transerve.search import SourceBeams
 from transerve.server.backends.runner import GraphRunner, run_into
 
@@ -43,6 +44,7 @@ class SequenceRequest:
     stream: bool = True  # False: only the final event is posted (one wake-up per request, not per token)
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    constraints: Constraints | None = None  # glossary terms: a constrained beam search (transerve.constrained)
     # scheduler-thread state
     row_ids: list[int] = field(default_factory=list)  # this request's rows in the batch (beam order)
     tokens: list[int] = field(default_factory=list)

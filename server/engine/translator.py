@@ -6,69 +6,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 from tokenizers import Tokenizer
+from transerve.constrained import Constraints
 from transerve.server.backends.runner import GraphRunner
 from transerve.server.engine.detokenizer import Detokenizer
 from transerve.server.engine.document_plan import DocumentPlan, DocumentPlanner, TextLimits, check_text
+from transerve.server.engine.documents import Segmented
+from transerve.server.engine.glossary import Glossaries, GlossaryEntry, read_glossary_file
 from transerve.server.engine.loaded_model import Limits, LoadedModel
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.model_config import ModelConfig, token_limit
 from transerve.server.engine.scheduler import ContinuousScheduler, SchedulerCaps, SequenceRequest
+from transerve.server.engine.scoring import SentenceReport, SentenceScorer, report_document
 from transerve.server.engine.sentence_cache import CachedSentence, CacheKey, SentenceCache, SharedSentences
-from transerve.server.engine.seq2seq import DecoderLayout, OrtSeq2Seq, pad_ids
+from transerve.server.engine.seq2seq import DecoderLayout, OrtSeq2Seq
+from transerve.server.engine.static_decode import greedy_stream, run_jobs
+from transerve.server.engine.translation_types import (
+    NO_REPORT,
+    DecodeOptions,
+    ReportOptions,
+    Segmentation,
+    StreamPiece,
+    TokenProgress,
+    TranslateJob,
+    TranslationResult,
+)
 from transerve.server.exceptions import ConfigError, DeadlineExceeded, RequestError
 
 MAX_BEAM = 8
 MAX_LENGTH_PENALTY = 10.0
-Segmentation = Literal["sentences", "whole"]  # a text split into sentences (documents), or one model input
+NO_TERMS = Constraints(())
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TranslationResult:
-    ids: list[int]
-    text: str
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """A request's decoding settings, validated against the model's limits (``max_new_tokens`` None: each
-    sentence's budget is the model's rule, :mod:`document_plan`)."""
-
-    max_new_tokens: int | None
-    beam_size: int
-    length_penalty: float
-
-
-@dataclass(frozen=True)
-class TranslateJob:
-    """Sources of one request (or a slice of a document's sentences) for request-level batching
-    (``scheduler.mode: static``), each with its budget."""
-
-    sources: list[list[int]]
-    budgets: list[int]
-    options: DecodeOptions
-
-
-@dataclass(frozen=True)
-class StreamPiece:
-    """New text of a streamed translation and the tokens made so far (the last piece may be empty)."""
-
-    text: str
-    tokens: int
-
-
-@dataclass(frozen=True)
-class TokenProgress:
-    ids: list[int]  # every token so far
-    final: bool
 
 
 class TranslatorModel(LoadedModel):
@@ -90,6 +64,10 @@ class TranslatorModel(LoadedModel):
         self.planner = DocumentPlanner(self.tokenizer, d.eos_id, TextLimits(
             config.documents.max_document_chars, config.documents.max_document_sentences, config.max_input_tokens,
             config.max_new_tokens, token_limit(config), config.documents.language))
+        self.scorer = None if config.scoring is None or "decoder_score" not in runners else SentenceScorer(
+            runners["encoder"], runners["decoder_score"], self.layout, self.tokenizer, config.scoring.alignment_layer)
+        own = read_glossary_file(entry / config.glossary) if config.glossary else []
+        self.glossaries = Glossaries(own, self.tokenizer, english=config.documents.language == "en")
         self.cache = SentenceCache(int(config.translation_cache_mb * 2**20))
         self.shared = SharedSentences(self.cache)
         self.scheduler: ContinuousScheduler | None = None
@@ -165,23 +143,10 @@ class TranslatorModel(LoadedModel):
             raise RequestError(f"{field}: {len(texts)} texts, the limit is 1 to {self.config.max_batch_size}")
 
     def _run_batch(self, payloads: list[TranslateJob]) -> list[list[list[int]]]:
-        """Requests with the same beam search settings decode together; each keeps its own budget."""
-        results: dict[int, list[list[int]]] = {}
-        for beam, penalty in sorted({(p.options.beam_size, p.options.length_penalty) for p in payloads}):
-            group = [i for i, p in enumerate(payloads)
-                     if (p.options.beam_size, p.options.length_penalty) == (beam, penalty)]
-            rows = [r for i in group for r in payloads[i].sources]
-            budgets = [b for i in group for b in payloads[i].budgets]
-            ids, mask = pad_ids(rows, self.layout.pad_id)
-            out = self.seq2seq.generate(ids, mask, budgets, beam_size=beam, length_penalty=penalty)
-            start = 0
-            for i in group:
-                results[i] = out[start:start + len(payloads[i].sources)]
-                start += len(payloads[i].sources)
-        return [results[i] for i in range(len(payloads))]
+        return run_jobs(self.seq2seq, payloads)
 
-    def _options(self, max_new_tokens: int | None, beam_size: int | None, length_penalty: float | None
-                 ) -> DecodeOptions:
+    def _options(self, max_new_tokens: int | None, beam_size: int | None, length_penalty: float | None,
+                 glossary: Sequence[GlossaryEntry] = ()) -> DecodeOptions:
         if max_new_tokens is not None and max_new_tokens > token_limit(self.config):
             raise RequestError(f"max_new_tokens: {max_new_tokens} exceeds the model's limit of "
                                f"{token_limit(self.config)} (max_new_tokens_limit)")
@@ -191,101 +156,142 @@ class TranslatorModel(LoadedModel):
         penalty = self.config.generation.length_penalty if length_penalty is None else float(length_penalty)
         if not 0.0 <= penalty <= MAX_LENGTH_PENALTY:
             raise RequestError(f"length_penalty: {penalty} is outside 0 to {MAX_LENGTH_PENALTY}")
-        return DecodeOptions(max_new_tokens or None, beam, penalty)
+        return DecodeOptions(max_new_tokens or None, beam, penalty, self.glossaries.for_request(glossary))
 
     async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
                         field: str = "texts", beam_size: int | None = None, length_penalty: float | None = None,
-                        segmentation: Segmentation = "sentences", use_cache: bool = True) -> list[TranslationResult]:
+                        segmentation: Segmentation = "sentences", use_cache: bool = True,
+                        report: ReportOptions = NO_REPORT, glossary: Sequence[GlossaryEntry] = ()
+                        ) -> list[TranslationResult]:
         """Each text translated: as a document (its sentences decoded together with every other sentence in
-        flight, then put back with the text's own whitespace) or, with ``segmentation="whole"``, as one input."""
-        o = self._options(max_new_tokens, beam_size, length_penalty)
+        flight, then put back with the text's own whitespace) or, with ``segmentation="whole"``, as one input.
+        ``report``: each result's sentences scored and aligned (:mod:`scoring`); ``glossary``: terms the
+        translations must use, beside the model's own (:mod:`glossary`)."""
+        o = self._options(max_new_tokens, beam_size, length_penalty, glossary)
+        if report.wanted and self.scorer is None:
+            raise RequestError(f"{'scores' if report.scores else 'alignments'}: model {self.name!r} has no scoring "
+                               "graph (decoder_score; entries exported before scores existed) — export it again")
         if segmentation == "whole":
-            sources = self.encode(texts, field)
-            ids = await self._decode(sources, [o.max_new_tokens or self.config.max_new_tokens] * len(sources), o,
-                                     deadline)
-            return [TranslationResult(r, t) for r, t in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
+            return await self._translate_whole(texts, field, o, deadline, report)
         self._check_count(texts, field)
         if deadline is not None and time.monotonic() > deadline:  # not answered late, even from the cache
             raise DeadlineExceeded("deadline passed before translating")
         plans = self.planner.plan(texts, field, o.max_new_tokens)
-        done = await self._sentences([s for p in plans for s in p.document.sentences],
-                                     [s for p in plans for s in p.sources], [b for p in plans for b in p.budgets],
-                                     o, deadline, use_cache)
-        results, start = [], 0
-        for plan in plans:
-            mine = done[start:start + len(plan.sources)]
-            results.append(TranslationResult([t for m in mine for t in m.ids],
-                                             plan.document.reassemble([m.text for m in mine])))
-            start += len(plan.sources)
+        sentences = [s for p in plans for s in p.document.sentences]
+        done = await self._sentences(sentences, [s for p in plans for s in p.sources],
+                                     [b for p in plans for b in p.budgets], o, deadline, use_cache,
+                                     _constraints(o, sentences, field))
+        results, pieces = _assemble(plans, done)
+        if report.wanted:
+            await self._report(results, [p.document for p in plans], [p.sources for p in plans], pieces, report)
         return results
 
+    async def _translate_whole(self, texts: list[str], field: str, o: DecodeOptions, deadline: float | None,
+                               report: ReportOptions) -> list[TranslationResult]:
+        sources = self.encode(texts, field)
+        ids = await self._decode(sources, [o.max_new_tokens or self.config.max_new_tokens] * len(sources), o,
+                                 deadline, _constraints(o, texts, field))
+        outputs = [TranslationResult(r, t) for r, t in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
+        if report.wanted:
+            wholes = [Segmented(text, ((0, len(text)),)) for text in texts]
+            await self._report(outputs, wholes, [[s] for s in sources], [[(r.ids, r.text)] for r in outputs], report)
+        return outputs
+
+    async def _report(self, results: list[TranslationResult], documents: list[Segmented],
+                      sources: list[list[list[int]]], outputs: list[list[tuple[list[int], str]]],
+                      report: ReportOptions) -> None:
+        """Each result's sentence reports, scored off the event loop."""
+        scorer = self.scorer
+        assert scorer is not None
+
+        def work() -> list[list[SentenceReport]]:
+            return [report_document(scorer, d, s, o, report.alignments)
+                    for d, s, o in zip(documents, sources, outputs, strict=True)]
+
+        for result, reports in zip(results, await asyncio.get_running_loop().run_in_executor(None, work),
+                                   strict=True):
+            result.sentences = reports
+
     async def _sentences(self, sentences: list[str], sources: list[list[int]], budgets: list[int],
-                         o: DecodeOptions, deadline: float | None, use_cache: bool) -> list[CachedSentence]:
+                         o: DecodeOptions, deadline: float | None, use_cache: bool, constraints: list[Constraints]
+                         ) -> list[CachedSentence]:
         """Each sentence's translation: from the cache or a decode already under way (:class:`SharedSentences`),
         else decoded; ``use_cache=False`` decodes every sentence afresh."""
 
         async def decode(indices: list[int]) -> list[CachedSentence]:
-            ids = await self._decode([sources[i] for i in indices], [budgets[i] for i in indices], o, deadline)
+            ids = await self._decode([sources[i] for i in indices], [budgets[i] for i in indices], o, deadline,
+                                     [constraints[i] for i in indices])
             return [CachedSentence(tuple(r), t) for r, t in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
 
         if not (use_cache and self.cache.enabled):
             return await decode(list(range(len(sentences))))
-        keys = [CacheKey(s, b, o.beam_size, o.length_penalty) for s, b in zip(sentences, budgets, strict=True)]
+        keys = [CacheKey(s, b, o.beam_size, o.length_penalty, c.terms)
+                for s, b, c in zip(sentences, budgets, constraints, strict=True)]
         return await self.shared.translate(keys, decode)
 
     async def _decode(self, sources: list[list[int]], budgets: list[int], o: DecodeOptions,
-                      deadline: float | None) -> list[list[int]]:
+                      deadline: float | None, constraints: list[Constraints]) -> list[list[int]]:
         """Every source at once: into the continuous batch, or in request-level batches of at most
-        ``max_batch_size`` (which the dynamic batcher joins with other requests')."""
+        ``max_batch_size`` (which the dynamic batcher joins with other requests'); a source with glossary terms
+        decodes with the constrained beam (``o.beam_for``)."""
         if self.scheduler is not None:
             scheduler = self.scheduler
-            return await _all_or_cancel([scheduler.run(s, b, o.beam_size, o.length_penalty, deadline)
-                                         for s, b in zip(sources, budgets, strict=True)])
-        step = self.config.max_batch_size
-        chunks = await _all_or_cancel([
-            self.batcher.submit(TranslateJob(sources[i:i + step], budgets[i:i + step], o),
-                                size=len(sources[i:i + step]), deadline=deadline)
-            for i in range(0, len(sources), step)])
-        return [row for chunk in chunks for row in chunk]
+            return await _all_or_cancel([scheduler.run(s, b, o.beam_for(c), o.length_penalty, deadline, c)
+                                         for s, b, c in zip(sources, budgets, constraints, strict=True)])
+        step, jobs, order = self.config.max_batch_size, [], []
+        for beam in sorted({o.beam_for(c) for c in constraints}):
+            mine = [i for i, c in enumerate(constraints) if o.beam_for(c) == beam]
+            for at in range(0, len(mine), step):
+                part = mine[at:at + step]
+                order += part
+                jobs.append(TranslateJob([sources[i] for i in part], [budgets[i] for i in part],
+                                         replace(o, beam_size=beam), [constraints[i] for i in part]))
+        chunks = await _all_or_cancel([self.batcher.submit(j, size=len(j.sources), deadline=deadline) for j in jobs])
+        out: list[list[int]] = [[] for _ in sources]
+        for i, row in zip(order, (row for chunk in chunks for row in chunk), strict=True):
+            out[i] = row
+        return out
 
     async def warm_up(self) -> None:
         await self.translate(["warm up"], 2, None)
 
     async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None,
                      beam_size: int | None = None, length_penalty: float | None = None,
-                     segmentation: Segmentation = "sentences", use_cache: bool = True) -> AsyncIterator[StreamPiece]:
+                     segmentation: Segmentation = "sentences", use_cache: bool = True,
+                     glossary: Sequence[GlossaryEntry] = ()) -> AsyncIterator[StreamPiece]:
         """Text pieces as tokens are made, the last one with the final count (its piece may be empty); closing
         the iterator (a cancelled client) takes the sequences out of the batch at the next step. Beam search
         streams its result when it is final (a beam's tokens are not settled before). No piece ever splits a
         character (see :class:`Detokenizer`). A document of several sentences streams sentence by sentence, in
         order, each as soon as it and every earlier one are done (all decode together); the pieces join to the
         unary translation, whitespace included."""
-        o = self._options(max_new_tokens, beam_size, length_penalty)
+        o = self._options(max_new_tokens, beam_size, length_penalty, glossary)
         if segmentation == "whole":
             source = self.encode([text], "text")[0]
             async for piece in self._stream_tokens(source, o.max_new_tokens or self.config.max_new_tokens, o,
-                                                   deadline):
+                                                   deadline, _constraints(o, [text], "text")[0]):
                 yield piece
             return
         plan = self.planner.plan_one(text, "text", o.max_new_tokens)
         document, made = plan.document, 0
+        constraints = _constraints(o, document.sentences, "text")
         if len(plan.sources) > 1:
-            async for piece in self._stream_sentences(plan, o, deadline, use_cache):
+            async for piece in self._stream_sentences(plan, o, deadline, use_cache, constraints):
                 yield piece
             return
         if document.gap_before(0):
             yield StreamPiece(document.gap_before(0), 0)
-        async for piece in self._stream_tokens(plan.sources[0], plan.budgets[0], o, deadline):
+        async for piece in self._stream_tokens(plan.sources[0], plan.budgets[0], o, deadline, constraints[0]):
             made = piece.tokens
             yield piece
         if document.tail():
             yield StreamPiece(document.tail(), made)
 
     async def _stream_sentences(self, plan: DocumentPlan, o: DecodeOptions, deadline: float | None,
-                                use_cache: bool) -> AsyncIterator[StreamPiece]:
+                                use_cache: bool, constraints: list[Constraints]) -> AsyncIterator[StreamPiece]:
         sentences = plan.document.sentences
         tasks = [asyncio.ensure_future(self._sentences([sentences[i]], [plan.sources[i]], [plan.budgets[i]], o,
-                                                       deadline, use_cache))
+                                                       deadline, use_cache, [constraints[i]]))
                  for i in range(len(sentences))]
         made = 0
         try:
@@ -298,55 +304,63 @@ class TranslatorModel(LoadedModel):
             for task in tasks:
                 task.cancel()
 
-    async def _stream_tokens(self, source: list[int], budget: int, o: DecodeOptions, deadline: float | None
-                             ) -> AsyncIterator[StreamPiece]:
+    async def _stream_tokens(self, source: list[int], budget: int, o: DecodeOptions, deadline: float | None,
+                             constraints: Constraints) -> AsyncIterator[StreamPiece]:
         pieces = Detokenizer(self.tokenizer)
         if self.scheduler is None:
-            progress = self._static_stream(source, budget, o, deadline)
+            progress = self._static_stream(source, budget, o, deadline, constraints)
         else:
-            progress = self._scheduled_stream(source, budget, o, deadline)
+            progress = self._scheduled_stream(source, budget, o, deadline, constraints)
         async for step in progress:
             piece = pieces.update(step.ids, step.final)
             if piece or step.final:  # the final count goes out even when the last token added no text
                 yield StreamPiece(piece, len(step.ids))
 
-    async def _scheduled_stream(self, source: list[int], budget: int, o: DecodeOptions, deadline: float | None
-                                ) -> AsyncIterator[TokenProgress]:
+    async def _scheduled_stream(self, source: list[int], budget: int, o: DecodeOptions, deadline: float | None,
+                                constraints: Constraints) -> AsyncIterator[TokenProgress]:
         assert self.scheduler is not None
         ids: list[int] = []
-        async for event in self.scheduler.generate(source, budget, o.beam_size, o.length_penalty, deadline):
+        async for event in self.scheduler.generate(source, budget, o.beam_for(constraints), o.length_penalty,
+                                                   deadline, constraints=constraints):
             if event.final is not None:
                 yield TokenProgress(event.final, True)
             else:
                 ids += event.tokens
                 yield TokenProgress(list(ids), False)
 
-    async def _static_stream(self, source: list[int], budget: int, o: DecodeOptions, deadline: float | None
-                             ) -> AsyncIterator[TokenProgress]:
-        """Greedy: one sequence stepped alone (request-level mode has no shared step to join). A beam search
-        settles its tokens only at the end: it decodes with the batch and streams its result whole."""
-        if o.beam_size > 1:
-            ids = await self.batcher.submit(TranslateJob([source], [budget], o), size=1, deadline=deadline)
-            yield TokenProgress(ids[0], True)
+    async def _static_stream(self, source: list[int], budget: int, o: DecodeOptions, deadline: float | None,
+                             constraints: Constraints) -> AsyncIterator[TokenProgress]:
+        """Greedy: one sequence stepped alone. A beam search settles its tokens only at the end: it decodes with
+        the batch and streams its result whole."""
+        beam = o.beam_for(constraints)
+        if beam == 1:
+            async for progress in greedy_stream(self.seq2seq, source, budget, deadline):
+                yield progress
             return
-        s2s, loop, layout = self.seq2seq, asyncio.get_running_loop(), self.layout
-        ids, mask = pad_ids([source], layout.pad_id)
-        cross = await loop.run_in_executor(None, s2s.encode, ids, mask)
-        past, last = s2s.empty_cache(1), np.array([layout.bos_id])
-        tokens: list[int] = []
-        for made in range(budget):
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded("deadline passed while decoding")
-            logits, past = await loop.run_in_executor(None, s2s.step, last, mask, past, cross)
-            history = [[layout.bos_id, *tokens]] if self.rules.needs_history else None
-            token = int(self.rules.greedy_pick(logits, history, np.array([made + 1 == budget]),
-                                               layout.eos_id)[0])
-            if token == layout.eos_id:
-                break
-            tokens.append(token)
-            last = np.array([token])
-            yield TokenProgress(list(tokens), False)
-        yield TokenProgress(tokens, True)
+        job = TranslateJob([source], [budget], replace(o, beam_size=beam), [constraints])
+        ids = await self.batcher.submit(job, size=1, deadline=deadline)
+        yield TokenProgress(ids[0], True)
+
+
+def _constraints(o: DecodeOptions, sentences: list[str], field: str) -> list[Constraints]:
+    """Each sentence's glossary terms (none without a glossary)."""
+    glossary = o.glossary
+    if glossary is None or glossary.pattern is None:
+        return [NO_TERMS] * len(sentences)
+    return [glossary.constraints(s, field) for s in sentences]
+
+
+def _assemble(plans: list[DocumentPlan], done: list[CachedSentence]
+              ) -> tuple[list[TranslationResult], list[list[tuple[list[int], str]]]]:
+    """Each document's result from its sentences' translations (in plan order), and those per document."""
+    results, pieces, start = [], [], 0
+    for plan in plans:
+        mine = done[start:start + len(plan.sources)]
+        results.append(TranslationResult([t for m in mine for t in m.ids],
+                                         plan.document.reassemble([m.text for m in mine])))
+        pieces.append([(list(m.ids), m.text) for m in mine])
+        start += len(plan.sources)
+    return results, pieces
 
 
 async def _all_or_cancel(coros: list[Any]) -> list[Any]:

@@ -15,18 +15,32 @@ SEGMENTATION_SENTENCES: Segmentation
 SEGMENTATION_WHOLE: Segmentation
 
 class TranslateOptions(_message.Message):
-    __slots__ = ("beam_size", "max_new_tokens", "length_penalty", "segmentation", "cache")
+    __slots__ = ("beam_size", "max_new_tokens", "length_penalty", "segmentation", "cache", "scores", "alignments", "glossary")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
     SEGMENTATION_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    GLOSSARY_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     max_new_tokens: int
     length_penalty: float
     segmentation: Segmentation
     cache: bool
-    def __init__(self, beam_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ..., segmentation: _Optional[_Union[Segmentation, str]] = ..., cache: _Optional[bool] = ...) -> None: ...
+    scores: bool
+    alignments: bool
+    glossary: _containers.RepeatedCompositeFieldContainer[GlossaryEntry]
+    def __init__(self, beam_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ..., segmentation: _Optional[_Union[Segmentation, str]] = ..., cache: _Optional[bool] = ..., scores: _Optional[bool] = ..., alignments: _Optional[bool] = ..., glossary: _Optional[_Iterable[_Union[GlossaryEntry, _Mapping]]] = ...) -> None: ...
+
+class GlossaryEntry(_message.Message):
+    __slots__ = ("source", "target")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    target: str
+    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
     __slots__ = ("model", "texts", "options")
@@ -39,12 +53,44 @@ class TranslateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[TranslateOptions, _Mapping]] = ...) -> None: ...
 
 class Translation(_message.Message):
-    __slots__ = ("text", "tokens")
+    __slots__ = ("text", "tokens", "sentences")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SENTENCES_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: int
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+    sentences: _containers.RepeatedCompositeFieldContainer[SentenceInfo]
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., sentences: _Optional[_Iterable[_Union[SentenceInfo, _Mapping]]] = ...) -> None: ...
+
+class SentenceInfo(_message.Message):
+    __slots__ = ("source_start", "source_end", "target_start", "target_end", "mean_log_prob", "min_token_prob", "alignments")
+    SOURCE_START_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_END_FIELD_NUMBER: _ClassVar[int]
+    TARGET_START_FIELD_NUMBER: _ClassVar[int]
+    TARGET_END_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOG_PROB_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKEN_PROB_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    source_start: int
+    source_end: int
+    target_start: int
+    target_end: int
+    mean_log_prob: float
+    min_token_prob: float
+    alignments: _containers.RepeatedCompositeFieldContainer[WordAlignment]
+    def __init__(self, source_start: _Optional[int] = ..., source_end: _Optional[int] = ..., target_start: _Optional[int] = ..., target_end: _Optional[int] = ..., mean_log_prob: _Optional[float] = ..., min_token_prob: _Optional[float] = ..., alignments: _Optional[_Iterable[_Union[WordAlignment, _Mapping]]] = ...) -> None: ...
+
+class WordAlignment(_message.Message):
+    __slots__ = ("source_start", "source_end", "target_start", "target_end")
+    SOURCE_START_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_END_FIELD_NUMBER: _ClassVar[int]
+    TARGET_START_FIELD_NUMBER: _ClassVar[int]
+    TARGET_END_FIELD_NUMBER: _ClassVar[int]
+    source_start: int
+    source_end: int
+    target_start: int
+    target_end: int
+    def __init__(self, source_start: _Optional[int] = ..., source_end: _Optional[int] = ..., target_start: _Optional[int] = ..., target_end: _Optional[int] = ...) -> None: ...
 
 class TranslateResponse(_message.Message):
     __slots__ = ("model", "model_version", "translations")

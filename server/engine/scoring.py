@@ -1,0 +1,164 @@
+"""How sure the model was of each translated sentence, and which source words each target word came from.
+
+Both come from one teacher-forced pass of the entry's ``decoder_score`` graph over the finished translation
+(its tokens and the closing EOS): each token's log-probability under the model, and every decoder layer's
+cross-attention. Scoring after decoding, not during it, costs one parallel pass per sentence instead of work on
+every step of every request, keeps the searches (greedy, beam, constrained) free of bookkeeping, and scores a
+cached sentence as well as a fresh one. It runs only when a request asks (``scores`` / ``alignments``).
+
+- ``mean_log_prob``: the mean of the tokens' log-probabilities, EOS included — comparable across lengths;
+  ``min_token_prob``: the least likely token's probability (one bad word shows there, not in the mean).
+- Alignments: each target token points at the source token its ``alignment_layer`` (averaged over heads)
+  attends to most (Garg et al. 2019 take the penultimate layer); tokens are grouped into words — runs of
+  non-space characters — and each (source word, target word) pair is reported once, as character spans.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+from transerve.server.backends.runner import GraphRunner
+from transerve.server.engine.documents import Segmented
+from transerve.server.engine.seq2seq import DecoderLayout, pad_ids
+
+WORD = re.compile(r"\S+")
+SCORE_BATCH = 32  # sentences per pass: bounds the [N, T, V] logits the graph holds
+
+
+@dataclass(frozen=True)
+class WordAlignment:
+    source: tuple[int, int]  # character span in the sentence
+    target: tuple[int, int]  # character span in its translation
+
+
+@dataclass(frozen=True)
+class SentenceScore:
+    mean_log_prob: float
+    min_token_prob: float
+    alignments: tuple[WordAlignment, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScoredSentence:
+    """One sentence to score: its source ids (EOS last) and text, and its translation's ids (no EOS) and text."""
+
+    source: Sequence[int]
+    source_text: str
+    output: Sequence[int]
+    output_text: str
+
+
+class SentenceScorer:
+    def __init__(self, encoder: GraphRunner, graph: GraphRunner, layout: DecoderLayout, tokenizer: Tokenizer,
+                 alignment_layer: int) -> None:
+        self.encoder, self.graph, self.layout, self.tokenizer = encoder, graph, layout, tokenizer
+        self.alignment_layer = alignment_layer
+
+    def score(self, sentences: Sequence[ScoredSentence], align: bool) -> list[SentenceScore]:
+        out: list[SentenceScore] = []
+        for start in range(0, len(sentences), SCORE_BATCH):
+            out += self._score_batch(sentences[start:start + SCORE_BATCH], align)
+        return out
+
+    def teacher_forced(self, sources: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+                       ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Each output's token log-probabilities (EOS appended and scored) and the alignment layer's
+        cross-attention ``[N, T, S]`` (rows padded)."""
+        lay = self.layout
+        ids, mask = pad_ids(sources, lay.pad_id)
+        cross = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})
+        targets = [[*o, lay.eos_id] for o in outputs]
+        width = max(2, max(len(t) for t in targets))  # the graph takes T ≥ 2 (export_score)
+        target_ids = np.full((len(targets), width), lay.pad_id, np.int64)
+        inputs = np.full_like(target_ids, lay.pad_id)
+        for i, t in enumerate(targets):
+            target_ids[i, :len(t)] = t
+            inputs[i, :len(t)] = [lay.bos_id, *t[:-1]]
+        names = [f"cross_{k}_{i}" for i in range(lay.num_layers) for k in ("k", "v")]
+        log_probs, attention = self.graph.run(None, {"input_ids": inputs, "target_ids": target_ids,
+                                                     "attention_mask": mask, **dict(zip(names, cross, strict=True))})
+        return [log_probs[i, :len(t)] for i, t in enumerate(targets)], attention[:, self.alignment_layer]
+
+    def _score_batch(self, batch: Sequence[ScoredSentence], align: bool) -> list[SentenceScore]:
+        token_log_probs, attention = self.teacher_forced([s.source for s in batch], [s.output for s in batch])
+        scores = []
+        for i, (sentence, lp) in enumerate(zip(batch, token_log_probs, strict=True)):
+            pairs = self._align(sentence, attention[i]) if align else ()
+            scores.append(SentenceScore(float(lp.mean()), float(np.exp(lp.min())), pairs))
+        return scores
+
+    def _align(self, sentence: ScoredSentence, attention: np.ndarray) -> tuple[WordAlignment, ...]:
+        """Word pairs from each target token's most attended source token (EOS on either side left out)."""
+        source_words = _token_words(sentence.source_text, self.tokenizer.encode(sentence.source_text).offsets)
+        target_words = _token_words(sentence.output_text, self._target_offsets(sentence.output, sentence.output_text))
+        real = min(len(source_words), len(sentence.source) - 1)
+        if real <= 0:
+            return ()
+        pairs: dict[tuple[tuple[int, int], tuple[int, int]], None] = {}
+        for t, target in enumerate(target_words):
+            source = source_words[int(attention[t, :real].argmax())]
+            if target is not None and source is not None:
+                pairs[(source, target)] = None
+        return tuple(WordAlignment(s, t) for s, t in sorted(pairs, key=lambda p: (p[1], p[0])))
+
+    def _target_offsets(self, ids: Sequence[int], text: str) -> list[tuple[int, int]]:
+        """Each output token's span in its decoded text: the growth of the decoded prefix (clamped, since a
+        decoder may tidy spaces differently once more text follows)."""
+        prefixes = self.tokenizer.decode_batch([list(ids[:i + 1]) for i in range(len(ids))]) if ids else []
+        spans, end = [], 0
+        for prefix in prefixes:
+            new_end = min(max(end, len(prefix)), len(text))
+            spans.append((end, new_end))
+            end = new_end
+        return spans
+
+
+def _token_words(text: str, offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int] | None]:
+    """For each token span, the span of the word (run of non-space characters) its first visible character is
+    in; None for a token that covers only spaces or nothing."""
+    words = [m.span() for m in WORD.finditer(text)]
+    starts = [w[0] for w in words]
+    out: list[tuple[int, int] | None] = []
+    for start, end in offsets:
+        visible = next((i for i in range(start, end) if not text[i].isspace()), None)
+        if visible is None:
+            out.append(None)
+            continue
+        index = int(np.searchsorted(starts, visible, side="right")) - 1
+        out.append(words[index] if index >= 0 and words[index][0] <= visible < words[index][1] else None)
+    return out
+
+
+@dataclass(frozen=True)
+class SentenceReport:
+    """One sentence of a translated text: where it is in the text and its translation in the result, its score,
+    and its word alignments as spans of the whole text and the whole translation."""
+
+    source: tuple[int, int]
+    target: tuple[int, int]
+    score: SentenceScore
+
+
+def report_document(scorer: SentenceScorer, document: Segmented, sources: Sequence[Sequence[int]],
+                    outputs: Sequence[tuple[Sequence[int], str]], align: bool) -> list[SentenceReport]:
+    """Every sentence of one translated document: its spans, score and (when ``align``) word alignments."""
+    _, target_spans = document.reassemble_spans([text for _, text in outputs])
+    scores = scorer.score([ScoredSentence(src, sentence, ids, text) for src, sentence, (ids, text)
+                           in zip(sources, document.sentences, outputs, strict=True)], align)
+    return [SentenceReport(span, target, shifted(score, span[0], target[0]))
+            for span, target, score in zip(document.spans, target_spans, scores, strict=True)]
+
+
+def shifted(score: SentenceScore, source_at: int, target_at: int) -> SentenceScore:
+    """``score`` with its alignments moved from sentence offsets to document offsets."""
+    moved = tuple(WordAlignment((a.source[0] + source_at, a.source[1] + source_at),
+                                (a.target[0] + target_at, a.target[1] + target_at)) for a in score.alignments)
+    return SentenceScore(score.mean_log_prob, score.min_token_prob, moved)
+
+
+__all__ = ["ScoredSentence", "SentenceReport", "SentenceScore", "SentenceScorer", "WordAlignment", "report_document",
+           "shifted"]
