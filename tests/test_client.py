@@ -249,3 +249,39 @@ def test_loadtest_classifies_without_pillow(server: ServerProcess) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_glossaries_and_sentence_scores(client: TranserveClient, server: ServerProcess) -> None:
+    """``glossary=`` on translate, translate_document and the stream (a mapping or pairs); translate_detailed's
+    sentences point into the text sent and the translation returned."""
+    text = "seven. nine hundred"
+    assert "sieben" in client.translate([text], glossary={"seven": "sieben"}, max_new_tokens=16)[0]
+    assert "sieben" in client.translate_document(text, glossary=[("seven", "sieben")])
+    assert "sieben" in "".join(client.translate_stream(text, glossary={"seven": "sieben"}))
+    [detailed] = client.translate_detailed([text], alignments=True, max_new_tokens=6)
+    assert detailed.text == client.translate([text], max_new_tokens=6)[0]
+    assert [text[slice(*s.source)] for s in detailed.sentences] == ["seven.", "nine hundred"]
+    for s in detailed.sentences:
+        assert s.mean_log_prob < 0 < s.min_token_prob <= 1 and s.target[1] <= len(detailed.text)
+        assert all(s.source[0] <= a[0][0] < a[0][1] <= s.source[1] for a in s.alignments)
+
+    async def run_async() -> None:
+        async with AsyncTranserveClient(server.address) as c:
+            [one] = await c.translate_detailed([text], glossary={"seven": "sieben"}, max_new_tokens=16)
+            assert "sieben" in one.text and len(one.sentences) == 2
+
+    asyncio.run(run_async())
+
+
+def test_cli_glossary_file_and_scores(server: ServerProcess, tmp_path: Path) -> None:
+    terms = tmp_path / "terms.tsv"
+    terms.write_text("# our terms\nseven\tsieben\n")
+    out = cli(server, "translate", "--glossary", str(terms), "--max-new-tokens", "16", "seven")
+    assert out.returncode == 0 and "sieben" in out.stdout, out.stderr
+    scored = json.loads(cli(server, "--json", "translate", "--scores", "seven. nine").stdout)
+    assert [s["source"] for s in scored[0]["sentences"]] == [[0, 6], [7, 11]]
+    shown = cli(server, "translate", "--scores", "seven")
+    assert "mean log-prob" in shown.stderr and "lowest token probability" in shown.stderr
+    terms.write_text("seven sieben\n")
+    bad = cli(server, "translate", "--glossary", str(terms), "seven")
+    assert bad.returncode == 2 and "expected 'source<TAB>target'" in bad.stderr

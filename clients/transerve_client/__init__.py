@@ -3,8 +3,9 @@
 ``TranserveClient`` / ``AsyncTranserveClient`` for the SDK, ``transerve-client`` on the command line.
 """
 
-from transerve_client._requests import Prediction
+from transerve_client._requests import DetailedTranslation, Prediction, SentenceScore
 from transerve_client.client import AsyncTranserveClient, RetryPolicy, TranserveClient, TranserveError
 
 __version__ = "0.1.0"
-__all__ = ["AsyncTranserveClient", "Prediction", "RetryPolicy", "TranserveClient", "TranserveError", "__version__"]
+__all__ = ["AsyncTranserveClient", "DetailedTranslation", "Prediction", "RetryPolicy", "SentenceScore",
+           "TranserveClient", "TranserveError", "__version__"]

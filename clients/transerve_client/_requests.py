@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,24 +28,82 @@ class Prediction:
     score: float
 
 
+Span = tuple[int, int]  # [start, end) in Unicode code points
+Glossary = Mapping[str, str] | Sequence[tuple[str, str]]  # source term → the target term the translation must use
+
+
+@dataclass(frozen=True)
+class SentenceScore:
+    """One sentence of a translated text: where it is (``source``, in the text sent) and where its translation
+    is (``target``, in the translated text), how sure the model was, and its word alignments (pairs of
+    source and target spans of those same texts, when asked for)."""
+
+    source: Span
+    target: Span
+    mean_log_prob: float
+    min_token_prob: float
+    alignments: list[tuple[Span, Span]]
+
+
+@dataclass(frozen=True)
+class DetailedTranslation:
+    text: str
+    tokens: int
+    sentences: list[SentenceScore]
+
+
 SEGMENTATIONS = {"sentences": tpb.SEGMENTATION_SENTENCES, "whole": tpb.SEGMENTATION_WHOLE}
 
 
-def translate_request(texts: Sequence[str], model: str | None, beam_size: int | None,
-                      max_new_tokens: int | None, length_penalty: float | None = None,
-                      segmentation: str = "sentences") -> Any:
-    if isinstance(texts, str):
-        raise TypeError("translate() takes a list of texts; wrap a single text in a list")
+def translate_options(beam_size: int | None = None, max_new_tokens: int | None = None,
+                      length_penalty: float | None = None, segmentation: str = "sentences",
+                      glossary: Glossary | None = None, scores: bool = False, alignments: bool = False) -> Any:
     options = tpb.TranslateOptions(beam_size=beam_size or 0, max_new_tokens=max_new_tokens or 0,
-                                   segmentation=_segmentation(segmentation))
+                                   segmentation=_segmentation(segmentation), scores=scores, alignments=alignments,
+                                   glossary=glossary_entries(glossary))
     if length_penalty is not None:
         options.length_penalty = length_penalty
+    return options
+
+
+def translate_request(texts: Sequence[str], model: str | None, options: Any) -> Any:
+    if isinstance(texts, str):
+        raise TypeError("translate() takes a list of texts; wrap a single text in a list")
     return tpb.TranslateRequest(model=model or "", texts=list(texts), options=options)
 
 
-def stream_request(text: str, model: str | None, segmentation: str = "sentences") -> Any:
-    return tpb.TranslateStreamRequest(model=model or "", text=text,
-                                      options=tpb.TranslateOptions(segmentation=_segmentation(segmentation)))
+def stream_request(text: str, model: str | None, segmentation: str = "sentences",
+                   glossary: Glossary | None = None) -> Any:
+    return tpb.TranslateStreamRequest(model=model or "", text=text, options=translate_options(
+        segmentation=segmentation, glossary=glossary))
+
+
+def glossary_entries(glossary: Glossary | None) -> list[Any]:
+    pairs = glossary.items() if isinstance(glossary, Mapping) else (glossary or [])
+    return [tpb.GlossaryEntry(source=source, target=target) for source, target in pairs]
+
+
+def read_glossary(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """A ``source<TAB>target`` file (UTF-8; blank lines and ``#`` comments skipped), as the server's model
+    glossaries are written."""
+    pairs = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{number}: expected 'source<TAB>target', got {len(parts)} fields")
+            pairs.append((parts[0].strip(), parts[1].strip()))
+    return pairs
+
+
+def detailed(response: Any) -> list[DetailedTranslation]:
+    def span(m: Any, side: str) -> Span:
+        return getattr(m, f"{side}_start"), getattr(m, f"{side}_end")
+
+    return [DetailedTranslation(t.text, t.tokens, [
+        SentenceScore(span(s, "source"), span(s, "target"), s.mean_log_prob, s.min_token_prob,
+                      [(span(a, "source"), span(a, "target")) for a in s.alignments]) for s in t.sentences])
+        for t in response.translations]
 
 
 def _segmentation(name: str) -> Any:

@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from transerve_client._requests import DetailedTranslation, read_glossary
 from transerve_client.client import TranserveClient, TranserveError
 
 
@@ -29,6 +30,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="translator name (default: the server's default)")
     t.add_argument("--beam-size", type=int, help="beam width (default: the model's)")
     t.add_argument("--max-new-tokens", type=int, help="generation budget per text")
+    t.add_argument("--glossary", metavar="TERMS.TSV",
+                   help="terms the translation must use: a UTF-8 file of 'source<TAB>target' lines")
+    t.add_argument("--scores", action="store_true",
+                   help="also print each sentence's confidence (mean log-probability per token, lowest token "
+                        "probability) to stderr, or into the --json output")
     c = sub.add_parser("classify", help="classify image files (PNG, JPEG, …)")
     c.add_argument("images", nargs="+", help="image files")
     c.add_argument("--model", help="classifier name (default: the server's default)")
@@ -46,15 +52,7 @@ def run(args: argparse.Namespace, client: TranserveClient) -> int:
         print(json.dumps(names) if args.json else "\n".join(names))
         return 0
     if args.command == "translate":
-        texts = _texts(args)
-        out = client.translate(texts, model=args.model, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens,
-                               segmentation="whole" if args.whole else "sentences")
-        if args.file and not args.json:
-            sys.stdout.write(out[0])
-            return 0
-        print(json.dumps([{"text": s, "translation": t} for s, t in zip(texts, out, strict=True)], ensure_ascii=False)
-              if args.json else "\n".join(out))
-        return 0
+        return _translate(args, client)
     results = client.classify(args.images, model=args.model, top_k=args.top_k)
     if args.json:
         print(json.dumps([{"image": path, "predictions": [dataclasses.asdict(p) for p in preds]}
@@ -62,6 +60,28 @@ def run(args: argparse.Namespace, client: TranserveClient) -> int:
     else:
         for path, preds in zip(args.images, results, strict=True):
             print(f"{path}: " + ", ".join(f"{p.label} {p.score:.3f}" for p in preds))
+    return 0
+
+
+def _translate(args: argparse.Namespace, client: TranserveClient) -> int:
+    texts = _texts(args)
+    glossary = read_glossary(args.glossary) if args.glossary else None
+    out = client.translate_detailed(texts, model=args.model, beam_size=args.beam_size,
+                                    max_new_tokens=args.max_new_tokens, glossary=glossary,
+                                    segmentation="whole" if args.whole else "sentences") if args.scores else [
+        DetailedTranslation(t, 0, []) for t in client.translate(
+            texts, model=args.model, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens, glossary=glossary,
+            segmentation="whole" if args.whole else "sentences")]
+    if args.json:
+        print(json.dumps([{"text": s, "translation": t.text, **({"sentences": [dataclasses.asdict(x) for x in
+                                                                             t.sentences]} if args.scores else {})}
+                          for s, t in zip(texts, out, strict=True)], ensure_ascii=False))
+        return 0
+    sys.stdout.write(out[0].text if args.file else "\n".join(t.text for t in out) + "\n")
+    for i, t in enumerate(out):
+        for s in t.sentences:
+            print(f"text {i} sentence {texts[i][s.source[0]:s.source[1]][:40]!r}: mean log-prob "
+                  f"{s.mean_log_prob:.3f}, lowest token probability {s.min_token_prob:.3f}", file=sys.stderr)
     return 0
 
 

@@ -131,31 +131,48 @@ class TranserveClient(_Base):
 
     def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
                   max_new_tokens: int | None = None, length_penalty: float | None = None,
-                  segmentation: str = "sentences", timeout: float | None = None) -> list[str]:
+                  segmentation: str = "sentences", glossary: rq.Glossary | None = None,
+                  timeout: float | None = None) -> list[str]:
         """Translations of ``texts``, in order (``model=None``: the server's default translator); more texts
         than the model takes per request are split (see the module's docstring). Each text is a document:
         the server translates it sentence by sentence and keeps its whitespace (``segmentation="whole"``: one
-        model input, refused when too long for the model)."""
+        model input, refused when too long for the model). ``glossary``: terms the translations must use
+        (``{"invoice": "Rechnung"}``), beside the model's own glossary."""
+        options = rq.translate_options(beam_size, max_new_tokens, length_penalty, segmentation, glossary)
+        return [t.text for t in self._translations(texts, model, options, timeout)]
+
+    def translate_detailed(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
+                           max_new_tokens: int | None = None, length_penalty: float | None = None,
+                           segmentation: str = "sentences", glossary: rq.Glossary | None = None,
+                           alignments: bool = False, timeout: float | None = None) -> list[rq.DetailedTranslation]:
+        """As :meth:`translate`, with each sentence's confidence (and, with ``alignments``, its word alignments):
+        one extra scoring pass on the server."""
+        options = rq.translate_options(beam_size, max_new_tokens, length_penalty, segmentation, glossary, True,
+                                       alignments)
+        return self._translations(texts, model, options, timeout)
+
+    def _translations(self, texts: Sequence[str], model: str | None, options: Any, timeout: float | None
+                      ) -> list[rq.DetailedTranslation]:
         if isinstance(texts, str):
             raise TypeError("translate() takes a list of texts; wrap a single text in a list")
 
-        def one(part: Sequence[str]) -> list[str]:
-            request = rq.translate_request(part, model, beam_size, max_new_tokens, length_penalty, segmentation)
-            return [t.text for t in self._call(self._translator.Translate, request, timeout).translations]
+        def one(part: Sequence[str]) -> list[rq.DetailedTranslation]:
+            request = rq.translate_request(part, model, options)
+            return rq.detailed(self._call(self._translator.Translate, request, timeout))
 
         return self._split(list(texts), self._limit("translate", model, timeout), one)
 
     def translate_document(self, document: str, *, model: str | None = None, beam_size: int | None = None,
-                           timeout: float | None = None) -> str:
+                           glossary: rq.Glossary | None = None, timeout: float | None = None) -> str:
         """One document of any length the server's limits allow (``documents.max_document_chars``), translated
         sentence by sentence with its paragraphs, line breaks and spacing kept."""
-        return self.translate([document], model=model, beam_size=beam_size, timeout=timeout)[0]
+        return self.translate([document], model=model, beam_size=beam_size, glossary=glossary, timeout=timeout)[0]
 
     def translate_stream(self, text: str, *, model: str | None = None, segmentation: str = "sentences",
-                         timeout: float | None = None) -> Iterator[str]:
+                         glossary: rq.Glossary | None = None, timeout: float | None = None) -> Iterator[str]:
         """Pieces of the translation as the server produces them (a document: sentence by sentence)."""
         try:
-            for message in self._translator.TranslateStream(rq.stream_request(text, model, segmentation),
+            for message in self._translator.TranslateStream(rq.stream_request(text, model, segmentation, glossary),
                                                             timeout=timeout or self.timeout, metadata=self._metadata):
                 if message.piece:
                     yield message.piece
@@ -258,23 +275,40 @@ class AsyncTranserveClient(_Base):
 
     async def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
                         max_new_tokens: int | None = None, length_penalty: float | None = None,
-                        segmentation: str = "sentences", timeout: float | None = None) -> list[str]:
+                        segmentation: str = "sentences", glossary: rq.Glossary | None = None,
+                        timeout: float | None = None) -> list[str]:
+        options = rq.translate_options(beam_size, max_new_tokens, length_penalty, segmentation, glossary)
+        return [t.text for t in await self._translations(texts, model, options, timeout)]
+
+    async def translate_detailed(self, texts: Sequence[str], *, model: str | None = None,
+                                 beam_size: int | None = None, max_new_tokens: int | None = None,
+                                 length_penalty: float | None = None, segmentation: str = "sentences",
+                                 glossary: rq.Glossary | None = None, alignments: bool = False,
+                                 timeout: float | None = None) -> list[rq.DetailedTranslation]:
+        options = rq.translate_options(beam_size, max_new_tokens, length_penalty, segmentation, glossary, True,
+                                       alignments)
+        return await self._translations(texts, model, options, timeout)
+
+    async def _translations(self, texts: Sequence[str], model: str | None, options: Any, timeout: float | None
+                            ) -> list[rq.DetailedTranslation]:
         if isinstance(texts, str):
             raise TypeError("translate() takes a list of texts; wrap a single text in a list")
 
-        async def one(part: Sequence[str]) -> list[str]:
-            request = rq.translate_request(part, model, beam_size, max_new_tokens, length_penalty, segmentation)
-            return [t.text for t in (await self._call(self._translator.Translate, request, timeout)).translations]
+        async def one(part: Sequence[str]) -> list[rq.DetailedTranslation]:
+            request = rq.translate_request(part, model, options)
+            return rq.detailed(await self._call(self._translator.Translate, request, timeout))
 
         return await self._split(list(texts), await self._limit("translate", model, timeout), one)
 
     async def translate_document(self, document: str, *, model: str | None = None, beam_size: int | None = None,
-                                 timeout: float | None = None) -> str:
-        return (await self.translate([document], model=model, beam_size=beam_size, timeout=timeout))[0]
+                                 glossary: rq.Glossary | None = None, timeout: float | None = None) -> str:
+        return (await self.translate([document], model=model, beam_size=beam_size, glossary=glossary,
+                                     timeout=timeout))[0]
 
     async def translate_stream(self, text: str, *, model: str | None = None, segmentation: str = "sentences",
-                               timeout: float | None = None) -> AsyncIterator[str]:
-        call = self._translator.TranslateStream(rq.stream_request(text, model, segmentation),
+                               glossary: rq.Glossary | None = None, timeout: float | None = None
+                               ) -> AsyncIterator[str]:
+        call = self._translator.TranslateStream(rq.stream_request(text, model, segmentation, glossary),
                                                 timeout=timeout or self.timeout,
                                                 metadata=self._metadata)
         try:

@@ -97,7 +97,8 @@ class Workload:
         self.translate, self.rng, self.sent = translate, random.Random(translate.seed), 0
         if task == "translate":
             self.stub = tpb_grpc.TranslatorStub(channel)
-            self.message = rq.translate_request([TEXTS[i % len(TEXTS)] for i in range(batch)], model, None, None)
+            self.message = rq.translate_request([TEXTS[i % len(TEXTS)] for i in range(batch)], model,
+                                                  rq.translate_options())
             self.method: Callable[..., Awaitable[Any]] = self.stub.Translate
             self.count = lambda r: sum(t.tokens for t in r.translations)
             self.model = model
@@ -136,7 +137,7 @@ class Workload:
         text, budget = TEXTS[self.sent % len(TEXTS)], self._budget()
         self.sent += 1
         if not self.translate.stream:
-            request = rq.translate_request([text], self.model, None, budget)
+            request = rq.translate_request([text], self.model, rq.translate_options(max_new_tokens=budget))
             response = await self.stub.Translate(request, timeout=timeout, metadata=self.metadata)
             self.tokens += self.count(response)  # not `+= f(await …)`: that reads the total before awaiting
             return
