@@ -70,7 +70,8 @@ def test_too_many_terms_in_one_sentence(glossaries: Glossaries) -> None:
     glossary.constraints("one two three", "texts[0]")  # two distinct targets: fine
     many = glossaries.for_request([GlossaryEntry(w, t) for w, t in zip(words, [
         "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun"], strict=True)])
-    with pytest.raises(RequestError, match="texts.0.: one sentence matches 9 glossary terms, the limit is 8"):
+    message = "texts[0]: one sentence matches 9 glossary terms, the limit is 8"
+    with pytest.raises(RequestError, match=re.escape(message)):
         many.constraints(" ".join(words), "texts[0]")
 
 
@@ -79,9 +80,9 @@ def test_glossary_files_are_read_and_checked(tmp_path: Path, glossaries: Glossar
     path.write_text("# terms\nseven\tsieben\n\nhundred\thundert\n")
     assert read_glossary_file(path) == [GlossaryEntry("seven", "sieben"), GlossaryEntry("hundred", "hundert")]
     path.write_text("seven sieben\n")
-    with pytest.raises(ConfigError, match="glossary.tsv:1: expected 'source<TAB>target', got 1 fields"):
+    with pytest.raises(ConfigError, match=re.escape("glossary.tsv:1: expected 'source<TAB>target', got 1 fields")):
         read_glossary_file(path)
-    with pytest.raises(ConfigError, match="glossary file.0..target: 'ΩΨ' cannot be written"):
+    with pytest.raises(ConfigError, match=re.escape("glossary file[0].target: 'ΩΨ' cannot be written")):
         Glossaries([GlossaryEntry("seven", "ΩΨ")], glossaries.tokenizer, english=True)
 
 
