@@ -70,7 +70,7 @@ def test_score_graph_matches_eager_teacher_forcing() -> None:
 def test_token_words_group_tokens_into_words() -> None:
     text = "drei hundert, zwölf"
     offsets = [(0, 4), (4, 5), (5, 12), (12, 13), (13, 15), (15, 19), (19, 19)]
-    assert _token_words(text, offsets) == [(0, 4), None, (5, 13), (5, 13), (14, 19), (14, 19), None]
+    assert _token_words(text, offsets) == [(0, 4), None, (5, 12), (12, 13), (14, 19), (14, 19), None]
 
 
 def test_scorer_on_the_exported_entry(small_repo: Path) -> None:

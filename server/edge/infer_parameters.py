@@ -10,8 +10,8 @@ Accepted:
 - translators: ``beam_size``, ``max_new_tokens``, ``length_penalty``, ``segmentation`` (``"sentences"``, the
   default, or ``"whole"``), ``cache`` (a bool; false: bypass the sentence cache), ``scores`` and
   ``alignments`` (bools: an extra BYTES output ``sentences``, one JSON list per text), ``glossary`` (a string:
-  a JSON list of ``{"source", "target"}`` objects) — as ``TranslateOptions`` — and ``stream`` (Triton's
-  decoupled convention, ``ModelStreamInfer`` only).
+  a JSON list of ``{"source", "target"}`` objects), ``format`` (``"text"`` or ``"html"``) — as
+  ``TranslateOptions`` — and ``stream`` (Triton's decoupled convention, ``ModelStreamInfer`` only).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ _TRANSLATE = {"beam_size": (_INTEGER_KINDS, "an integer"), "max_new_tokens": (_I
               "length_penalty": (_NUMBER_KINDS, "a number"), "stream": (("bool_param",), "a bool"),
               "segmentation": (("string_param",), '"sentences" or "whole"'), "cache": (("bool_param",), "a bool"),
               "scores": (("bool_param",), "a bool"), "alignments": (("bool_param",), "a bool"),
-              "glossary": (("string_param",), 'a JSON list of {"source": …, "target": …}')}
+              "glossary": (("string_param",), 'a JSON list of {"source": …, "target": …}'),
+              "format": (("string_param",), '"text" or "html"')}
 MAX_GLOSSARY_JSON = 256 * 1024
 
 
@@ -52,6 +53,7 @@ class InferParameters:
     scores: bool = False
     alignments: bool = False
     glossary: tuple[GlossaryEntry, ...] = ()
+    format: Literal["text", "html"] = "text"
 
     def deadline(self, grpc_deadline: float | None) -> float | None:
         """The tighter of the gRPC deadline (a monotonic instant) and ``timeout``."""
@@ -81,7 +83,7 @@ def parse_parameters(parameters: Any, task: str) -> InferParameters:
         length_penalty=_finite(values, "length_penalty"), stream=bool(values.get("stream", False)),
         segmentation=_segmentation(values), cache=bool(values.get("cache", True)),
         scores=bool(values.get("scores", False)), alignments=bool(values.get("alignments", False)),
-        glossary=_glossary(values.get("glossary")))
+        glossary=_glossary(values.get("glossary")), format=_format(values))
 
 
 def _glossary(value: str | None) -> tuple[GlossaryEntry, ...]:
@@ -104,6 +106,13 @@ def _glossary(value: str | None) -> tuple[GlossaryEntry, ...]:
             raise RequestError(f"parameters.glossary[{i}]: must be {{\"source\": string, \"target\": string}}")
         out.append(GlossaryEntry(entry["source"], entry["target"]))
     return tuple(out)
+
+
+def _format(values: dict[str, Any]) -> Literal["text", "html"]:
+    value = values.get("format", "text")
+    if value not in ("text", "html"):
+        raise RequestError(f"parameters.format: must be \"text\" or \"html\", got {value[:40]!r}")
+    return "html" if value == "html" else "text"
 
 
 def _segmentation(values: dict[str, Any]) -> Literal["sentences", "whole"]:

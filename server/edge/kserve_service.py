@@ -135,7 +135,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         tokens = 0
         async for piece in model.stream(text, parameters.max_new_tokens, parameters.deadline(deadline_from(time_left)),
                                         parameters.beam_size, parameters.length_penalty, parameters.segmentation,
-                                        parameters.cache, parameters.glossary):
+                                        parameters.cache, parameters.glossary, parameters.format):
             tokens = piece.tokens
             if not piece.text:
                 continue
@@ -247,7 +247,7 @@ async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline:
     report = ReportOptions(p.scores, p.alignments)
     results = await model.translate(decoded, p.max_new_tokens, deadline, field="inputs.text", beam_size=p.beam_size,
                                     length_penalty=p.length_penalty, segmentation=p.segmentation, use_cache=p.cache,
-                                    report=report, glossary=p.glossary)
+                                    report=report, glossary=p.glossary, markup=p.format)
     outputs = {"translation": np.array([r.text.encode() for r in results], dtype=np.object_).reshape(texts.shape)}
     if report.wanted:
         outputs["sentences"] = np.array([sentences_json(r).encode() for r in results],

@@ -75,7 +75,8 @@ class InferenceRequest(BaseModel):
     parameters: dict[str, Any] | None = Field(None, description="timeout (µs), beam_size, max_new_tokens, "
                                                                 "length_penalty, segmentation, cache, "
                                                                 "scores, alignments, glossary (a list of "
-                                                                "{source, target}), binary_data_output")
+                                                                "{source, target}), format (text | html), "
+                                                                "binary_data_output")
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = None
 

@@ -13,7 +13,7 @@ from transerve.server.engine.glossary import GlossaryEntry
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.scoring import SentenceReport
-from transerve.server.engine.translation_types import ReportOptions, Segmentation, TranslationResult
+from transerve.server.engine.translation_types import Markup, ReportOptions, Segmentation, TranslationResult
 from transerve.server.engine.translator import TranslatorModel
 from transerve.server.exceptions import RequestError
 from transerve_client._proto import transerve_pb2 as pb
@@ -39,7 +39,7 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                                             segmentation=segmentation(opts),
                                             use_cache=opts.cache if opts.HasField("cache") else True,
                                             report=ReportOptions(opts.scores, opts.alignments),
-                                            glossary=glossary(opts))
+                                            glossary=glossary(opts), markup=markup(opts))
             self.metrics.generated_tokens.labels(model.name).inc(sum(len(r.ids) for r in results))
             return pb.TranslateResponse(model=model.name, model_version=model.version,
                                         translations=[translation_message(r) for r in results])
@@ -59,7 +59,8 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                 opts = request.options
                 async for piece in model.stream(request.text, opts.max_new_tokens or None, deadline_of(context),
                                                 opts.beam_size or None, length_penalty(opts), segmentation(opts),
-                                                opts.cache if opts.HasField("cache") else True, glossary(opts)):
+                                                opts.cache if opts.HasField("cache") else True, glossary(opts),
+                                                markup(opts)):
                     tokens = piece.tokens
                     if piece.text:
                         yield pb.TranslateStreamResponse(piece=piece.text, tokens=tokens)
@@ -135,6 +136,14 @@ def sentence_message(report: SentenceReport) -> pb.SentenceInfo:
         target_end=report.target[1], mean_log_prob=score.mean_log_prob, min_token_prob=score.min_token_prob,
         alignments=[pb.WordAlignment(source_start=a.source[0], source_end=a.source[1], target_start=a.target[0],
                                      target_end=a.target[1]) for a in score.alignments])
+
+
+def markup(options: pb.TranslateOptions) -> Markup:
+    if options.format == pb.FORMAT_HTML:
+        return "html"
+    if options.format != pb.FORMAT_TEXT:
+        raise RequestError(f"options.format: {options.format} is not a Format value (0 text, 1 html)")
+    return "text"
 
 
 def length_penalty(options: pb.TranslateOptions) -> float | None:

@@ -10,7 +10,9 @@ cached sentence as well as a fresh one. It runs only when a request asks (``scor
   ``min_token_prob``: the least likely token's probability (one bad word shows there, not in the mean).
 - Alignments: each target token points at the source token its ``alignment_layer`` (averaged over heads)
   attends to most (Garg et al. 2019 take the penultimate layer); tokens are grouped into words — runs of
-  non-space characters — and each (source word, target word) pair is reported once, as character spans.
+  letters and digits, each other visible character a word of its own (so "forty-two." is four: an HTML tag
+  around "two" or before the full stop can follow it) — and each (source word, target word) pair is reported
+  once, as character spans.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from transerve.server.backends.runner import GraphRunner
 from transerve.server.engine.documents import Segmented
 from transerve.server.engine.seq2seq import DecoderLayout, pad_ids
 
-WORD = re.compile(r"\S+")
+WORD = re.compile(r"\w+|[^\w\s]")
 SCORE_BATCH = 32  # sentences per pass: bounds the [N, T, V] logits the graph holds
 
 
@@ -118,7 +120,7 @@ class SentenceScorer:
 
 
 def _token_words(text: str, offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int] | None]:
-    """For each token span, the span of the word (run of non-space characters) its first visible character is
+    """For each token span, the span of the word (:data:`WORD`) its first visible character is
     in; None for a token that covers only spaces or nothing."""
     words = [m.span() for m in WORD.finditer(text)]
     starts = [w[0] for w in words]

@@ -18,6 +18,7 @@ from transerve.server.engine.detokenizer import Detokenizer
 from transerve.server.engine.document_plan import DocumentPlan, DocumentPlanner, TextLimits, check_text
 from transerve.server.engine.documents import Segmented
 from transerve.server.engine.glossary import Glossaries, GlossaryEntry, read_glossary_file
+from transerve.server.engine.html_translate import PageLimits, translate_pages
 from transerve.server.engine.loaded_model import Limits, LoadedModel
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.model_config import ModelConfig, token_limit
@@ -29,18 +30,20 @@ from transerve.server.engine.static_decode import greedy_stream, run_jobs
 from transerve.server.engine.translation_types import (
     NO_REPORT,
     DecodeOptions,
+    Markup,
     ReportOptions,
     Segmentation,
     StreamPiece,
     TokenProgress,
     TranslateJob,
     TranslationResult,
+    all_or_cancel,
+    assemble,
 )
 from transerve.server.exceptions import ConfigError, DeadlineExceeded, RequestError
 
 MAX_BEAM = 8
 MAX_LENGTH_PENALTY = 10.0
-NO_TERMS = Constraints(())
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ class TranslatorModel(LoadedModel):
             runners["encoder"], runners["decoder_score"], self.layout, self.tokenizer, config.scoring.alignment_layer)
         own = read_glossary_file(entry / config.glossary) if config.glossary else []
         self.glossaries = Glossaries(own, self.tokenizer, english=config.documents.language == "en")
+        self.page_limits = PageLimits(config.documents.max_document_chars, config.documents.max_document_sentences,
+                                      config.documents.language)
         self.cache = SentenceCache(int(config.translation_cache_mb * 2**20))
         self.shared = SharedSentences(self.cache)
         self.scheduler: ContinuousScheduler | None = None
@@ -161,27 +166,46 @@ class TranslatorModel(LoadedModel):
     async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
                         field: str = "texts", beam_size: int | None = None, length_penalty: float | None = None,
                         segmentation: Segmentation = "sentences", use_cache: bool = True,
-                        report: ReportOptions = NO_REPORT, glossary: Sequence[GlossaryEntry] = ()
-                        ) -> list[TranslationResult]:
+                        report: ReportOptions = NO_REPORT, glossary: Sequence[GlossaryEntry] = (),
+                        markup: Markup = "text") -> list[TranslationResult]:
         """Each text translated: as a document (its sentences decoded together with every other sentence in
         flight, then put back with the text's own whitespace) or, with ``segmentation="whole"``, as one input.
         ``report``: each result's sentences scored and aligned (:mod:`scoring`); ``glossary``: terms the
-        translations must use, beside the model's own (:mod:`glossary`)."""
+        translations must use, beside the model's own (:mod:`glossary`); ``markup="html"``: each text an HTML
+        page (:mod:`html_translate`)."""
         o = self._options(max_new_tokens, beam_size, length_penalty, glossary)
-        if report.wanted and self.scorer is None:
-            raise RequestError(f"{'scores' if report.scores else 'alignments'}: model {self.name!r} has no scoring "
-                               "graph (decoder_score; entries exported before scores existed) — export it again")
+        self._check_report(report, segmentation, markup)
         if segmentation == "whole":
             return await self._translate_whole(texts, field, o, deadline, report)
         self._check_count(texts, field)
         if deadline is not None and time.monotonic() > deadline:  # not answered late, even from the cache
             raise DeadlineExceeded("deadline passed before translating")
-        plans = self.planner.plan(texts, field, o.max_new_tokens)
+        if markup == "html":
+            async def blocks(texts: list[str], fields: list[str], align: bool) -> list[TranslationResult]:
+                aligned = ReportOptions(alignments=align and self.scorer is not None)
+                return await self._documents(texts, fields, o, deadline, use_cache, aligned)
+
+            return await translate_pages(texts, field, self.page_limits, blocks)
+        return await self._documents(texts, [f"{field}[{i}]" for i in range(len(texts))], o, deadline, use_cache,
+                                     report)
+
+    def _check_report(self, report: ReportOptions, segmentation: Segmentation, markup: Markup) -> None:
+        if markup == "html" and (report.wanted or segmentation == "whole"):
+            raise RequestError("format: html returns the page, not sentence scores or alignments, and splits it "
+                               "into sentences (no segmentation WHOLE)")
+        if report.wanted and self.scorer is None:
+            raise RequestError(f"{'scores' if report.scores else 'alignments'}: model {self.name!r} has no scoring "
+                               "graph (decoder_score; entries exported before scores existed) — export it again")
+
+    async def _documents(self, texts: list[str], fields: list[str], o: DecodeOptions, deadline: float | None,
+                         use_cache: bool, report: ReportOptions) -> list[TranslationResult]:
+        plans = [self.planner.plan_one(t, f, o.max_new_tokens) for t, f in zip(texts, fields, strict=True)]
         sentences = [s for p in plans for s in p.document.sentences]
         done = await self._sentences(sentences, [s for p in plans for s in p.sources],
                                      [b for p in plans for b in p.budgets], o, deadline, use_cache,
-                                     _constraints(o, sentences, field))
-        results, pieces = _assemble(plans, done)
+                                     [c for p, f in zip(plans, fields, strict=True)
+                                      for c in o.constraints(p.document.sentences, f)])
+        results, pieces = assemble(plans, done)
         if report.wanted:
             await self._report(results, [p.document for p in plans], [p.sources for p in plans], pieces, report)
         return results
@@ -190,7 +214,7 @@ class TranslatorModel(LoadedModel):
                                report: ReportOptions) -> list[TranslationResult]:
         sources = self.encode(texts, field)
         ids = await self._decode(sources, [o.max_new_tokens or self.config.max_new_tokens] * len(sources), o,
-                                 deadline, _constraints(o, texts, field))
+                                 deadline, o.constraints(texts, field))
         outputs = [TranslationResult(r, t) for r, t in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
         if report.wanted:
             wholes = [Segmented(text, ((0, len(text)),)) for text in texts]
@@ -236,7 +260,7 @@ class TranslatorModel(LoadedModel):
         decodes with the constrained beam (``o.beam_for``)."""
         if self.scheduler is not None:
             scheduler = self.scheduler
-            return await _all_or_cancel([scheduler.run(s, b, o.beam_for(c), o.length_penalty, deadline, c)
+            return await all_or_cancel([scheduler.run(s, b, o.beam_for(c), o.length_penalty, deadline, c)
                                          for s, b, c in zip(sources, budgets, constraints, strict=True)])
         step, jobs, order = self.config.max_batch_size, [], []
         for beam in sorted({o.beam_for(c) for c in constraints}):
@@ -246,7 +270,7 @@ class TranslatorModel(LoadedModel):
                 order += part
                 jobs.append(TranslateJob([sources[i] for i in part], [budgets[i] for i in part],
                                          replace(o, beam_size=beam), [constraints[i] for i in part]))
-        chunks = await _all_or_cancel([self.batcher.submit(j, size=len(j.sources), deadline=deadline) for j in jobs])
+        chunks = await all_or_cancel([self.batcher.submit(j, size=len(j.sources), deadline=deadline) for j in jobs])
         out: list[list[int]] = [[] for _ in sources]
         for i, row in zip(order, (row for chunk in chunks for row in chunk), strict=True):
             out[i] = row
@@ -258,23 +282,28 @@ class TranslatorModel(LoadedModel):
     async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None,
                      beam_size: int | None = None, length_penalty: float | None = None,
                      segmentation: Segmentation = "sentences", use_cache: bool = True,
-                     glossary: Sequence[GlossaryEntry] = ()) -> AsyncIterator[StreamPiece]:
+                     glossary: Sequence[GlossaryEntry] = (), markup: Markup = "text") -> AsyncIterator[StreamPiece]:
         """Text pieces as tokens are made, the last one with the final count (its piece may be empty); closing
         the iterator (a cancelled client) takes the sequences out of the batch at the next step. Beam search
         streams its result when it is final (a beam's tokens are not settled before). No piece ever splits a
         character (see :class:`Detokenizer`). A document of several sentences streams sentence by sentence, in
         order, each as soon as it and every earlier one are done (all decode together); the pieces join to the
-        unary translation, whitespace included."""
+        unary translation, whitespace included. An HTML page streams whole, when it is rendered."""
+        if markup == "html":
+            [page] = await self.translate([text], max_new_tokens, deadline, "text", beam_size, length_penalty,
+                                          segmentation, use_cache, NO_REPORT, glossary, markup)
+            yield StreamPiece(page.text, len(page.ids))
+            return
         o = self._options(max_new_tokens, beam_size, length_penalty, glossary)
         if segmentation == "whole":
             source = self.encode([text], "text")[0]
             async for piece in self._stream_tokens(source, o.max_new_tokens or self.config.max_new_tokens, o,
-                                                   deadline, _constraints(o, [text], "text")[0]):
+                                                   deadline, o.constraints([text], "text")[0]):
                 yield piece
             return
         plan = self.planner.plan_one(text, "text", o.max_new_tokens)
         document, made = plan.document, 0
-        constraints = _constraints(o, document.sentences, "text")
+        constraints = o.constraints(document.sentences, "text")
         if len(plan.sources) > 1:
             async for piece in self._stream_sentences(plan, o, deadline, use_cache, constraints):
                 yield piece
@@ -340,37 +369,6 @@ class TranslatorModel(LoadedModel):
         job = TranslateJob([source], [budget], replace(o, beam_size=beam), [constraints])
         ids = await self.batcher.submit(job, size=1, deadline=deadline)
         yield TokenProgress(ids[0], True)
-
-
-def _constraints(o: DecodeOptions, sentences: list[str], field: str) -> list[Constraints]:
-    """Each sentence's glossary terms (none without a glossary)."""
-    glossary = o.glossary
-    if glossary is None or glossary.pattern is None:
-        return [NO_TERMS] * len(sentences)
-    return [glossary.constraints(s, field) for s in sentences]
-
-
-def _assemble(plans: list[DocumentPlan], done: list[CachedSentence]
-              ) -> tuple[list[TranslationResult], list[list[tuple[list[int], str]]]]:
-    """Each document's result from its sentences' translations (in plan order), and those per document."""
-    results, pieces, start = [], [], 0
-    for plan in plans:
-        mine = done[start:start + len(plan.sources)]
-        results.append(TranslationResult([t for m in mine for t in m.ids],
-                                         plan.document.reassemble([m.text for m in mine])))
-        pieces.append([(list(m.ids), m.text) for m in mine])
-        start += len(plan.sources)
-    return results, pieces
-
-
-async def _all_or_cancel(coros: list[Any]) -> list[Any]:
-    """Like gather, but one failure cancels the rest (their sequences leave the batch)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

@@ -24,47 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ftranserve.proto\x12\x0ctranserve.v1\"\x90\x02\n\x10TranslateOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\x0csegmentation\x18\x04 \x01(\x0e\x32\x1a.transerve.v1.Segmentation\x12\x12\n\x05\x63\x61\x63he\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x0e\n\x06scores\x18\x06 \x01(\x08\x12\x12\n\nalignments\x18\x07 \x01(\x08\x12-\n\x08glossary\x18\x08 \x03(\x0b\x32\x1b.transerve.v1.GlossaryEntryB\x11\n\x0f_length_penaltyB\x08\n\x06_cache\"/\n\rGlossaryEntry\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\"a\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.transerve.v1.TranslateOptions\"Z\n\x0bTranslation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12-\n\tsentences\x18\x03 \x03(\x0b\x32\x1a.transerve.v1.SentenceInfo\"\xc2\x01\n\x0cSentenceInfo\x12\x14\n\x0csource_start\x18\x01 \x01(\r\x12\x12\n\nsource_end\x18\x02 \x01(\r\x12\x14\n\x0ctarget_start\x18\x03 \x01(\r\x12\x12\n\ntarget_end\x18\x04 \x01(\r\x12\x15\n\rmean_log_prob\x18\x05 \x01(\x02\x12\x16\n\x0emin_token_prob\x18\x06 \x01(\x02\x12/\n\nalignments\x18\x07 \x03(\x0b\x32\x1b.transerve.v1.WordAlignment\"c\n\rWordAlignment\x12\x14\n\x0csource_start\x18\x01 \x01(\r\x12\x12\n\nsource_end\x18\x02 \x01(\r\x12\x14\n\x0ctarget_start\x18\x03 \x01(\r\x12\x12\n\ntarget_end\x18\x04 \x01(\r\"j\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12/\n\x0ctranslations\x18\x03 \x03(\x0b\x32\x19.transerve.v1.Translation\"f\n\x16TranslateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.transerve.v1.TranslateOptions\"F\n\x17TranslateStreamResponse\x12\r\n\x05piece\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x0e\n\x06tokens\x18\x03 \x01(\r\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"L\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.transerve.v1.TensorH\x00\x42\x08\n\x06source\"T\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.transerve.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"?\n\x0e\x43lassification\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.transerve.v1.Prediction\"g\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.transerve.v1.Classification*B\n\x0cSegmentation\x12\x1a\n\x16SEGMENTATION_SENTENCES\x10\x00\x12\x16\n\x12SEGMENTATION_WHOLE\x10\x01\x32\xc0\x01\n\nTranslator\x12N\n\tTranslate\x12\x1e.transerve.v1.TranslateRequest\x1a\x1f.transerve.v1.TranslateResponse\"\x00\x12\x62\n\x0fTranslateStream\x12$.transerve.v1.TranslateStreamRequest\x1a%.transerve.v1.TranslateStreamResponse\"\x00\x30\x01\x32Y\n\nClassifier\x12K\n\x08\x43lassify\x12\x1d.transerve.v1.ClassifyRequest\x1a\x1e.transerve.v1.ClassifyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ftranserve.proto\x12\x0ctranserve.v1\"\xb6\x02\n\x10TranslateOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x30\n\x0csegmentation\x18\x04 \x01(\x0e\x32\x1a.transerve.v1.Segmentation\x12\x12\n\x05\x63\x61\x63he\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x0e\n\x06scores\x18\x06 \x01(\x08\x12\x12\n\nalignments\x18\x07 \x01(\x08\x12-\n\x08glossary\x18\x08 \x03(\x0b\x32\x1b.transerve.v1.GlossaryEntry\x12$\n\x06\x66ormat\x18\t \x01(\x0e\x32\x14.transerve.v1.FormatB\x11\n\x0f_length_penaltyB\x08\n\x06_cache\"/\n\rGlossaryEntry\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\"a\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.transerve.v1.TranslateOptions\"Z\n\x0bTranslation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12-\n\tsentences\x18\x03 \x03(\x0b\x32\x1a.transerve.v1.SentenceInfo\"\xc2\x01\n\x0cSentenceInfo\x12\x14\n\x0csource_start\x18\x01 \x01(\r\x12\x12\n\nsource_end\x18\x02 \x01(\r\x12\x14\n\x0ctarget_start\x18\x03 \x01(\r\x12\x12\n\ntarget_end\x18\x04 \x01(\r\x12\x15\n\rmean_log_prob\x18\x05 \x01(\x02\x12\x16\n\x0emin_token_prob\x18\x06 \x01(\x02\x12/\n\nalignments\x18\x07 \x03(\x0b\x32\x1b.transerve.v1.WordAlignment\"c\n\rWordAlignment\x12\x14\n\x0csource_start\x18\x01 \x01(\r\x12\x12\n\nsource_end\x18\x02 \x01(\r\x12\x14\n\x0ctarget_start\x18\x03 \x01(\r\x12\x12\n\ntarget_end\x18\x04 \x01(\r\"j\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12/\n\x0ctranslations\x18\x03 \x03(\x0b\x32\x19.transerve.v1.Translation\"f\n\x16TranslateStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.transerve.v1.TranslateOptions\"F\n\x17TranslateStreamResponse\x12\r\n\x05piece\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\x0e\n\x06tokens\x18\x03 \x01(\r\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"L\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.transerve.v1.TensorH\x00\x42\x08\n\x06source\"T\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x06images\x18\x02 \x03(\x0b\x32\x13.transerve.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"?\n\x0e\x43lassification\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.transerve.v1.Prediction\"g\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.transerve.v1.Classification*B\n\x0cSegmentation\x12\x1a\n\x16SEGMENTATION_SENTENCES\x10\x00\x12\x16\n\x12SEGMENTATION_WHOLE\x10\x01**\n\x06\x46ormat\x12\x0f\n\x0b\x46ORMAT_TEXT\x10\x00\x12\x0f\n\x0b\x46ORMAT_HTML\x10\x01\x32\xc0\x01\n\nTranslator\x12N\n\tTranslate\x12\x1e.transerve.v1.TranslateRequest\x1a\x1f.transerve.v1.TranslateResponse\"\x00\x12\x62\n\x0fTranslateStream\x12$.transerve.v1.TranslateStreamRequest\x1a%.transerve.v1.TranslateStreamResponse\"\x00\x30\x01\x32Y\n\nClassifier\x12K\n\x08\x43lassify\x12\x1d.transerve.v1.ClassifyRequest\x1a\x1e.transerve.v1.ClassifyResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEGMENTATION']._serialized_start=1562
-  _globals['_SEGMENTATION']._serialized_end=1628
+  _globals['_SEGMENTATION']._serialized_start=1600
+  _globals['_SEGMENTATION']._serialized_end=1666
+  _globals['_FORMAT']._serialized_start=1668
+  _globals['_FORMAT']._serialized_end=1710
   _globals['_TRANSLATEOPTIONS']._serialized_start=34
-  _globals['_TRANSLATEOPTIONS']._serialized_end=306
-  _globals['_GLOSSARYENTRY']._serialized_start=308
-  _globals['_GLOSSARYENTRY']._serialized_end=355
-  _globals['_TRANSLATEREQUEST']._serialized_start=357
-  _globals['_TRANSLATEREQUEST']._serialized_end=454
-  _globals['_TRANSLATION']._serialized_start=456
-  _globals['_TRANSLATION']._serialized_end=546
-  _globals['_SENTENCEINFO']._serialized_start=549
-  _globals['_SENTENCEINFO']._serialized_end=743
-  _globals['_WORDALIGNMENT']._serialized_start=745
-  _globals['_WORDALIGNMENT']._serialized_end=844
-  _globals['_TRANSLATERESPONSE']._serialized_start=846
-  _globals['_TRANSLATERESPONSE']._serialized_end=952
-  _globals['_TRANSLATESTREAMREQUEST']._serialized_start=954
-  _globals['_TRANSLATESTREAMREQUEST']._serialized_end=1056
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=1058
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1128
-  _globals['_TENSOR']._serialized_start=1130
-  _globals['_TENSOR']._serialized_end=1167
-  _globals['_IMAGE']._serialized_start=1169
-  _globals['_IMAGE']._serialized_end=1245
-  _globals['_CLASSIFYREQUEST']._serialized_start=1247
-  _globals['_CLASSIFYREQUEST']._serialized_end=1331
-  _globals['_PREDICTION']._serialized_start=1333
-  _globals['_PREDICTION']._serialized_end=1390
-  _globals['_CLASSIFICATION']._serialized_start=1392
-  _globals['_CLASSIFICATION']._serialized_end=1455
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1457
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1560
-  _globals['_TRANSLATOR']._serialized_start=1631
-  _globals['_TRANSLATOR']._serialized_end=1823
-  _globals['_CLASSIFIER']._serialized_start=1825
-  _globals['_CLASSIFIER']._serialized_end=1914
+  _globals['_TRANSLATEOPTIONS']._serialized_end=344
+  _globals['_GLOSSARYENTRY']._serialized_start=346
+  _globals['_GLOSSARYENTRY']._serialized_end=393
+  _globals['_TRANSLATEREQUEST']._serialized_start=395
+  _globals['_TRANSLATEREQUEST']._serialized_end=492
+  _globals['_TRANSLATION']._serialized_start=494
+  _globals['_TRANSLATION']._serialized_end=584
+  _globals['_SENTENCEINFO']._serialized_start=587
+  _globals['_SENTENCEINFO']._serialized_end=781
+  _globals['_WORDALIGNMENT']._serialized_start=783
+  _globals['_WORDALIGNMENT']._serialized_end=882
+  _globals['_TRANSLATERESPONSE']._serialized_start=884
+  _globals['_TRANSLATERESPONSE']._serialized_end=990
+  _globals['_TRANSLATESTREAMREQUEST']._serialized_start=992
+  _globals['_TRANSLATESTREAMREQUEST']._serialized_end=1094
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=1096
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1166
+  _globals['_TENSOR']._serialized_start=1168
+  _globals['_TENSOR']._serialized_end=1205
+  _globals['_IMAGE']._serialized_start=1207
+  _globals['_IMAGE']._serialized_end=1283
+  _globals['_CLASSIFYREQUEST']._serialized_start=1285
+  _globals['_CLASSIFYREQUEST']._serialized_end=1369
+  _globals['_PREDICTION']._serialized_start=1371
+  _globals['_PREDICTION']._serialized_end=1428
+  _globals['_CLASSIFICATION']._serialized_start=1430
+  _globals['_CLASSIFICATION']._serialized_end=1493
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1495
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1598
+  _globals['_TRANSLATOR']._serialized_start=1713
+  _globals['_TRANSLATOR']._serialized_end=1905
+  _globals['_CLASSIFIER']._serialized_start=1907
+  _globals['_CLASSIFIER']._serialized_end=1996
 # @@protoc_insertion_point(module_scope)

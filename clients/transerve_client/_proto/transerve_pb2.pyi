@@ -11,11 +11,18 @@ class Segmentation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SEGMENTATION_SENTENCES: _ClassVar[Segmentation]
     SEGMENTATION_WHOLE: _ClassVar[Segmentation]
+
+class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FORMAT_TEXT: _ClassVar[Format]
+    FORMAT_HTML: _ClassVar[Format]
 SEGMENTATION_SENTENCES: Segmentation
 SEGMENTATION_WHOLE: Segmentation
+FORMAT_TEXT: Format
+FORMAT_HTML: Format
 
 class TranslateOptions(_message.Message):
-    __slots__ = ("beam_size", "max_new_tokens", "length_penalty", "segmentation", "cache", "scores", "alignments", "glossary")
+    __slots__ = ("beam_size", "max_new_tokens", "length_penalty", "segmentation", "cache", "scores", "alignments", "glossary", "format")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +31,7 @@ class TranslateOptions(_message.Message):
     SCORES_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     GLOSSARY_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     max_new_tokens: int
     length_penalty: float
@@ -32,7 +40,8 @@ class TranslateOptions(_message.Message):
     scores: bool
     alignments: bool
     glossary: _containers.RepeatedCompositeFieldContainer[GlossaryEntry]
-    def __init__(self, beam_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ..., segmentation: _Optional[_Union[Segmentation, str]] = ..., cache: _Optional[bool] = ..., scores: _Optional[bool] = ..., alignments: _Optional[bool] = ..., glossary: _Optional[_Iterable[_Union[GlossaryEntry, _Mapping]]] = ...) -> None: ...
+    format: Format
+    def __init__(self, beam_size: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ..., segmentation: _Optional[_Union[Segmentation, str]] = ..., cache: _Optional[bool] = ..., scores: _Optional[bool] = ..., alignments: _Optional[bool] = ..., glossary: _Optional[_Iterable[_Union[GlossaryEntry, _Mapping]]] = ..., format: _Optional[_Union[Format, str]] = ...) -> None: ...
 
 class GlossaryEntry(_message.Message):
     __slots__ = ("source", "target")
