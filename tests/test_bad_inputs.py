@@ -12,6 +12,7 @@ still get the right answer. Valid-but-odd images (1×1, CMYK, 16-bit, palette, a
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -165,7 +166,17 @@ BAD_INFER: dict[str, Callable[[], pb.ModelInferRequest]] = {
     "timeout negative": lambda: with_parameters(translate_infer(), timeout=-5),
     "timeout a string": lambda: with_parameters(image_infer(ok), timeout="1s"),
     "stream on unary ModelInfer": lambda: with_parameters(translate_infer(), stream=True),
+    "glossary not JSON": lambda: with_parameters(translate_infer(), glossary="seven=sieben"),
+    "glossary an object": lambda: with_parameters(translate_infer(), glossary='{"source": "a", "target": "b"}'),
+    "glossary entry without target": lambda: with_parameters(translate_infer(), glossary='[{"source": "seven"}]'),
+    "glossary entry a number": lambda: with_parameters(translate_infer(), glossary='[{"source": 7, "target": "x"}]'),
+    "format markdown": lambda: with_parameters(translate_infer(), format="markdown"),
+    "scores a string": lambda: with_parameters(translate_infer(), scores="yes"),
 }
+def html(**options: object) -> tpb.TranslateOptions:
+    return tpb.TranslateOptions(format=tpb.FORMAT_HTML, **options)  # type: ignore[arg-type]
+
+
 BAD_TRANSLATE = {
     "empty text": tpb.TranslateRequest(texts=[""]),
     "no texts": tpb.TranslateRequest(texts=[]),
@@ -183,6 +194,17 @@ BAD_TRANSLATE = {
     "50 000-character sentence without punctuation": tpb.TranslateRequest(texts=["seven " * 8_334]),
     "too many sentences": tpb.TranslateRequest(texts=["Seven. " * 300]),
     "unknown segmentation": tpb.TranslateRequest(texts=["seven"], options=tpb.TranslateOptions(segmentation=9)),
+    "unknown format": tpb.TranslateRequest(texts=["seven"], options=tpb.TranslateOptions(format=7)),
+    "markup-only html": tpb.TranslateRequest(texts=["<p> </p><!-- x --><img src=a>"], options=html()),
+    "html with scores": tpb.TranslateRequest(texts=["<p>seven</p>"], options=html(scores=True)),
+    **{f"glossary: {name}": tpb.TranslateRequest(texts=["seven"], options=tpb.TranslateOptions(glossary=[
+        tpb.GlossaryEntry(source=s, target=t) for s, t in entries])) for name, entries in {
+        "empty source": [("", "sieben")], "empty target": [("seven", "")],
+        "duplicated source": [("seven", "sieben"), ("SEVEN", "acht")],
+        "term over 200 characters": [("seven", "sieben " * 40)],
+        "target the vocabulary cannot write": [("seven", "七")],
+        "257 entries": [(f"w{i}", "sieben") for i in range(257)],
+        "newline in a term": [("seven\nhundred", "sieben")]}.items()},
 }
 # documents that look hostile but are fine: answered, each with its whitespace kept
 ODD_GOOD_DOCUMENTS = {
@@ -191,6 +213,15 @@ ODD_GOOD_DOCUMENTS = {
     "punctuation only": "... !!! ??? …",
     "markup as text": "<p>seven <b>eight</b></p>\n\n<!-- nine -->",
     "paragraph breaks only around one word": "\n\n\n  seven  \n\n\n",
+}
+# pages that look hostile but are fine in format html (best-effort, never refused): answered, tags kept
+ODD_GOOD_PAGES = {
+    "unclosed tags": "<p>seven <b>eight <i>nine",
+    "10 000 nested elements": "<b>" * 10_000 + "seven" + "</b>" * 10_000,
+    "script and style only around text": "<script>var a = '<p>x</p>';</script>seven<style>p{}</style>",
+    "stray end tags": "</div></b>seven</p>",
+    "entities and comments": "seven&nbsp;&amp;&#8217;<!-- c -->&copy;",
+    "glossary terms overlapping, one never occurring": "seven hundred",
 }
 
 
@@ -266,7 +297,7 @@ def test_bad_translations_are_refused_by_field(channel: grpc.Channel, healthy: C
     translator = tpb_grpc.TranslatorStub(channel)
     _, message = client_error(lambda: translator.Translate(BAD_TRANSLATE[case], timeout=30))
     assert any(w in message for w in ("texts", "beam_size", "max_new_tokens", "length_penalty", "model",
-                                      "segmentation")), message
+                                      "segmentation", "format", "glossary")), message
     if BAD_TRANSLATE[case].texts:
         stream = tpb.TranslateStreamRequest(text=BAD_TRANSLATE[case].texts[0], model=BAD_TRANSLATE[case].model,
                                             options=BAD_TRANSLATE[case].options)
@@ -282,6 +313,17 @@ def test_odd_but_valid_documents_are_answered(channel: grpc.Channel, healthy: Ca
     [translation] = reply.translations
     lead, trail = text[:len(text) - len(text.lstrip())], text[len(text.rstrip()):]
     assert translation.text.startswith(lead) and translation.text.endswith(trail)  # the document's own spacing
+    healthy()
+
+
+@pytest.mark.parametrize("case", list(ODD_GOOD_PAGES))
+def test_odd_but_valid_pages_are_answered(channel: grpc.Channel, healthy: Callable[[], None], case: str) -> None:
+    page = ODD_GOOD_PAGES[case]
+    glossary = [tpb.GlossaryEntry(source="seven hundred", target="siebenhundert"),
+                tpb.GlossaryEntry(source="hundred", target="hundert"), tpb.GlossaryEntry(source="xyz", target="x")]
+    reply = tpb_grpc.TranslatorStub(channel).Translate(tpb.TranslateRequest(texts=[page], options=html(
+        max_new_tokens=8, glossary=glossary)), timeout=120)
+    assert re.findall(r"<[^>]*>", reply.translations[0].text) == re.findall(r"<[^>]*>", page)
     healthy()
 
 

@@ -53,7 +53,8 @@ def mostly(usual: st.SearchStrategy, odd: st.SearchStrategy) -> st.SearchStrateg
 
 versions = mostly(real_versions, st.sampled_from(["0", "-1", "99", "1.0"]) | st.text(max_size=4))
 dims = st.lists(st.sampled_from([-1, 0, 1, 2, 3, 4, 8, 65]) | st.integers(-(1 << 40), 1 << 40), max_size=5)
-texts = st.text(max_size=64) | st.sampled_from(["seven", "one hundred and seven", " ", "\t\n"]) | \
+texts = st.text(max_size=64) | st.sampled_from(["seven", "one hundred and seven", " ", "\t\n", "<p>seven <b>x",
+                                                "<!-- -->", "&amp;<br>", "<script>seven</script>"]) | \
     st.lists(st.sampled_from(["seven.", "Eight!", "\n\n", "  ", "- nine", "1.", "…", "x" * 300, "。"]),
              max_size=12).map("".join)  # documents: sentences, paragraphs, list items, a long unpunctuated run
 uint32 = st.sampled_from([0, 1, 2, 4, 8, 9, 16, 17]) | st.integers(0, (1 << 32) - 1)
@@ -137,6 +138,9 @@ def classify_requests(draw: st.DrawFn) -> tpb.ClassifyRequest:
     return request
 
 
+glossary_terms = st.sampled_from(["seven", "sieben", "", "hundred", "七", "x" * 300]) | st.text(max_size=12)
+
+
 @st.composite
 def translate_options(draw: st.DrawFn) -> tpb.TranslateOptions:
     options = tpb.TranslateOptions(beam_size=draw(uint32), max_new_tokens=draw(uint32),
@@ -145,6 +149,10 @@ def translate_options(draw: st.DrawFn) -> tpb.TranslateOptions:
         options.length_penalty = draw(floats)
     if draw(st.booleans()):
         options.cache = draw(st.booleans())
+    options.format = draw(st.sampled_from([0, 0, 0, 1, 2]))
+    options.scores, options.alignments = draw(st.booleans()), draw(st.booleans())
+    for _ in range(draw(st.integers(0, 3))):
+        options.glossary.add(source=draw(glossary_terms), target=draw(glossary_terms))
     return options
 
 

@@ -53,14 +53,18 @@ class DetailedTranslation:
 
 
 SEGMENTATIONS = {"sentences": tpb.SEGMENTATION_SENTENCES, "whole": tpb.SEGMENTATION_WHOLE}
+FORMATS = {"text": tpb.FORMAT_TEXT, "html": tpb.FORMAT_HTML}
 
 
 def translate_options(beam_size: int | None = None, max_new_tokens: int | None = None,
                       length_penalty: float | None = None, segmentation: str = "sentences",
-                      glossary: Glossary | None = None, scores: bool = False, alignments: bool = False) -> Any:
+                      glossary: Glossary | None = None, scores: bool = False, alignments: bool = False,
+                      format: str = "text") -> Any:
+    if format not in FORMATS:
+        raise ValueError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
     options = tpb.TranslateOptions(beam_size=beam_size or 0, max_new_tokens=max_new_tokens or 0,
                                    segmentation=_segmentation(segmentation), scores=scores, alignments=alignments,
-                                   glossary=glossary_entries(glossary))
+                                   glossary=glossary_entries(glossary), format=FORMATS[format])
     if length_penalty is not None:
         options.length_penalty = length_penalty
     return options
@@ -73,9 +77,9 @@ def translate_request(texts: Sequence[str], model: str | None, options: Any) -> 
 
 
 def stream_request(text: str, model: str | None, segmentation: str = "sentences",
-                   glossary: Glossary | None = None) -> Any:
+                   glossary: Glossary | None = None, format: str = "text") -> Any:
     return tpb.TranslateStreamRequest(model=model or "", text=text, options=translate_options(
-        segmentation=segmentation, glossary=glossary))
+        segmentation=segmentation, glossary=glossary, format=format))
 
 
 def glossary_entries(glossary: Glossary | None) -> list[Any]:

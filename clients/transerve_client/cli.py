@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--max-new-tokens", type=int, help="generation budget per text")
     t.add_argument("--glossary", metavar="TERMS.TSV",
                    help="terms the translation must use: a UTF-8 file of 'source<TAB>target' lines")
+    t.add_argument("--html", action="store_true",
+                   help="the texts are HTML: tags, attributes, comments and entities kept, the text between them "
+                        "translated (code, pre, script, style, translate=\"no\" left as they are)")
     t.add_argument("--scores", action="store_true",
                    help="also print each sentence's confidence (mean log-probability per token, lowest token "
                         "probability) to stderr, or into the --json output")
@@ -71,7 +74,7 @@ def _translate(args: argparse.Namespace, client: TranserveClient) -> int:
                                     segmentation="whole" if args.whole else "sentences") if args.scores else [
         DetailedTranslation(t, 0, []) for t in client.translate(
             texts, model=args.model, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens, glossary=glossary,
-            segmentation="whole" if args.whole else "sentences")]
+            segmentation="whole" if args.whole else "sentences", format="html" if args.html else "text")]
     if args.json:
         print(json.dumps([{"text": s, "translation": t.text, **({"sentences": [dataclasses.asdict(x) for x in
                                                                              t.sentences]} if args.scores else {})}

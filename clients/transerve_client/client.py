@@ -131,14 +131,16 @@ class TranserveClient(_Base):
 
     def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
                   max_new_tokens: int | None = None, length_penalty: float | None = None,
-                  segmentation: str = "sentences", glossary: rq.Glossary | None = None,
+                  segmentation: str = "sentences", glossary: rq.Glossary | None = None, format: str = "text",
                   timeout: float | None = None) -> list[str]:
         """Translations of ``texts``, in order (``model=None``: the server's default translator); more texts
         than the model takes per request are split (see the module's docstring). Each text is a document:
         the server translates it sentence by sentence and keeps its whitespace (``segmentation="whole"``: one
         model input, refused when too long for the model). ``glossary``: terms the translations must use
-        (``{"invoice": "Rechnung"}``), beside the model's own glossary."""
-        options = rq.translate_options(beam_size, max_new_tokens, length_penalty, segmentation, glossary)
+        (``{"invoice": "Rechnung"}``), beside the model's own glossary; ``format="html"``: each text is an HTML
+        page whose markup is kept."""
+        options = rq.translate_options(beam_size, max_new_tokens, length_penalty, segmentation, glossary,
+                                       format=format)
         return [t.text for t in self._translations(texts, model, options, timeout)]
 
     def translate_detailed(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
@@ -163,16 +165,20 @@ class TranserveClient(_Base):
         return self._split(list(texts), self._limit("translate", model, timeout), one)
 
     def translate_document(self, document: str, *, model: str | None = None, beam_size: int | None = None,
-                           glossary: rq.Glossary | None = None, timeout: float | None = None) -> str:
+                           glossary: rq.Glossary | None = None, format: str = "text",
+                           timeout: float | None = None) -> str:
         """One document of any length the server's limits allow (``documents.max_document_chars``), translated
-        sentence by sentence with its paragraphs, line breaks and spacing kept."""
-        return self.translate([document], model=model, beam_size=beam_size, glossary=glossary, timeout=timeout)[0]
+        sentence by sentence with its paragraphs, line breaks and spacing kept (``format="html"``: its markup)."""
+        return self.translate([document], model=model, beam_size=beam_size, glossary=glossary, format=format,
+                              timeout=timeout)[0]
 
     def translate_stream(self, text: str, *, model: str | None = None, segmentation: str = "sentences",
-                         glossary: rq.Glossary | None = None, timeout: float | None = None) -> Iterator[str]:
+                         glossary: rq.Glossary | None = None, format: str = "text",
+                         timeout: float | None = None) -> Iterator[str]:
         """Pieces of the translation as the server produces them (a document: sentence by sentence)."""
         try:
-            for message in self._translator.TranslateStream(rq.stream_request(text, model, segmentation, glossary),
+            request = rq.stream_request(text, model, segmentation, glossary, format)
+            for message in self._translator.TranslateStream(request,
                                                             timeout=timeout or self.timeout, metadata=self._metadata):
                 if message.piece:
                     yield message.piece
@@ -275,9 +281,10 @@ class AsyncTranserveClient(_Base):
 
     async def translate(self, texts: Sequence[str], *, model: str | None = None, beam_size: int | None = None,
                         max_new_tokens: int | None = None, length_penalty: float | None = None,
-                        segmentation: str = "sentences", glossary: rq.Glossary | None = None,
+                        segmentation: str = "sentences", glossary: rq.Glossary | None = None, format: str = "text",
                         timeout: float | None = None) -> list[str]:
-        options = rq.translate_options(beam_size, max_new_tokens, length_penalty, segmentation, glossary)
+        options = rq.translate_options(beam_size, max_new_tokens, length_penalty, segmentation, glossary,
+                                       format=format)
         return [t.text for t in await self._translations(texts, model, options, timeout)]
 
     async def translate_detailed(self, texts: Sequence[str], *, model: str | None = None,
@@ -301,14 +308,15 @@ class AsyncTranserveClient(_Base):
         return await self._split(list(texts), await self._limit("translate", model, timeout), one)
 
     async def translate_document(self, document: str, *, model: str | None = None, beam_size: int | None = None,
-                                 glossary: rq.Glossary | None = None, timeout: float | None = None) -> str:
-        return (await self.translate([document], model=model, beam_size=beam_size, glossary=glossary,
+                                 glossary: rq.Glossary | None = None, format: str = "text",
+                                 timeout: float | None = None) -> str:
+        return (await self.translate([document], model=model, beam_size=beam_size, glossary=glossary, format=format,
                                      timeout=timeout))[0]
 
     async def translate_stream(self, text: str, *, model: str | None = None, segmentation: str = "sentences",
-                               glossary: rq.Glossary | None = None, timeout: float | None = None
-                               ) -> AsyncIterator[str]:
-        call = self._translator.TranslateStream(rq.stream_request(text, model, segmentation, glossary),
+                               glossary: rq.Glossary | None = None, format: str = "text",
+                               timeout: float | None = None) -> AsyncIterator[str]:
+        call = self._translator.TranslateStream(rq.stream_request(text, model, segmentation, glossary, format),
                                                 timeout=timeout or self.timeout,
                                                 metadata=self._metadata)
         try:

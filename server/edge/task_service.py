@@ -57,6 +57,9 @@ class TranslatorService(pb_grpc.TranslatorServicer):
                 assert isinstance(model, TranslatorModel)
                 call.scope.model = model.name
                 opts = request.options
+                if opts.scores or opts.alignments:
+                    raise RequestError("options.scores, options.alignments: TranslateStream sends text pieces only; "
+                                       "ask Translate for sentence scores and alignments")
                 async for piece in model.stream(request.text, opts.max_new_tokens or None, deadline_of(context),
                                                 opts.beam_size or None, length_penalty(opts), segmentation(opts),
                                                 opts.cache if opts.HasField("cache") else True, glossary(opts),

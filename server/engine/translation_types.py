@@ -12,7 +12,7 @@ from transerve.server.engine.glossary import Glossary
 from transerve.server.engine.scoring import SentenceReport
 from transerve.server.engine.sentence_cache import CachedSentence
 
-CONSTRAINED_BEAM = 4  # the least beam a sentence with glossary terms decodes with (bench/glossary rows)
+CONSTRAINED_BEAM = 2  # the least beam a sentence with glossary terms decodes with (bench/glossary rows)
 NO_TERMS = Constraints(())
 Markup = Literal["text", "html"]  # what a text is: plain text, or an HTML page whose markup is kept
 Segmentation = Literal["sentences", "whole"]  # a text split into sentences (documents), or one model input
