@@ -10,6 +10,7 @@ import functools
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -189,6 +190,19 @@ def entry_model(repo: Path, entry: str) -> tuple[Any, Any]:
 
     model, _ = load_checkpoint(repo / entry / "1" / "torch")
     return model.eval(), Tokenizer.from_file(str(repo / entry / "tokenizer.json"))
+
+
+def mode_copies(source: Path, repo: Path, modes: dict[str, str], **settings: Any) -> Path:
+    """``repo`` holding a copy of the entry ``source`` per ``{name: scheduler mode}``, each named so, not the
+    default, with ``settings`` written over its ``config.yaml``; extra files for the copies go in afterwards."""
+    for name, mode in modes.items():
+        shutil.copytree(source, repo / name)
+        path = repo / name / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        config.update(name=name, default=False, **settings)
+        config["scheduler"]["mode"] = mode
+        path.write_text(yaml.safe_dump(config))
+    return repo
 
 
 def without_sentence_cache(entry: Path) -> None:

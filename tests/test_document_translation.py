@@ -6,15 +6,13 @@ refused; limits and budgets answer by name."""
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-import yaml
-from helpers import ServerProcess, running_server, scrape, total
+from helpers import ServerProcess, mode_copies, running_server, scrape, total
 from transerve.server.engine.documents import split_document
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
@@ -33,15 +31,9 @@ pytestmark = pytest.mark.slow  # the zoo is trained once per session
 def doc_repo(zoo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The zoo translator twice (64 positions, default budget 40): continuous and static scheduling, with small
     document limits."""
-    repo = tmp_path_factory.mktemp("doc-repo")
-    for name, mode in (("doc-continuous", "continuous"), ("doc-static", "static")):
-        shutil.copytree(zoo_repo / "mt-en-de-numbers", repo / name)
-        config_file = repo / name / "config.yaml"
-        config = yaml.safe_load(config_file.read_text())
-        config.update(name=name, default=False, documents={"max_document_chars": 20_000, "max_document_sentences": 40})
-        config["scheduler"]["mode"] = mode
-        config_file.write_text(yaml.safe_dump(config))
-    return repo
+    return mode_copies(zoo_repo / "mt-en-de-numbers", tmp_path_factory.mktemp("doc-repo"),
+                       {"doc-continuous": "continuous", "doc-static": "static"},
+                       documents={"max_document_chars": 20_000, "max_document_sentences": 40})
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-import yaml
-from helpers import entry_model, running_server
+from helpers import entry_model, mode_copies, running_server
 from transerve.server.engine.glossary import MAX_ENTRIES, Glossaries, GlossaryEntry, read_glossary_file
 from transerve.server.exceptions import ConfigError, RequestError
 from transerve_client._proto import inference_pb2 as ipb
@@ -90,15 +88,10 @@ def test_glossary_files_are_read_and_checked(tmp_path: Path, glossaries: Glossar
 def gl_repo(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-mt (random weights) in both scheduler modes, with a glossary file; cache off so every request
     decodes."""
-    repo = tmp_path_factory.mktemp("gl-repo")
-    for name, mode in (("gl-continuous", "continuous"), ("gl-static", "static")):
-        shutil.copytree(small_repo / "tiny-mt", repo / name)
+    repo = mode_copies(small_repo / "tiny-mt", tmp_path_factory.mktemp("gl-repo"), dict(zip(MODES, (
+        "continuous", "static"), strict=True)), glossary="terms.tsv", translation_cache_mb=0)
+    for name in MODES:
         (repo / name / "terms.tsv").write_text("hundred\thundert\n")
-        path = repo / name / "config.yaml"
-        config = yaml.safe_load(path.read_text())
-        config.update(name=name, default=False, glossary="terms.tsv", translation_cache_mb=0)
-        config["scheduler"]["mode"] = mode
-        path.write_text(yaml.safe_dump(config))
     return repo
 
 

@@ -183,3 +183,23 @@ def test_openapi_is_served_generated_and_shipped(rest: ServerProcess) -> None:
     shipped = (ROOT / "protos" / "openapi.json").read_text()
     assert json.loads(shipped) == served == json.loads(openapi_json()), \
         "protos/openapi.json is stale: run `make openapi`"
+
+
+def test_document_options_over_rest(rest: ServerProcess) -> None:
+    """``glossary`` as a JSON list, ``format``, ``scores`` and ``alignments`` (the ``sentences`` output: one JSON
+    list per text) — the TranslateOptions fields, as KServe parameters."""
+    def infer(text: str, **parameters: Any) -> tuple[int, Any]:
+        return post_json(rest, "/v2/models/tiny-mt/infer", {"parameters": {"max_new_tokens": 16, **parameters},
+                         "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]})
+
+    status, reply = infer("seven", glossary=[{"source": "seven", "target": "sieben"}])
+    assert status == 200 and "sieben" in reply["outputs"][0]["data"][0]
+    status, reply = infer("<p>seven <b>hundred</b></p>", format="html")
+    assert status == 200 and reply["outputs"][0]["data"][0].startswith("<p>")
+    status, reply = infer("seven. nine", scores=True, alignments=True)
+    outputs = {o["name"]: o["data"][0] for o in reply["outputs"]}
+    sentences = json.loads(outputs["sentences"])
+    assert status == 200 and [s["source"] for s in sentences] == [[0, 6], [7, 11]]
+    assert all(s["mean_log_prob"] < 0 < s["min_token_prob"] <= 1 for s in sentences)
+    status, reply = infer("seven", glossary=[{"source": "seven"}])
+    assert status == 400 and "parameters.glossary[0]" in reply["error"]
