@@ -69,7 +69,8 @@ BENCHMARKS := \
 	"scaling_bench.py --repo $(REPO) --repeats 5 --duration 2" \
 	"image_bench.py --repeats 5 --seconds 3" \
 	"sentence_splitters.py --repeats 5" \
-	"document_bench.py --work $(BENCH_WORK) --repeats 3"
+	"document_bench.py --work $(BENCH_WORK) --repeats 3" \
+	"glossary_bench.py --repo $(REPO) --work $(BENCH_WORK) --repeats 3"
 bench: zoo
 	@start=$$(date +%s); for b in $(BENCHMARKS); do \
 		t=$$(date +%s); echo "== bench/$$b"; $(BIN)/python bench/$$b || exit 1; \

@@ -169,9 +169,10 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
         vocab_size=cfg.vocab_size, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, max_len=cfg.max_len,
         decoding=decoding, default=opts.default)
     vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"tokenizer.json": tokenizer.to_str()})
-    opts.on_status(f"{opts.name}: exporting decoder_score (scores and word alignment)")
-    score = graphs.export_score(model)
-    save_graphs(vdir, {**fused, "decoder_score": score})  # one weights.bin: shared tensors are stored once
+    opts.on_status(f"{opts.name}: exporting decoder_score and decoder_align (scores and word alignment)")
+    scoring = {"decoder_score": graphs.export_score(model),
+               "decoder_align": graphs.export_align(model, config["scoring"]["alignment_layer"])}
+    save_graphs(vdir, {**fused, **scoring})  # one weights.bin: shared tensors are stored once
     if opts.torch_checkpoint:
         save_checkpoint(model, vdir / "torch")  # the server's torch (reference) backend
     report["generation"] = {"beam_size": decoding.beam_size, "max_new_tokens": decoding.max_new_tokens,

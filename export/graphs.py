@@ -15,7 +15,8 @@
   teacher forcing for scores and word alignment — ``input_ids, target_ids
   [N, T]`` (T ≥ 2), ``attention_mask``, cross K/V → ``token_log_probs [N, T]``
   (each target token's log-probability) and ``cross_attention [N, L, T, S]``
-  (every layer's cross-attention weights, averaged over heads).
+  (every layer's cross-attention weights, averaged over heads); ``decoder_align.onnx``: the alignment layer's
+  cross-attention alone, from the layers up to it (no output projection).
 
 Opset 23, deliberately: torch's exporter turns each
 ``F.scaled_dot_product_attention`` into one ONNX ``Attention`` node, which
@@ -152,6 +153,18 @@ class ScoreGraph(nn.Module):
         return log_probs, torch.stack([w.mean(dim=1) for w in weights], dim=1)  # [N, L, T, S]
 
 
+class AlignGraph(nn.Module):
+    """Teacher forcing through the alignment layer only: its cross-attention, averaged over heads."""
+
+    def __init__(self, model: Seq2SeqTransformer, layer: int) -> None:
+        super().__init__()
+        self.model, self.layer = model, layer
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, cross: list[Tensor]) -> Tensor:
+        cross_kv: list[KVCache] = [(cross[2 * i], cross[2 * i + 1]) for i in range(self.layer + 1)]
+        return self.model.cross_attention(input_ids, cross_kv, attention_mask.bool(), self.layer).mean(dim=1)
+
+
 @dataclass
 class _StepExample:
     """What both decoder-step exports share: example caches (batch 2, source 5, cache 3) and dynamic dims."""
@@ -202,6 +215,21 @@ def export_score(model: Seq2SeqTransformer, opset: int = OPSET) -> onnx.ModelPro
     return _export(ScoreGraph(model.eval()), (ids, targets, torch.ones(2, 5, dtype=torch.long), ex.caches[1]),
                    shapes, ["input_ids", "target_ids", "attention_mask", *kv_names("cross", ex.layers)],
                    ["token_log_probs", "cross_attention"], opset)
+
+
+def export_align(model: Seq2SeqTransformer, layer: int, opset: int = OPSET) -> onnx.ModelProto:
+    """``decoder_align``: ``input_ids [N, T]`` (T ≥ 2), ``attention_mask``, the cross K/V of layers ``0 … layer``
+    → ``cross_attention [N, T, S]`` — word alignment without the layers above or the output projection (the
+    larger part of a translator's decoder cost)."""
+    cfg = model.config
+    ex = _step_example(cfg, past_min=0)
+    tgt = Dim("tgt_len", min=2, max=cfg.max_len)
+    names = kv_names("cross", layer + 1)
+    shapes = {"input_ids": {0: ex.batch, 1: tgt}, "attention_mask": {0: ex.batch, 1: ex.src},
+              "cross": ex.cache_shapes["cross"][:len(names)]}
+    return _export(AlignGraph(model.eval(), layer), (torch.randint(4, cfg.vocab_size, (2, 4)),
+                                                     torch.ones(2, 5, dtype=torch.long), ex.caches[1][:len(names)]),
+                   shapes, ["input_ids", "attention_mask", *names], ["cross_attention"], opset)
 
 
 def kv_names(prefix: str, layers: int) -> list[str]:

@@ -65,7 +65,8 @@ def translator_config(name: str, *, num_layers: int, num_heads: int, head_dim: i
         "outputs": [{"name": "translation", "datatype": "BYTES", "dims": [-1]}],
         "tokenizer": "tokenizer.json",
         "files": {"encoder": "encoder.onnx", "decoder_step_ragged": "decoder_step_ragged.onnx"},
-        "scoring": {"file": "decoder_score.onnx", "alignment_layer": max(num_layers - 2, 0)},
+        "scoring": {"file": "decoder_score.onnx", "align_file": "decoder_align.onnx",
+                    "alignment_layer": max(num_layers - 2, 0)},
         "tensorrt": {"profiles": {"input_ids": {"min": [1, 1], "opt": [max_batch_size // 2 or 1, 32],
                                                 "max": [max_batch_size, max_len]}}},
     }

@@ -201,6 +201,18 @@ class Seq2SeqTransformer(nn.Module):
             present.append(kv)
         return self.lm_head(self.decoder_norm(x))[:, -1], present
 
+    def cross_attention(self, tgt: Tensor, memory_kv: list[KVCache], src_keep: Tensor, layer: int) -> Tensor:
+        """Teacher forcing through decoder layers ``0 … layer`` only: that layer's cross-attention weights
+        ``[B, H, T, S]`` — what word alignment reads, without the layers above it or the output projection."""
+        x = self.embed_dropout(self.positions(self.tgt_embed(tgt) * self.embed_scale))
+        t = tgt.shape[1]
+        self_mask = None if t == 1 else causal_mask(t, t, tgt.device)
+        src_mask = padding_mask(src_keep).expand(-1, -1, t, -1)
+        weights: list[Tensor] = []
+        for i in range(layer + 1):
+            x, _ = self.decoder[i](x, self_mask, memory_kv[i], src_mask, None, weights)
+        return weights[-1]
+
     def forward(self, src: Tensor, src_keep: Tensor, tgt: Tensor) -> Tensor:
         """Teacher forcing: logits [B, T, V] for every target position."""
         memory = self.encode(src, src_keep)

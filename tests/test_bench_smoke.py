@@ -42,6 +42,8 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
     "image_bench.py": (["--quick", "--seconds", "0.5", "--repeats", "1"], "## Image path"),
     "sentence_splitters.py": (["--repeats", "1"], "## Sentence splitters"),
     "document_bench.py": (["--work", "{work}", "--repeats", "1", "--budget", "4"], "## Document translation"),
+    "glossary_bench.py": (["--repo", "{repo}", "--work", "{work}", "--repeats", "1", "--budget", "4"],
+                          "## Glossaries, scores and alignments"),
 }
 
 

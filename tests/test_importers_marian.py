@@ -90,7 +90,7 @@ def test_cli_exports_a_marian_directory(marian_dir: Path, tmp_path: Path) -> Non
                                       "--name", "opus", "--max-new-tokens", "12"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert {p.name for p in (tmp_path / "repo" / "opus" / "1").glob("*.onnx")} == {
-        "encoder.onnx", "decoder_step_ragged.onnx", "decoder_score.onnx"}
+        "encoder.onnx", "decoder_step_ragged.onnx", "decoder_score.onnx", "decoder_align.onnx"}
 
 
 def test_continuous_batching_scheduler_decodes_marian_like_generate(marian_dir: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 from helpers import entry_model, running_server
 from transerve.export import graphs
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
-from transerve.server.engine.scoring import SentenceScorer, _token_words
+from transerve.server.engine.scoring import ScoredSentence, SentenceScorer, _token_words
 from transerve.server.engine.seq2seq import DecoderLayout
 from transerve_client._proto import transerve_pb2 as tpb
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
@@ -133,3 +133,41 @@ def test_scores_of_a_whole_text(stub: tpb_grpc.TranslatorStub) -> None:
     assert (sentence.source_start, sentence.source_end) == (0, 9)
     assert (sentence.target_start, sentence.target_end) == (0, len(result.text))
     assert not sentence.alignments  # not asked for
+
+
+def test_the_alignment_graph_is_the_score_graphs_layer() -> None:
+    """``decoder_align`` (the layers up to the alignment layer, no output projection) gives that layer's
+    attention as ``decoder_score`` does, to float32 rounding."""
+    model = tiny_model(layers=3)
+    encoder = ort.InferenceSession(graphs.export_encoder(model).SerializeToString())
+    score = ort.InferenceSession(graphs.export_score(model).SerializeToString())
+    align = ort.InferenceSession(graphs.export_align(model, 1).SerializeToString())
+    src = np.array([[5, 6, 7, 2], [8, 9, 2, 0]])
+    mask = (src != 0).astype(np.int64)
+    cross = encoder.run(None, {"input_ids": src, "attention_mask": mask})
+    inputs = np.array([[1, 10, 11, 12], [1, 13, 14, 0]])
+    names = graphs.kv_names("cross", 3)
+    _, attention = score.run(None, {"input_ids": inputs, "target_ids": inputs, "attention_mask": mask,
+                                    **dict(zip(names, cross, strict=True))})
+    [aligned] = align.run(None, {"input_ids": inputs, "attention_mask": mask,
+                                 **dict(zip(names[:4], cross[:4], strict=True))})
+    np.testing.assert_allclose(aligned, attention[:, 1], atol=1e-6)
+    assert [i.name for i in align.get_inputs()][-1] == "cross_v_1"  # only the layers it needs
+
+
+def test_alignments_without_scores_take_the_alignment_graph(small_repo: Path) -> None:
+    model, tokenizer = entry_model(small_repo, "tiny-mt")
+    vdir, cfg = small_repo / "tiny-mt" / "1", model.config
+    encoder, score, align = (ort.InferenceSession(str(vdir / f)) for f in ("encoder.onnx", "decoder_score.onnx",
+                                                                          "decoder_align.onnx"))
+    layout = DecoderLayout(cfg.num_decoder_layers, cfg.num_heads, cfg.d_model // cfg.num_heads, cfg.bos_id,
+                           cfg.eos_id, cfg.pad_id)
+    full = SentenceScorer(encoder, score, layout, tokenizer, alignment_layer=0)
+    fast = SentenceScorer(encoder, score, layout, tokenizer, alignment_layer=0, align_graph=align)
+    assert fast.align_graph is not None and full.align_graph is None
+    text = "three hundred and seven"
+    sentence = ScoredSentence([*tokenizer.encode(text).ids, cfg.eos_id], text, [7, 9, 11],
+                              tokenizer.decode([7, 9, 11]))
+    [with_scores] = full.score([sentence], align=True)
+    [alone] = fast.score([sentence], align=True, scores=False)
+    assert alone.alignments == with_scores.alignments and alone.mean_log_prob == 0.0

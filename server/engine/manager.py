@@ -138,7 +138,9 @@ class ModelManager:
             raise ConfigError(f"{entry.name}: {outside} lead out of the repository (symlinks); refusing to load")
         backend = config.backend if self.backend == "auto" and config.backend != "onnxruntime" else self.backend
         small_batches = config.max_batch_size if config.task in ("classify", "tensor") else 0  # plain compute
-        aux = {"decoder_score": config.scoring.file} if config.scoring is not None else None
+        aux = None if config.scoring is None else {"decoder_score": config.scoring.file}
+        if config.scoring is not None and config.scoring.align_file:
+            aux = {**(aux or {}), "decoder_align": config.scoring.align_file}
         runtime = load_runners(backend, vdir, config.files, self.threads,  # type: ignore[arg-type]
                                self.spinning, self.precision or config.precision, small_batches, aux)
         model: LoadedModel

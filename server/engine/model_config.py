@@ -70,6 +70,7 @@ class Scoring(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     file: str = Field(min_length=1)
+    align_file: str | None = None  # the alignment layer alone (no output projection): alignments without scores
     alignment_layer: int = Field(0, ge=0)
 
 

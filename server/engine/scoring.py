@@ -55,34 +55,60 @@ class ScoredSentence:
 
 
 class SentenceScorer:
+    """``graph``: ``decoder_score`` (log-probabilities and every layer's attention); ``align_graph``:
+    ``decoder_align`` (the alignment layer's attention alone, about a third of the work), used for alignments
+    without scores when it was exported for this ``alignment_layer``."""
+
     def __init__(self, encoder: GraphRunner, graph: GraphRunner, layout: DecoderLayout, tokenizer: Tokenizer,
-                 alignment_layer: int) -> None:
+                 alignment_layer: int, align_graph: GraphRunner | None = None) -> None:
         self.encoder, self.graph, self.layout, self.tokenizer = encoder, graph, layout, tokenizer
         self.alignment_layer = alignment_layer
+        exported_for = sum(n.startswith("cross_k_") for n in _input_names(align_graph)) - 1
+        self.align_graph = align_graph if exported_for == alignment_layer else None
 
-    def score(self, sentences: Sequence[ScoredSentence], align: bool) -> list[SentenceScore]:
+    def score(self, sentences: Sequence[ScoredSentence], align: bool, scores: bool = True) -> list[SentenceScore]:
+        """Each sentence's scores (zero when not ``scores``) and, when ``align``, its word alignments."""
         out: list[SentenceScore] = []
         for start in range(0, len(sentences), SCORE_BATCH):
-            out += self._score_batch(sentences[start:start + SCORE_BATCH], align)
+            batch = sentences[start:start + SCORE_BATCH]
+            if scores or self.align_graph is None:
+                out += self._score_batch(batch, align)
+            else:
+                attention = self.aligned([s.source for s in batch], [s.output for s in batch])
+                out += [SentenceScore(0.0, 0.0, self._align(s, attention[i])) for i, s in enumerate(batch)]
         return out
+
+    def _inputs(self, sources: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+                ) -> tuple[dict[str, np.ndarray], list[list[int]], list[np.ndarray]]:
+        """The feeds both graphs share (decoder inputs, source mask, cross K/V), the targets, the cross K/V."""
+        lay = self.layout
+        ids, mask = pad_ids(sources, lay.pad_id)
+        cross = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})
+        targets = [[*o, lay.eos_id] for o in outputs]
+        width = max(2, max(len(t) for t in targets))  # the graphs take T ≥ 2 (export_score)
+        inputs = np.full((len(targets), width), lay.pad_id, np.int64)
+        for i, t in enumerate(targets):
+            inputs[i, :len(t)] = [lay.bos_id, *t[:-1]]
+        return {"input_ids": inputs, "attention_mask": mask}, targets, cross
+
+    def aligned(self, sources: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> np.ndarray:
+        """The alignment layer's cross-attention ``[N, T, S]`` from ``decoder_align``."""
+        assert self.align_graph is not None
+        feeds, _, cross = self._inputs(sources, outputs)
+        names = [f"cross_{k}_{i}" for i in range(self.alignment_layer + 1) for k in ("k", "v")]
+        return self.align_graph.run(None, {**feeds, **dict(zip(names, cross, strict=False))})[0]
 
     def teacher_forced(self, sources: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
                        ) -> tuple[list[np.ndarray], np.ndarray]:
         """Each output's token log-probabilities (EOS appended and scored) and the alignment layer's
         cross-attention ``[N, T, S]`` (rows padded)."""
-        lay = self.layout
-        ids, mask = pad_ids(sources, lay.pad_id)
-        cross = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})
-        targets = [[*o, lay.eos_id] for o in outputs]
-        width = max(2, max(len(t) for t in targets))  # the graph takes T ≥ 2 (export_score)
-        target_ids = np.full((len(targets), width), lay.pad_id, np.int64)
-        inputs = np.full_like(target_ids, lay.pad_id)
+        feeds, targets, cross = self._inputs(sources, outputs)
+        target_ids = np.full_like(feeds["input_ids"], self.layout.pad_id)
         for i, t in enumerate(targets):
             target_ids[i, :len(t)] = t
-            inputs[i, :len(t)] = [lay.bos_id, *t[:-1]]
-        names = [f"cross_{k}_{i}" for i in range(lay.num_layers) for k in ("k", "v")]
-        log_probs, attention = self.graph.run(None, {"input_ids": inputs, "target_ids": target_ids,
-                                                     "attention_mask": mask, **dict(zip(names, cross, strict=True))})
+        names = [f"cross_{k}_{i}" for i in range(self.layout.num_layers) for k in ("k", "v")]
+        log_probs, attention = self.graph.run(None, {**feeds, "target_ids": target_ids,
+                                                     **dict(zip(names, cross, strict=True))})
         return [log_probs[i, :len(t)] for i, t in enumerate(targets)], attention[:, self.alignment_layer]
 
     def _score_batch(self, batch: Sequence[ScoredSentence], align: bool) -> list[SentenceScore]:
@@ -119,6 +145,14 @@ class SentenceScorer:
         return spans
 
 
+def _input_names(runner: object) -> list[str]:
+    """A runner's input names (an ORT session's ``get_inputs``, a GraphRunner's ``input_names``)."""
+    if runner is None:
+        return []
+    names = getattr(runner, "input_names", None)
+    return list(names) if names is not None else [i.name for i in runner.get_inputs()]  # type: ignore[attr-defined]
+
+
 def _token_words(text: str, offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int] | None]:
     """For each token span, the span of the word (:data:`WORD`) its first visible character is
     in; None for a token that covers only spaces or nothing."""
@@ -146,13 +180,14 @@ class SentenceReport:
 
 
 def report_document(scorer: SentenceScorer, document: Segmented, sources: Sequence[Sequence[int]],
-                    outputs: Sequence[tuple[Sequence[int], str]], align: bool) -> list[SentenceReport]:
+                    outputs: Sequence[tuple[Sequence[int], str]], align: bool, scores: bool = True
+                    ) -> list[SentenceReport]:
     """Every sentence of one translated document: its spans, score and (when ``align``) word alignments."""
     _, target_spans = document.reassemble_spans([text for _, text in outputs])
-    scores = scorer.score([ScoredSentence(src, sentence, ids, text) for src, sentence, (ids, text)
-                           in zip(sources, document.sentences, outputs, strict=True)], align)
+    scored = scorer.score([ScoredSentence(src, sentence, ids, text) for src, sentence, (ids, text)
+                           in zip(sources, document.sentences, outputs, strict=True)], align, scores)
     return [SentenceReport(span, target, shifted(score, span[0], target[0]))
-            for span, target, score in zip(document.spans, target_spans, scores, strict=True)]
+            for span, target, score in zip(document.spans, target_spans, scored, strict=True)]
 
 
 def shifted(score: SentenceScore, source_at: int, target_at: int) -> SentenceScore:

@@ -68,7 +68,8 @@ class TranslatorModel(LoadedModel):
             config.documents.max_document_chars, config.documents.max_document_sentences, config.max_input_tokens,
             config.max_new_tokens, token_limit(config), config.documents.language))
         self.scorer = None if config.scoring is None or "decoder_score" not in runners else SentenceScorer(
-            runners["encoder"], runners["decoder_score"], self.layout, self.tokenizer, config.scoring.alignment_layer)
+            runners["encoder"], runners["decoder_score"], self.layout, self.tokenizer, config.scoring.alignment_layer,
+            runners.get("decoder_align"))
         own = read_glossary_file(entry / config.glossary) if config.glossary else []
         self.glossaries = Glossaries(own, self.tokenizer, english=config.documents.language == "en")
         self.page_limits = PageLimits(config.documents.max_document_chars, config.documents.max_document_sentences,
@@ -229,7 +230,7 @@ class TranslatorModel(LoadedModel):
         assert scorer is not None
 
         def work() -> list[list[SentenceReport]]:
-            return [report_document(scorer, d, s, o, report.alignments)
+            return [report_document(scorer, d, s, o, report.alignments, report.scores)
                     for d, s, o in zip(documents, sources, outputs, strict=True)]
 
         for result, reports in zip(results, await asyncio.get_running_loop().run_in_executor(None, work),
