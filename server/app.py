@@ -38,6 +38,7 @@ from transerve.server.edge.task_service import ClassifierService, TranslatorServ
 from transerve.server.engine.loaded_model import Limits
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
+from transerve.server.engine.pools import default_workers, started_pool
 from transerve_client._proto import inference_pb2, inference_pb2_grpc, transerve_pb2, transerve_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,7 @@ async def serve(options: ServeOptions) -> None:
         stop.set()
 
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(started_pool(default_workers(), "worker"))  # the thread count is fixed from here on
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:

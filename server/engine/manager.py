@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from transerve.server.engine.classifier import ClassifierModel
 from transerve.server.engine.loaded_model import Limits, LoadedModel
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.model_config import latest_version, load_model_config
+from transerve.server.engine.pools import started_pool
 from transerve.server.engine.translator import TranslatorModel
 from transerve.server.exceptions import (
     BackendError,
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 
 # A repository entry is a directory name, never a path: no separators, no "..", no NUL, no percent-escapes.
+IMAGE_DECODE_THREADS = 2  # JPEG/PNG decoding and resizing; libjpeg and PIL release the GIL
 ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -64,7 +65,7 @@ class ModelManager:
         self.models: dict[str, LoadedModel] = {}
         self.states: dict[str, EntryState] = {}
         self.starting = True  # until the first load_all ends: an absent model may be one still to load
-        self.image_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="image-decode")
+        self.image_pool = started_pool(IMAGE_DECODE_THREADS, "image-decode")
 
     def entry_names(self) -> list[str]:
         """The repository's entries; one that is a symlink leading out of the repository is skipped."""
