@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -112,6 +113,13 @@ def serve_command(
     log_level: Annotated[LogLevelChoice, typer.Option(help="transerve's log level: info shows model loading, "
                                                       "the backend chosen and why, failed requests.")]
     = LogLevelChoice.info,
+    memory_budget: Annotated[str | None, typer.Option(
+        help="What the loaded models may cost together (e.g. 4GB, 1.5GiB, 800MB): entries with `load: lazy` "
+        "load on their first request and the least recently used idle one is unloaded when a load would not "
+        "fit. Cost = the resident memory a load added, measured. Default: no budget.")] = None,
+    pivot_language: Annotated[str, typer.Option(
+        help="Requests naming languages A→B with no entry for the pair go A→PIVOT→B when both legs exist.")]
+    = "en",
 ) -> None:
     """Serve every model of REPO over gRPC: KServe v2 (Triton-compatible), transerve.v1 Translator and
     Classifier, grpc.health.v1 and reflection; Prometheus metrics on --metrics-port. SIGTERM drains."""
@@ -127,6 +135,8 @@ def serve_command(
             raise fail(f"{path}: no such file")
     if backend is BackendChoice.torch:
         require_export_stack("serve --backend torch", ("torch", "safetensors"))
+    budget = parse_size(memory_budget, "--memory-budget") if memory_budget is not None else None
+    pivot = language_option(pivot_language, "--pivot-language")
     if not repo.is_dir():
         raise fail(f"{repo}: no such model repository (build one with `transerve zoo build --repo {repo}`)")
     options = ServeOptions(repo=repo, host=host, port=port, http_port=None if no_http else http_port,
@@ -137,7 +147,7 @@ def serve_command(
                            admin_tokens=tokens_from(admin_token_file, "TRANSERVE_ADMIN_TOKEN"),
                            max_message_mb=max_message_mb, max_connection_age=max_connection_age,
                            max_concurrent_rpcs=max_concurrent_rpcs,
-                           health_port=health_port,
+                           health_port=health_port, memory_budget=budget, pivot_language=pivot,
                            grace_seconds=grace, drain_delay=drain_delay, threads=threads,
                            ort_spinning=ort_spinning, precision=precision.value if precision else None)
     configure_logging(log_format.value, access_log, log_level.value)  # type: ignore[arg-type]
@@ -146,6 +156,29 @@ def serve_command(
             runner.run(serve(options))
     except (OSError, ValueError, RuntimeError) as e:
         raise fail(str(e)) from None
+
+
+SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*")
+UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30,
+         "ti": 2**40}
+
+
+def parse_size(text: str, option: str) -> int:
+    """``4GB`` → 4·10⁹ bytes, ``1.5GiB`` → 1.5·2³⁰; a bare number is bytes."""
+    match = SIZE.fullmatch(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise fail(f"{option}: {text!r} is not a size (e.g. 4GB, 1.5GiB, 800MB)")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    return int(float(match.group(1)) * UNITS[unit])
+
+
+def language_option(code: str, option: str) -> str:
+    from transerve.languages import LanguageCodeError, normalize
+
+    try:
+        return normalize(code)
+    except LanguageCodeError as e:
+        raise fail(f"{option}: {e}") from None
 
 
 def tokens_from(path: Path | None, variable: str) -> tuple[str, ...]:

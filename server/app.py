@@ -72,6 +72,8 @@ class ServeOptions:
     ort_spinning: bool = False  # keep ORT threads spinning between runs: lower latency, less CPU for gRPC
     precision: PrecisionName | None = None  # overrides every entry's config.yaml `precision`
     limits: Limits = field(default_factory=Limits)
+    memory_budget: int | None = None  # bytes the loaded models may cost together; lazy entries make room (LRU)
+    pivot_language: str = "en"  # A→B with no direct entry goes A→pivot→B
 
 
 def pending_call_options(max_concurrent_rpcs: int) -> list[tuple[str, int]]:
@@ -90,7 +92,7 @@ class TranserveServer:
         self.options = options
         self.metrics = Metrics()
         self.manager = ModelManager(options.repo, options.backend, self.metrics, options.limits, options.threads,
-                                    options.ort_spinning, options.precision)
+                                    options.ort_spinning, options.precision, options.memory_budget)
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.port = 0
@@ -161,10 +163,10 @@ class TranserveServer:
         return server
 
     async def _set_health(self, status: int) -> None:
-        for name in ["", *SERVICE_NAMES, *self.manager.models]:
+        for name in ["", *SERVICE_NAMES, *self.manager.servable()]:
             await self.health.set(name, status)
         for name, state in self.manager.states.items():  # failed entries: known to health, never SERVING
-            if state.state != "READY":
+            if state.state not in ("READY", "AVAILABLE"):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def start(self) -> None:
@@ -183,7 +185,7 @@ class TranserveServer:
                                                       registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         await self.manager.load_all()
-        if not self.manager.models:
+        if not self.manager.servable():
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             log.error("no model of %s loaded: health stays NOT_SERVING (%s)", self.options.repo,
                       "; ".join(f"{s.name}: {s.reason}" for s in self.manager.states.values()) or "no entries")
@@ -192,7 +194,7 @@ class TranserveServer:
             return
         self.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        print(f"transerve: serving {sorted(self.manager.models)} on {self.options.host}:{self.port}"
+        print(f"transerve: serving {self.manager.servable()} on {self.options.host}:{self.port}"
               f" (metrics on {self.options.host}:{self.metrics_port})"
               + (f" (REST on {self.options.host}:{self.http_port})" if self.http_port is not None else "")
               + (f" (health on {self.options.host}:{self.health_port})" if self.health_port is not None else ""),

@@ -54,9 +54,12 @@ class LoadedModel(ABC):
     def _run_batch(self, payloads: list[Any]) -> list[Any]:
         """One backend call for a batch of payloads; one result per payload (runs in a worker thread)."""
 
-    async def start(self) -> None:
+    async def start(self, warm: bool = True) -> None:
+        """``warm=False`` (a lazy load on a request's behalf): that request is the warm-up, and it should not
+        wait for another."""
         self.batcher.start()
-        await self.warm_up()
+        if warm:
+            await self.warm_up()
 
     @abstractmethod
     async def warm_up(self) -> None:

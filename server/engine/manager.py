@@ -7,8 +7,11 @@ never stops the server or the other models.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +20,17 @@ from transerve.server.backends.runtime import BackendName, load_runners
 from transerve.server.engine.classifier import ClassifierModel
 from transerve.server.engine.loaded_model import Limits, LoadedModel
 from transerve.server.engine.metrics import Metrics
-from transerve.server.engine.model_config import latest_version, load_model_config
+from transerve.server.engine.model_config import ModelConfig, latest_version, load_model_config
 from transerve.server.engine.pools import started_pool
+from transerve.server.engine.residency import NoRoom, Residency, process_rss, return_freed_memory
 from transerve.server.engine.translator import TranslatorModel
 from transerve.server.exceptions import (
     BackendError,
     ConfigError,
+    DeadlineExceeded,
     ModelLoading,
     ModelNotFound,
+    QueueFull,
     RequestError,
 )
 
@@ -45,7 +51,7 @@ def inside(path: Path, root: Path) -> bool:
 class EntryState:
     name: str
     version: str = ""
-    state: str = "UNAVAILABLE"  # READY | UNAVAILABLE | LOADING
+    state: str = "UNAVAILABLE"  # READY | UNAVAILABLE | LOADING | AVAILABLE (lazy: loads on its first request)
     reason: str = ""
     failed: bool = False  # the last load attempt failed (a reload that failed leaves the old version READY)
 
@@ -58,7 +64,8 @@ def check_entry_name(name: str) -> None:
 
 class ModelManager:
     def __init__(self, repo: Path, backend: BackendName, metrics: Metrics, limits: Limits, threads: int = 2,
-                 spinning: bool = False, precision: PrecisionName | None = None) -> None:
+                 spinning: bool = False, precision: PrecisionName | None = None, memory_budget: int | None = None
+                 ) -> None:
         self.repo, self.backend, self.metrics, self.limits, self.threads = repo, backend, metrics, limits, threads
         self.spinning = spinning
         self.precision = precision  # `serve --precision`: overrides every entry's config.yaml
@@ -66,6 +73,14 @@ class ModelManager:
         self.states: dict[str, EntryState] = {}
         self.starting = True  # until the first load_all ends: an absent model may be one still to load
         self.image_pool = started_pool(IMAGE_DECODE_THREADS, "image-decode")
+        self.configs: dict[str, ModelConfig] = {}  # every entry's config.yaml, read at start (routing, lazy)
+        self.residency = Residency(memory_budget)
+        self._loads: dict[str, asyncio.Task[EntryState]] = {}  # lazy loads under way: one per entry
+        self._waiting: dict[str, int] = {}  # requests waiting for each of them
+        self._load_lock = asyncio.Lock()  # one load at a time: its RSS growth is its own
+        metrics.memory_budget_bytes.set(memory_budget or 0)
+        metrics.resident_models.set_function(lambda: len(self.models))
+        metrics.resident_bytes.set_function(lambda: self.residency.resident_bytes)
 
     def entry_names(self) -> list[str]:
         """The repository's entries; one that is a symlink leading out of the repository is skipped."""
@@ -90,25 +105,88 @@ class ModelManager:
         return entry
 
     async def load_all(self) -> None:
+        """Read every entry's config; load the eager ones (in name order), mark the lazy ones AVAILABLE."""
         try:
             for name in self.entry_names():
-                await self.load(name)
+                if self._read_config(name) is None:
+                    continue
+                if self.configs[name].load == "lazy":
+                    self.states[name] = EntryState(name, state="AVAILABLE", reason="loads on its first request")
+                else:
+                    await self.load(name)
         finally:
             self.starting = False
 
-    async def load(self, name: str) -> EntryState:
-        """(Re)load one entry; the old instance, if any, is drained after the new one is ready."""
+    def _read_config(self, name: str) -> ModelConfig | None:
+        """The entry's config (kept in ``configs``), or None with the entry UNAVAILABLE: unreadable, or larger
+        than the whole memory budget."""
+        entry = self.repo / name
+        try:
+            config = self.configs[name] = load_model_config(entry)
+            vdir = entry / str(config.version) if config.version else latest_version(entry)
+            cost = self.residency.expected_cost(name, vdir)
+        except (ConfigError, OSError) as e:
+            self._failed(name, str(e))
+            return None
+        if self.residency.too_large(cost):
+            self._failed(name, f"needs about {cost / 2**20:.0f} MB, more than the whole memory budget "
+                               f"({self.residency.budget / 2**20:.0f} MB, --memory-budget)")  # type: ignore[operator]
+            return None
+        return config
+
+    async def load(self, name: str, warm: bool = True, deadline: float | None = None) -> EntryState:
+        """(Re)load one entry, after unloading idle lazy ones if the budget asks; the old instance, if any, is
+        drained after the new one is ready. One load at a time: what it adds to the RSS is its cost."""
         entry = self.entry(name)
-        state = self.states[name] = EntryState(name, state="LOADING")
+        async with self._load_lock:
+            try:
+                await self._make_room(name, entry, deadline)
+            except NoRoom as e:
+                self.metrics.model_loads.labels(name, "failed").inc()
+                raise QueueFull(f"model {name!r} cannot load now: {e}") from None
+            self.states[name] = EntryState(name, state="LOADING")
+            before, start = process_rss(), time.perf_counter()
+            state = await self._load_now(name, entry, warm)
+            self.metrics.model_loads.labels(name, "failed" if state.failed else "ok").inc()
+            if not state.failed:
+                self.metrics.model_load_seconds.labels(name).observe(time.perf_counter() - start)
+                lazy = self.configs.get(name) is not None and self.configs[name].load == "lazy"
+                self.residency.add(name, max(process_rss() - before, 0), evictable=lazy)
+            return state
+
+    async def _make_room(self, name: str, entry: Path, deadline: float | None) -> None:
+        """Unload least recently used idle lazy entries until ``name``'s expected cost fits the budget, waiting
+        (until ``deadline``) while every candidate has users."""
+        if name in self.models or self.residency.budget is None:
+            return  # a reload: the new version replaces the old one's cost
+        config = self.configs.get(name) or load_model_config(entry)
+        vdir = entry / str(config.version) if config.version else latest_version(entry)
+        need = self.residency.expected_cost(name, vdir)
+        while True:
+            try:
+                victims = self.residency.victims(need)
+                break
+            except NoRoom:
+                left = None if deadline is None else deadline - time.monotonic()
+                if (left is not None and left <= 0) or not await self.residency.changed(left):
+                    raise
+        for victim in victims:
+            log.info("model %s unloaded to make room for %s (memory budget)", victim, name)
+            self.metrics.model_evictions.labels(victim).inc()
+            await self.unload(victim, grace=0, reason="unloaded to make room (memory budget); loads on its next "
+                                                      "request")
+
+    async def _load_now(self, name: str, entry: Path, warm: bool) -> EntryState:
+        state = self.states[name]
         try:
             model = await asyncio.to_thread(self._build, entry)
-            await model.start()
+            await model.start(warm)
         except (ConfigError, BackendError) as e:
             return self._failed(name, str(e))
         except Exception as e:  # a runtime refusing the graph (corrupt ONNX …) must not stop the server
             return self._failed(name, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
         old = self.models.get(name)
-        self.models[name] = model
+        self.models[name], self.configs[name] = model, model.config
         model.observe(self.metrics)
         state.version, state.state, state.reason = model.version, "READY", ""
         log.info("model %s version %s ready on %s, precision %s", name, model.version, model.backend,
@@ -158,13 +236,55 @@ class ModelManager:
         model.precision, model.precision_reason = runtime.precision, runtime.reason
         return model
 
-    async def unload(self, name: str, grace: float = 30) -> None:
+    async def unload(self, name: str, grace: float = 30, reason: str = "unloaded") -> None:
         check_entry_name(name)
         model = self.models.pop(name, None)
         if model is None:
             raise ModelNotFound(f"model {name!r} is not loaded")
-        self.states[name] = EntryState(name, model.version, "UNAVAILABLE", "unloaded")
+        lazy = name in self.configs and self.configs[name].load == "lazy"
+        self.states[name] = EntryState(name, model.version, "AVAILABLE" if lazy else "UNAVAILABLE", reason)
+        self.residency.remove(name)
         await model.aclose(grace)
+        del model
+        return_freed_memory()
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str, version: str = "", task: str | None = None, deadline: float | None = None
+                  ) -> AsyncIterator[LoadedModel]:
+        """The model for a request, loaded first if it is a lazy entry not loaded now, and kept loaded (never
+        evicted) until the request ends."""
+        if name and name not in self.models and self._lazy(name):
+            await self._wait_for_load(name, deadline)
+        model = self.get(name, version, task)
+        self.residency.pin(model.name)
+        try:
+            yield model
+        finally:
+            self.residency.unpin(model.name)
+
+    def _lazy(self, name: str) -> bool:
+        config = self.configs.get(name)
+        return config is not None and config.load == "lazy" and ENTRY_NAME.fullmatch(name) is not None
+
+    async def _wait_for_load(self, name: str, deadline: float | None) -> None:
+        """Join the entry's load under way, or start it; at most the entry's ``max_queue_size`` requests wait."""
+        limit = self.configs[name].batching.max_queue_size
+        if self._waiting.get(name, 0) >= limit:
+            raise QueueFull(f"model {name!r} is loading and {limit} requests already wait for it (max_queue_size)")
+        task = self._loads.get(name)
+        if task is None:
+            task = self._loads[name] = asyncio.create_task(self.load(name, warm=False, deadline=deadline))
+            task.add_done_callback(lambda _: self._loads.pop(name, None))
+        self._waiting[name] = self._waiting.get(name, 0) + 1
+        try:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            state = await asyncio.wait_for(asyncio.shield(task), left)
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline passed while model {name!r} loaded") from None
+        finally:
+            self._waiting[name] -= 1
+        if state.failed:
+            raise ModelNotFound(f"model {name!r} is not available ({state.reason})")
 
     def get(self, name: str, version: str = "", task: str | None = None) -> LoadedModel:
         """A loaded model by name (empty name: the default for ``task``)."""
@@ -193,6 +313,10 @@ class ModelManager:
             raise ModelNotFound(f"no {task} model is loaded")
         raise ModelNotFound(f"several {task} models are loaded and none is marked default: name one of "
                             f"{sorted(m.name for m in candidates)}")
+
+    def servable(self) -> list[str]:
+        """Entries that answer requests: loaded, or lazy and loadable on demand."""
+        return sorted({*self.models, *(n for n, s in self.states.items() if s.state == "AVAILABLE")})
 
     def _still_loading(self, name: str) -> bool:
         """Loading now, or waiting for the server's first load (an entry of that name is on disk)."""

@@ -84,6 +84,18 @@ class Metrics:
                                          "evictions", ["model", "event"], registry=r)
         self.translation_cache_bytes = Gauge("transerve_translation_cache_bytes", "Bytes held by the sentence cache",
                                              ["model"], registry=r)
+        # lazy loading under a memory budget (server/engine/residency.py)
+        self.model_loads = Counter("transerve_model_loads", "Model loads by result (ok, failed)", ["model", "result"],
+                                   registry=r)
+        self.model_load_seconds = Histogram("transerve_model_load_seconds", "Time to load a model", ["model"],
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.model_evictions = Counter("transerve_model_evictions", "Models unloaded to make room under the "
+                                       "memory budget", ["model"], registry=r)
+        self.resident_models = Gauge("transerve_resident_models", "Models loaded now", registry=r)
+        self.resident_bytes = Gauge("transerve_resident_bytes", "Memory the loaded models cost (measured RSS each "
+                                    "load added)", registry=r)
+        self.memory_budget_bytes = Gauge("transerve_memory_budget_bytes", "serve --memory-budget (0: none)",
+                                         registry=r)
         self.request_tokens = Histogram("transerve_request_tokens", "Tokens generated per request", ["model"],
                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from transerve.generation import GenerationRules
+from transerve.languages import LanguageCodeError, normalize
 from transerve.server.exceptions import ConfigError
 
 
@@ -72,6 +73,46 @@ class Scoring(BaseModel):
     file: str = Field(min_length=1)
     align_file: str | None = None  # the alignment layer alone (no output projection): alignments without scores
     alignment_layer: int = Field(0, ge=0)
+
+
+class Languages(BaseModel):
+    """The pair a translator serves, routing requests that name languages instead of a model. ``target`` is
+    one code, or several for a multilingual-target model, which is told the language by a token
+    (``target_token`` with the code in place of ``{}``, Marian's ``>>de<<``) put before every source
+    sentence. Codes are normalised as :func:`transerve.languages.normalize` does (``deu`` → ``de``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    target: list[str] = Field(min_length=1)
+    target_token: str = ">>{}<<"
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return _code(value)
+
+    @field_validator("target")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        codes = [_code(v) for v in value]
+        return sorted(set(codes), key=codes.index)
+
+    @property
+    def multilingual(self) -> bool:
+        return len(self.target) > 1
+
+
+def _code(value: str) -> str:
+    try:
+        return normalize(value)
+    except LanguageCodeError as e:
+        raise ValueError(str(e)) from None
 
 
 class DecoderSpec(BaseModel):
@@ -135,6 +176,10 @@ class ModelConfig(BaseModel):
     tokenizer: str | None = None
     scoring: Scoring | None = None  # entries exported before scores existed have none
     glossary: str | None = None  # a TSV file in the entry (source<TAB>target): terms every request must use
+    languages: Languages | None = None  # the pair it serves, for requests that name languages (routing)
+    # eager: loaded at start; lazy: on its first request, and unloaded first (least recently used) when a load
+    # would exceed `serve --memory-budget` (server/engine/residency.py)
+    load: Literal["eager", "lazy"] = "eager"
 
     @model_validator(mode="after")
     def _task_fields(self) -> ModelConfig:
@@ -149,6 +194,8 @@ class ModelConfig(BaseModel):
                 self.scoring.alignment_layer >= self.decoder.num_layers:
             raise ValueError(f"scoring.alignment_layer: {self.scoring.alignment_layer} is not a decoder layer "
                              f"(0 to {self.decoder.num_layers - 1})")
+        if self.languages is not None and "language" not in self.documents.model_fields_set:
+            self.documents.language = self.languages.source  # sentence rules of the language it reads
         vocab = self.decoder.vocab_size if self.decoder is not None else None
         for word in self.generation.bad_words_ids:
             if not word or (vocab is not None and not all(0 <= t < vocab for t in word)):

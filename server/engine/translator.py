@@ -119,12 +119,13 @@ class TranslatorModel(LoadedModel):
         cache = self.cache
         metrics.translation_cache_bytes.labels(self.name).set_function(lambda: cache.bytes)
 
-    async def start(self) -> None:
+    async def start(self, warm: bool = True) -> None:
         if self.scheduler is None:
-            await super().start()
+            await super().start(warm)
         else:
             self.scheduler.start()
-            await self.warm_up()
+            if warm:
+                await self.warm_up()
 
     async def aclose(self, grace: float) -> None:
         if self.scheduler is not None:

@@ -1,0 +1,133 @@
+"""Which models are resident, what each costs, and which to unload when a load would not fit the budget.
+
+``serve --memory-budget`` bounds what the loaded models cost together. A model's cost is what its load really
+added to the process — resident memory measured before and after (weights, their runtime copies and
+pre-packing, memory-mapped pages touched), not its file sizes — so the accounting holds for any runtime and
+precision. Before an entry's first load its cost is estimated from its files (:func:`estimate_bytes`); after,
+the measured figure counts. Loads happen one at a time, so each one's growth is its own.
+
+When a load would exceed the budget, the least recently used *idle* lazy entry goes first: one with a request
+in flight or waiting (a *user*, counted from the moment a request picks the model until its answer is sent) is
+never a candidate, and neither is an eager entry. When nothing can go, the load waits for a user to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# an fp32 graph's weights are held about twice once loaded (ONNX Runtime pre-packs its MatMul weights); the
+# estimate only decides a first load, the measured cost replaces it
+WEIGHT_FACTOR = 2.0
+
+
+def process_rss() -> int:
+    """This process's resident memory in bytes (0 where /proc is not there)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+    return 0
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by an unload back to the system (glibc keeps freed heap otherwise, and the RSS the
+    budget is checked against would not fall)."""
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name or "libc.so.6").malloc_trim(0)
+
+
+def estimate_bytes(vdir: Path) -> int:
+    """A first load's expected cost: the largest weights file (the variant that will serve) times
+    :data:`WEIGHT_FACTOR`, plus the graphs."""
+    sizes = [(p.suffix, p.stat().st_size) for p in vdir.iterdir() if p.is_file()]
+    weights = max((size for suffix, size in sizes if suffix == ".bin"), default=0)
+    graphs = sum(size for suffix, size in sizes if suffix == ".onnx")
+    return int(weights * WEIGHT_FACTOR) + graphs
+
+
+@dataclass
+class Resident:
+    name: str
+    cost: int
+    evictable: bool  # lazy entries only: an eager entry stays loaded
+    last_used: float = field(default_factory=time.monotonic)
+    users: int = 0
+
+
+class NoRoom(RuntimeError):
+    """Nothing can be unloaded to fit a load now: every resident candidate has users."""
+
+
+class Residency:
+    def __init__(self, budget: int | None) -> None:
+        self.budget = budget
+        self.resident: dict[str, Resident] = {}
+        self.measured: dict[str, int] = {}  # the last measured cost of each entry ever loaded
+        self._changed = asyncio.Event()  # a user left, or an entry went: room may have appeared
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(r.cost for r in self.resident.values())
+
+    def expected_cost(self, name: str, vdir: Path) -> int:
+        return self.measured.get(name) or estimate_bytes(vdir)
+
+    def too_large(self, cost: int) -> bool:
+        return self.budget is not None and cost > self.budget
+
+    def add(self, name: str, cost: int, evictable: bool) -> None:
+        users = self.resident[name].users if name in self.resident else 0  # a reload keeps its users
+        self.resident[name] = Resident(name, cost, evictable, users=users)
+        self.measured[name] = cost
+
+    def remove(self, name: str) -> None:
+        if self.resident.pop(name, None) is not None:
+            self._changed.set()
+
+    def pin(self, name: str) -> None:
+        resident = self.resident.get(name)
+        if resident is not None:
+            resident.users += 1
+            resident.last_used = time.monotonic()
+
+    def unpin(self, name: str) -> None:
+        resident = self.resident.get(name)
+        if resident is not None:
+            resident.users = max(resident.users - 1, 0)
+            resident.last_used = time.monotonic()
+            if resident.users == 0:
+                self._changed.set()
+
+    def victims(self, need: int) -> list[str]:
+        """Entries to unload, least recently used first, so that ``need`` more bytes fit; :class:`NoRoom` when
+        the idle ones are not enough."""
+        if self.budget is None:
+            return []
+        excess = self.resident_bytes + need - self.budget
+        chosen: list[str] = []
+        for r in sorted(self.resident.values(), key=lambda r: r.last_used):
+            if excess <= 0:
+                break
+            if r.evictable and r.users == 0:
+                chosen.append(r.name)
+                excess -= r.cost
+        if excess > 0:
+            busy = sorted(r.name for r in self.resident.values() if r.users or not r.evictable)
+            raise NoRoom(f"the memory budget ({self.budget / 2**20:.0f} MB) is held by models in use or eager "
+                         f"({', '.join(busy) or 'none'}); {need / 2**20:.0f} MB more needed")
+        return chosen
+
+    async def changed(self, timeout: float | None) -> bool:
+        """Wait until a user leaves or an entry goes (True), or ``timeout`` passes (False)."""
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
