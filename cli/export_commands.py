@@ -52,6 +52,12 @@ def export_command(
         min=1, help="Translators: the generation budget (limit and default) in config.yaml. Default: the "
         "checkpoint's own (hf-marian: generation_config.json's max_new_tokens, or max_length − 1), else 64.")]
     = None,
+    source_language: Annotated[str | None, typer.Option(
+        help="Translators: the language it reads (ISO 639 or BCP-47), for routing by language. hf-marian: "
+        "default from tokenizer_config.json's source_lang or the opus-mt-SRC-TGT folder name.")] = None,
+    target_language: Annotated[str | None, typer.Option(
+        help="Translators: the language it writes. hf-marian: default from tokenizer_config.json's target_lang, "
+        "the folder name, or for a multilingual-target model its >>xx<< tokens.")] = None,
 ) -> None:
     """Export a checkpoint to ONNX, fold BatchNorm, fuse attention, verify parity, write REPO/NAME."""
     require_export_stack("export")
@@ -62,6 +68,7 @@ def export_command(
     opts = ExportOptions(repo=repo, name=name or checkpoint.resolve().name, version=version,
                          target=target.value, int8=int8, fp16=fp16, torch_checkpoint=torch_checkpoint,
                          source=f"{source.value}:{checkpoint}",
+                         languages=_languages(source, checkpoint, source_language, target_language),
                          on_status=lambda message: console.print(f"[dim]…[/] {message}", highlight=False))
     try:
         if source in (Source.transformer, Source.hf_marian):
@@ -74,6 +81,26 @@ def export_command(
     except (CheckpointError, PassError, ExportError) as e:
         raise fail(str(e)) from None
     print_report(report, repo / opts.name)
+
+
+def _languages(source: Source, checkpoint: Path, source_language: str | None, target_language: str | None
+               ) -> dict[str, Any] | None:
+    """The entry's ``languages``: from the options, the checkpoint filling what they leave (hf-marian)."""
+    from transerve.languages import LanguageCodeError, normalize
+
+    for option, code in (("--source-language", source_language), ("--target-language", target_language)):
+        if code is not None:
+            try:
+                normalize(code)
+            except LanguageCodeError as e:
+                raise fail(f"{option}: {e}") from None
+    if source is Source.hf_marian:
+        from transerve.models.importers.marian_languages import marian_languages
+
+        return marian_languages(checkpoint, source_language, target_language)
+    if (source_language is None) != (target_language is None):
+        raise fail("--source-language and --target-language go together")
+    return {"source": source_language, "target": target_language} if source_language else None
 
 
 def _load_translator(source: Source, checkpoint: Path):  # type: ignore[no-untyped-def]

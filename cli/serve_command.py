@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -158,18 +157,13 @@ def serve_command(
         raise fail(str(e)) from None
 
 
-SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*")
-UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30,
-         "ti": 2**40}
-
-
 def parse_size(text: str, option: str) -> int:
-    """``4GB`` → 4·10⁹ bytes, ``1.5GiB`` → 1.5·2³⁰; a bare number is bytes."""
-    match = SIZE.fullmatch(text)
-    if match is None or float(match.group(1)) <= 0:
-        raise fail(f"{option}: {text!r} is not a size (e.g. 4GB, 1.5GiB, 800MB)")
-    unit = (match.group(2) or "").lower().removesuffix("b")
-    return int(float(match.group(1)) * UNITS[unit])
+    from transerve.server.engine.residency import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise fail(f"{option}: {e}") from None
 
 
 def language_option(code: str, option: str) -> str:

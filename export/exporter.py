@@ -50,6 +50,7 @@ class ExportOptions:
     torch_checkpoint: bool = False  # also write <version>/torch for the `torch` reference backend
     bf16: bool = True  # with int8: measure the OpenVINO bf16 variant too, where this CPU can run it
     source: str = "transerve"
+    languages: dict[str, Any] | None = None  # translators: {"source": "en", "target": "de" or [...]} (routing)
     on_status: Callable[[str], None] = field(default=lambda message: None)
 
 
@@ -168,6 +169,8 @@ def export_translator_entry(model: Seq2SeqTransformer, tokenizer: Tokenizer, opt
         opts.name, num_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads, head_dim=cfg.d_model // cfg.num_heads,
         vocab_size=cfg.vocab_size, bos_id=cfg.bos_id, eos_id=cfg.eos_id, pad_id=cfg.pad_id, max_len=cfg.max_len,
         decoding=decoding, default=opts.default)
+    if opts.languages:
+        config["languages"] = opts.languages
     vdir = repository.write_entry(opts.repo, opts.name, opts.version, config, {"tokenizer.json": tokenizer.to_str()})
     opts.on_status(f"{opts.name}: exporting decoder_score and decoder_align (scores and word alignment)")
     scoring = {"decoder_score": graphs.export_score(model),

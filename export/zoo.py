@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,5 +77,6 @@ def _export_numbers(directory: Path, opts: ExportOptions) -> dict[str, Any]:
     translator = TextTranslator.load(directory)
     recipe = NumbersRecipe()
     _, test_pairs = make_split(recipe.data)
+    opts = replace(opts, languages={"source": "en", "target": "de"})  # num2words English → German
     return export_translator_entry(translator.model, translator.tokenizer, opts, eval_pairs=test_pairs,
                                    max_new_tokens=recipe.max_new_tokens)

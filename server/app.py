@@ -39,6 +39,7 @@ from transerve.server.engine.loaded_model import Limits
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.pools import default_workers, started_pool
+from transerve.server.engine.routed_translation import RoutedTranslator
 from transerve_client._proto import inference_pb2, inference_pb2_grpc, transerve_pb2, transerve_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class TranserveServer:
         self.metrics = Metrics()
         self.manager = ModelManager(options.repo, options.backend, self.metrics, options.limits, options.threads,
                                     options.ort_spinning, options.precision, options.memory_budget)
+        self.routed = RoutedTranslator.serving(self.manager, options.pivot_language)
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.port = 0
@@ -122,7 +124,8 @@ class TranserveServer:
         server = grpc.aio.server(interceptors=interceptors, options=options,
                                  maximum_concurrent_rpcs=o.max_concurrent_rpcs)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, server)
-        transerve_pb2_grpc.add_TranslatorServicer_to_server(TranslatorService(self.manager, self.metrics), server)
+        transerve_pb2_grpc.add_TranslatorServicer_to_server(TranslatorService(self.manager, self.metrics, self.routed),
+                                                            server)
         transerve_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.manager, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -4,7 +4,8 @@
 """
 
 from transerve_client._requests import DetailedTranslation, Prediction, SentenceScore
-from transerve_client.client import AsyncTranserveClient, RetryPolicy, TranserveClient, TranserveError
+from transerve_client.aio import AsyncTranserveClient
+from transerve_client.client import RetryPolicy, TranserveClient, TranserveError
 
 __version__ = "0.1.0"
 __all__ = ["AsyncTranserveClient", "DetailedTranslation", "Prediction", "RetryPolicy", "SentenceScore",

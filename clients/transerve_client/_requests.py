@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +47,57 @@ class SentenceScore:
 
 @dataclass(frozen=True)
 class DetailedTranslation:
+    """A translation with what the server reports beside the text: sentence scores (when asked for) and, for a
+    request routed by language, the source language (detected, with ``language_confidence``, for "auto"), the
+    pivot language (``via``, "" when direct), the entries that translated it and, with per-sentence
+    detection, each run's language (``languages``: ``(start, end, language, confidence)``)."""
+
     text: str
     tokens: int
     sentences: list[SentenceScore]
+    source_language: str = ""
+    language_confidence: float = 0.0
+    via: str = ""
+    models: list[str] = field(default_factory=list)
+    languages: list[tuple[int, int, str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LanguagePair:
+    """A pair the server translates: by one entry, or through the pivot language (``via``)."""
+
+    source: str
+    target: str
+    via: str
+    models: list[str]
+    loaded: bool
+
+
+@dataclass(frozen=True)
+class Languages:
+    """Where a translation goes: ``source`` ("auto" detects it) → ``target``; ``detection`` "document" (one
+    language per text) or "sentence"."""
+
+    source: str | None = None
+    target: str | None = None
+    detection: str = "document"
+
+    def apply(self, request: Any) -> Any:
+        if self.target is None and self.source is None:
+            return request
+        if self.target is None:
+            raise ValueError("source_language needs target_language")
+        if self.detection not in DETECTIONS:
+            raise ValueError(f"detection: {self.detection!r} is not one of {', '.join(DETECTIONS)}")
+        request.source_language, request.target_language = self.source or "auto", self.target
+        if hasattr(request, "detection"):
+            request.detection = DETECTIONS[self.detection]
+        return request
 
 
 SEGMENTATIONS = {"sentences": tpb.SEGMENTATION_SENTENCES, "whole": tpb.SEGMENTATION_WHOLE}
 FORMATS = {"text": tpb.FORMAT_TEXT, "html": tpb.FORMAT_HTML}
+DETECTIONS = {"document": tpb.DETECTION_DOCUMENT, "sentence": tpb.DETECTION_SENTENCE}
 
 
 def translate_options(beam_size: int | None = None, max_new_tokens: int | None = None,
@@ -70,16 +114,25 @@ def translate_options(beam_size: int | None = None, max_new_tokens: int | None =
     return options
 
 
-def translate_request(texts: Sequence[str], model: str | None, options: Any) -> Any:
+NO_LANGUAGES = Languages()
+
+
+def translate_request(texts: Sequence[str], model: str | None, options: Any,
+                      languages: Languages = NO_LANGUAGES) -> Any:
     if isinstance(texts, str):
         raise TypeError("translate() takes a list of texts; wrap a single text in a list")
-    return tpb.TranslateRequest(model=model or "", texts=list(texts), options=options)
+    return languages.apply(tpb.TranslateRequest(model=model or "", texts=list(texts), options=options))
 
 
 def stream_request(text: str, model: str | None, segmentation: str = "sentences",
-                   glossary: Glossary | None = None, format: str = "text") -> Any:
-    return tpb.TranslateStreamRequest(model=model or "", text=text, options=translate_options(
-        segmentation=segmentation, glossary=glossary, format=format))
+                   glossary: Glossary | None = None, format: str = "text", languages: Languages = NO_LANGUAGES
+                   ) -> Any:
+    return languages.apply(tpb.TranslateStreamRequest(model=model or "", text=text, options=translate_options(
+        segmentation=segmentation, glossary=glossary, format=format)))
+
+
+def language_pairs(response: Any) -> list[LanguagePair]:
+    return [LanguagePair(p.source, p.target, p.via, list(p.models), p.loaded) for p in response.pairs]
 
 
 def glossary_entries(glossary: Glossary | None) -> list[Any]:
@@ -106,7 +159,9 @@ def detailed(response: Any) -> list[DetailedTranslation]:
 
     return [DetailedTranslation(t.text, t.tokens, [
         SentenceScore(span(s, "source"), span(s, "target"), s.mean_log_prob, s.min_token_prob,
-                      [(span(a, "source"), span(a, "target")) for a in s.alignments]) for s in t.sentences])
+                      [(span(a, "source"), span(a, "target")) for a in s.alignments]) for s in t.sentences],
+        t.source_language, t.language_confidence, t.via, list(t.models),
+        [(r.start, r.end, r.language, r.confidence) for r in t.languages])
         for t in response.translations]
 
 

@@ -22,12 +22,19 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("health", help="exit 0 when the server is ready, 1 when not")
     sub.add_parser("models", help="list the models ready for inference")
+    sub.add_parser("languages", help="list the language pairs the server translates (direct and by pivot)")
     t = sub.add_parser("translate", help="translate TEXT arguments, a document (--file), or one text per stdin line")
     t.add_argument("texts", nargs="*", help="texts to translate, each sentence by sentence (none: read stdin)")
     t.add_argument("--file", help="translate this UTF-8 file as one document (paragraphs and line breaks kept)")
     t.add_argument("--whole", action="store_true",
                    help="send each text to the model as one input, unsplit (refused when too long for the model)")
-    t.add_argument("--model", help="translator name (default: the server's default)")
+    t.add_argument("--model", help="translator name (default: route by --to, else the server's default)")
+    t.add_argument("--from", dest="source_language", metavar="LANG",
+                   help="the texts' language (ISO 639 / BCP-47; default with --to: detected)")
+    t.add_argument("--to", dest="target_language", metavar="LANG",
+                   help="translate into LANG: the server picks the entry for the pair, or pivots")
+    t.add_argument("--per-sentence", action="store_true",
+                   help="detect each sentence's language (a text mixing languages), not one per text")
     t.add_argument("--beam-size", type=int, help="beam width (default: the model's)")
     t.add_argument("--max-new-tokens", type=int, help="generation budget per text")
     t.add_argument("--glossary", metavar="TERMS.TSV",
@@ -56,6 +63,12 @@ def run(args: argparse.Namespace, client: TranserveClient) -> int:
         return 0
     if args.command == "translate":
         return _translate(args, client)
+    if args.command == "languages":
+        pairs = client.languages()
+        print(json.dumps([dataclasses.asdict(p) for p in pairs]) if args.json else "\n".join(
+            f"{p.source} → {p.target}" + (f" via {p.via}" if p.via else "") + f"  ({' + '.join(p.models)})"
+            for p in pairs))
+        return 0
     results = client.classify(args.images, model=args.model, top_k=args.top_k)
     if args.json:
         print(json.dumps([{"image": path, "predictions": [dataclasses.asdict(p) for p in preds]}
@@ -69,23 +82,35 @@ def run(args: argparse.Namespace, client: TranserveClient) -> int:
 def _translate(args: argparse.Namespace, client: TranserveClient) -> int:
     texts = _texts(args)
     glossary = read_glossary(args.glossary) if args.glossary else None
-    out = client.translate_detailed(texts, model=args.model, beam_size=args.beam_size,
-                                    max_new_tokens=args.max_new_tokens, glossary=glossary,
-                                    segmentation="whole" if args.whole else "sentences") if args.scores else [
-        DetailedTranslation(t, 0, []) for t in client.translate(
-            texts, model=args.model, beam_size=args.beam_size, max_new_tokens=args.max_new_tokens, glossary=glossary,
-            segmentation="whole" if args.whole else "sentences", format="html" if args.html else "text")]
+    out = client.translate_detailed(
+        texts, model=args.model, source_language=args.source_language, target_language=args.target_language,
+        detection="sentence" if args.per_sentence else "document", beam_size=args.beam_size,
+        max_new_tokens=args.max_new_tokens, glossary=glossary, segmentation="whole" if args.whole else "sentences",
+        scores=args.scores, format="html" if args.html else "text")
     if args.json:
-        print(json.dumps([{"text": s, "translation": t.text, **({"sentences": [dataclasses.asdict(x) for x in
-                                                                             t.sentences]} if args.scores else {})}
+        print(json.dumps([{"text": s, "translation": t.text, **_route(t),
+                           **({"sentences": [dataclasses.asdict(x) for x in t.sentences]} if args.scores else {})}
                           for s, t in zip(texts, out, strict=True)], ensure_ascii=False))
         return 0
+    for i, t in enumerate(out):
+        if t.source_language:
+            print(f"text {i}: {t.source_language}" + (f" (detected, {t.language_confidence:.2f})"
+                                                      if t.language_confidence else "")
+                  + (f" via {t.via}" if t.via else "") + f" by {' + '.join(t.models) or 'nothing (already there)'}",
+                  file=sys.stderr)
     sys.stdout.write(out[0].text if args.file else "\n".join(t.text for t in out) + "\n")
     for i, t in enumerate(out):
         for s in t.sentences:
             print(f"text {i} sentence {texts[i][s.source[0]:s.source[1]][:40]!r}: mean log-prob "
                   f"{s.mean_log_prob:.3f}, lowest token probability {s.min_token_prob:.3f}", file=sys.stderr)
     return 0
+
+
+def _route(t: DetailedTranslation) -> dict[str, object]:
+    if not t.source_language:
+        return {}
+    return {"source_language": t.source_language, "language_confidence": t.language_confidence, "via": t.via,
+            "models": t.models}
 
 
 def _texts(args: argparse.Namespace) -> list[str]:

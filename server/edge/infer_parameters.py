@@ -11,7 +11,9 @@ Accepted:
   default, or ``"whole"``), ``cache`` (a bool; false: bypass the sentence cache), ``scores`` and
   ``alignments`` (bools: an extra BYTES output ``sentences``, one JSON list per text), ``glossary`` (a string:
   a JSON list of ``{"source", "target"}`` objects), ``format`` (``"text"`` or ``"html"``) — as
-  ``TranslateOptions`` — and ``stream`` (Triton's decoupled convention, ``ModelStreamInfer`` only).
+  ``TranslateOptions`` — and ``stream`` (Triton's decoupled convention, ``ModelStreamInfer`` only);
+  ``source_language`` (a code or ``"auto"``), ``target_language`` and ``detection`` (``"document"`` or
+  ``"sentence"``) route a request to the model name ``translate`` by language (a real entry of that name wins).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from transerve.server.engine.glossary import GlossaryEntry
+from transerve.server.engine.routed_translation import CallOptions
+from transerve.server.engine.translation_types import ReportOptions
 from transerve.server.exceptions import RequestError
 
 MAX_TIMEOUT_US = 24 * 3600 * 1_000_000  # a day: anything longer is a unit mistake, not a deadline
@@ -35,7 +39,10 @@ _TRANSLATE = {"beam_size": (_INTEGER_KINDS, "an integer"), "max_new_tokens": (_I
               "segmentation": (("string_param",), '"sentences" or "whole"'), "cache": (("bool_param",), "a bool"),
               "scores": (("bool_param",), "a bool"), "alignments": (("bool_param",), "a bool"),
               "glossary": (("string_param",), 'a JSON list of {"source": …, "target": …}'),
-              "format": (("string_param",), '"text" or "html"')}
+              "format": (("string_param",), '"text" or "html"'),
+              "source_language": (("string_param",), 'a language code or "auto"'),
+              "target_language": (("string_param",), "a language code"),
+              "detection": (("string_param",), '"document" or "sentence"')}
 MAX_GLOSSARY_JSON = 256 * 1024
 
 
@@ -54,6 +61,14 @@ class InferParameters:
     alignments: bool = False
     glossary: tuple[GlossaryEntry, ...] = ()
     format: Literal["text", "html"] = "text"
+    source_language: str = ""  # routing by language (the model "translate"); a named model ignores them
+    target_language: str = ""
+    detection: Literal["document", "sentence"] = "document"
+
+    def call_options(self) -> CallOptions:
+        """The translation options as every path (named model, routed, streamed) takes them."""
+        return CallOptions(self.max_new_tokens, self.beam_size, self.length_penalty, self.segmentation, self.cache,
+                           ReportOptions(self.scores, self.alignments), self.glossary, self.format)
 
     def deadline(self, grpc_deadline: float | None) -> float | None:
         """The tighter of the gRPC deadline (a monotonic instant) and ``timeout``."""
@@ -83,7 +98,16 @@ def parse_parameters(parameters: Any, task: str) -> InferParameters:
         length_penalty=_finite(values, "length_penalty"), stream=bool(values.get("stream", False)),
         segmentation=_segmentation(values), cache=bool(values.get("cache", True)),
         scores=bool(values.get("scores", False)), alignments=bool(values.get("alignments", False)),
-        glossary=_glossary(values.get("glossary")), format=_format(values))
+        glossary=_glossary(values.get("glossary")), format=_format(values),
+        source_language=values.get("source_language", ""), target_language=values.get("target_language", ""),
+        detection=_detection(values))
+
+
+def _detection(values: dict[str, Any]) -> Literal["document", "sentence"]:
+    value = values.get("detection", "document")
+    if value not in ("document", "sentence"):
+        raise RequestError(f"parameters.detection: must be \"document\" or \"sentence\", got {value[:40]!r}")
+    return "sentence" if value == "sentence" else "document"
 
 
 def _glossary(value: str | None) -> tuple[GlossaryEntry, ...]:

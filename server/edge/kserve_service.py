@@ -7,21 +7,23 @@ Every model is reachable through ModelInfer: classifiers take ``images``
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import numpy as np
 from transerve import __version__
 from transerve.server.edge.infer_parameters import InferParameters, parse_parameters
+from transerve.server.edge.routed_infer import ROUTED_MODEL, is_routed, routed_outputs
 from transerve.server.edge.rpc import RequestInfo, RpcCall, deadline_of, remaining, unary_call
 from transerve.server.edge.tensors import fill_response, request_inputs, tensor_metadata
+from transerve.server.edge.translation_outputs import decoded_texts, sentences_json
 from transerve.server.engine.classifier import ClassifierModel
 from transerve.server.engine.loaded_model import LoadedModel, deadline_from
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
+from transerve.server.engine.routed_translation import RoutedTranslator, StreamRoute, language_pair
 from transerve.server.engine.tensor_model import TensorModel
-from transerve.server.engine.translation_types import ReportOptions, TranslationResult
+from transerve.server.engine.translation_types import StreamPiece
 from transerve.server.engine.translator import TranslatorModel
 from transerve.server.exceptions import ControlDisabled, ModelNotFound, RequestError
 from transerve_client._proto import inference_pb2 as pb
@@ -41,9 +43,10 @@ def serving_parameters(model: LoadedModel, reason: bool = True) -> dict[str, pb.
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, manager: ModelManager, metrics: Metrics, is_ready: Any, repository_control: bool = False
-                 ) -> None:
+    def __init__(self, manager: ModelManager, metrics: Metrics, is_ready: Any, repository_control: bool = False,
+                 routed: RoutedTranslator | None = None) -> None:
         self.manager, self.metrics, self.is_ready = manager, metrics, is_ready
+        self.routed = routed or RoutedTranslator.serving(manager, "en")
         self.repository_control = repository_control  # load/unload: only with admin tokens (server/edge/auth.py)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -82,20 +85,32 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """One inference, whatever the protocol (gRPC here, REST in :mod:`transerve.server.edge.rest`)."""
         if not request.model_name:
             raise RequestError("model_name: required")
-        model = self.manager.get(request.model_name, request.model_version)
-        scope.model = model.name
-        parameters = parse_parameters(request.parameters, model.config.task)
-        if parameters.stream:
-            raise RequestError("parameters.stream: only ModelStreamInfer streams (ModelInfer answers once)")
-        inputs = request_inputs(request, self.manager.limits.max_elements)
-        outputs = await run_model(model, inputs, parameters.deadline(deadline), parameters)
-        wanted = [o.name for o in request.outputs]
-        unknown = sorted(set(wanted) - set(outputs))
-        if unknown:
-            raise RequestError(f"outputs: {unknown} not produced by {model.name} (it has {sorted(outputs)})")
-        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-        fill_response(response, {k: v for k, v in outputs.items() if not wanted or k in wanted})
-        return response
+        if is_routed(request.model_name, self.manager.configs):
+            parameters = parse_parameters(request.parameters, "translate")
+            if parameters.stream:
+                raise RequestError("parameters.stream: only ModelStreamInfer streams (ModelInfer answers once)")
+            inputs = request_inputs(request, self.manager.limits.max_elements)
+            outputs, results = await routed_outputs(self.routed, inputs, parameters, parameters.deadline(deadline))
+            scope.model = "+".join(dict.fromkeys(m for r in results if r.route for m in r.route.models)) or "-"
+            return answer(request, ROUTED_MODEL, "", outputs)
+        async with self.manager.use(request.model_name, request.model_version, deadline=deadline) as model:
+            scope.model = model.name
+            parameters = parse_parameters(request.parameters, model.config.task)
+            if parameters.stream:
+                raise RequestError("parameters.stream: only ModelStreamInfer streams (ModelInfer answers once)")
+            inputs = request_inputs(request, self.manager.limits.max_elements)
+            outputs = await run_model(model, inputs, parameters.deadline(deadline), parameters)
+        return answer(request, model.name, model.version, outputs)
+
+    def known_model(self, name: str, version: str) -> str:
+        """The model a request names, checked before its body is read: a loaded or loadable entry, or the
+        routing name; NOT_FOUND otherwise."""
+        if is_routed(name, self.manager.configs):
+            return ROUTED_MODEL
+        if name in self.manager.models or name not in self.manager.servable():
+            return self.manager.get(name, version).name
+        return name
+
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -121,33 +136,27 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_translation(self, request: pb.ModelInferRequest, scope: RequestInfo, time_left: float | None
                                   ) -> AsyncIterator[pb.ModelInferResponse]:
-        model = self.manager.get(request.model_name, request.model_version)
-        scope.model = model.name
-        if not isinstance(model, TranslatorModel):
-            raise RequestError(f"parameters.stream: only translators stream; {model.name} is a {model.config.task} "
-                               "model")
-        parameters = parse_parameters(request.parameters, model.config.task)
-        inputs = request_inputs(request, self.manager.limits.max_elements)
-        texts = inputs.get("text")
-        if texts is None or texts.dtype != np.object_ or texts.size != 1:
-            raise RequestError("inputs.text: a streamed request takes exactly one BYTES text")
-        text = decoded_texts(texts)[0]
-        tokens = 0
-        async for piece in model.stream(text, parameters.max_new_tokens, parameters.deadline(deadline_from(time_left)),
-                                        parameters.beam_size, parameters.length_penalty, parameters.segmentation,
-                                        parameters.cache, parameters.glossary, parameters.format):
-            tokens = piece.tokens
-            if not piece.text:
-                continue
-            response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-            fill_response(response, {"translation": np.array([piece.text.encode()], dtype=np.object_)})
-            response.parameters["tokens"].int64_param = tokens
-            response.parameters["triton_final_response"].bool_param = False
-            yield response
-        final = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-        final.parameters["tokens"].int64_param = tokens
-        final.parameters["triton_final_response"].bool_param = True
-        yield final
+        deadline = deadline_from(time_left)
+        if is_routed(request.model_name, self.manager.configs):
+            parameters = parse_parameters(request.parameters, "translate")
+            pair = language_pair(parameters.source_language, parameters.target_language)
+            pieces = self.routed.stream(one_text(request, self.manager.limits.max_elements), pair,
+                                        parameters.deadline(deadline), parameters.call_options())
+            async for response in piece_responses(request, ROUTED_MODEL, "", pieces, scope):
+                yield response
+            return
+        async with self.manager.use(request.model_name, request.model_version, deadline=deadline) as model:
+            scope.model = model.name
+            if not isinstance(model, TranslatorModel):
+                raise RequestError(f"parameters.stream: only translators stream; {model.name} is a "
+                                   f"{model.config.task} model")
+            parameters = parse_parameters(request.parameters, model.config.task)
+            o = parameters.call_options()
+            pieces = model.stream(one_text(request, self.manager.limits.max_elements), o.max_new_tokens,
+                                  parameters.deadline(deadline), o.beam_size, o.length_penalty, o.segmentation,
+                                  o.use_cache, o.glossary, o.markup)
+            async for response in piece_responses(request, model.name, model.version, pieces, scope):
+                yield response
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         async def statistics(scope: RequestInfo) -> Any:
@@ -242,35 +251,56 @@ async def run_model(model: LoadedModel, inputs: dict[str, np.ndarray], deadline:
     texts = inputs["text"]
     if texts.dtype != np.object_:
         raise RequestError("inputs.text: datatype must be BYTES")
-    decoded = decoded_texts(texts)
-    p = parameters or InferParameters()
-    report = ReportOptions(p.scores, p.alignments)
-    results = await model.translate(decoded, p.max_new_tokens, deadline, field="inputs.text", beam_size=p.beam_size,
-                                    length_penalty=p.length_penalty, segmentation=p.segmentation, use_cache=p.cache,
-                                    report=report, glossary=p.glossary, markup=p.format)
+    o = (parameters or InferParameters()).call_options()
+    results = await model.translate(decoded_texts(texts), o.max_new_tokens, deadline, "inputs.text", o.beam_size,
+                                    o.length_penalty, o.segmentation, o.use_cache, o.report, o.glossary, o.markup)
     outputs = {"translation": np.array([r.text.encode() for r in results], dtype=np.object_).reshape(texts.shape)}
-    if report.wanted:
+    if o.report.wanted:
         outputs["sentences"] = np.array([sentences_json(r).encode() for r in results],
                                         dtype=np.object_).reshape(texts.shape)
     return outputs
 
 
-def sentences_json(result: TranslationResult) -> str:
-    """A text's sentence reports as the ``sentences`` output holds them: a JSON list of objects with ``source``
-    and ``target`` spans, ``mean_log_prob``, ``min_token_prob`` and ``alignments`` (``[source_start,
-    source_end, target_start, target_end]`` lists) — TranslateResponse's SentenceInfo in JSON."""
-    return json.dumps([{"source": list(r.source), "target": list(r.target), "mean_log_prob": r.score.mean_log_prob,
-                        "min_token_prob": r.score.min_token_prob,
-                        "alignments": [[*a.source, *a.target] for a in r.score.alignments]}
-                       for r in result.sentences or ()])
+def answer(request: pb.ModelInferRequest, name: str, version: str, outputs: dict[str, np.ndarray]
+           ) -> pb.ModelInferResponse:
+    """The response holding the outputs the request asked for (all when it named none)."""
+    wanted = [o.name for o in request.outputs]
+    unknown = sorted(set(wanted) - set(outputs))
+    if unknown:
+        raise RequestError(f"outputs: {unknown} not produced by {name} (it has {sorted(outputs)})")
+    response = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
+    fill_response(response, {k: v for k, v in outputs.items() if not wanted or k in wanted})
+    return response
 
 
-def decoded_texts(texts: np.ndarray) -> list[str]:
-    """A BYTES tensor's elements as text; invalid UTF-8 is the client's error, never replaced silently."""
-    try:
-        return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts.reshape(-1)]
-    except UnicodeDecodeError as e:
-        raise RequestError(f"inputs.text: not valid UTF-8 (byte {e.start})") from None
+def one_text(request: pb.ModelInferRequest, max_elements: int) -> str:
+    texts = request_inputs(request, max_elements).get("text")
+    if texts is None or texts.dtype != np.object_ or texts.size != 1:
+        raise RequestError("inputs.text: a streamed request takes exactly one BYTES text")
+    return decoded_texts(texts)[0]
+
+
+async def piece_responses(request: pb.ModelInferRequest, name: str, version: str,
+                          pieces: AsyncIterator[StreamPiece | StreamRoute], scope: RequestInfo
+                          ) -> AsyncIterator[pb.ModelInferResponse]:
+    """One response per text piece, then the final one (Triton's decoupled convention)."""
+    tokens = 0
+    async for piece in pieces:
+        if isinstance(piece, StreamRoute):
+            scope.model = piece.model
+            continue
+        tokens = piece.tokens
+        if not piece.text:
+            continue
+        response = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
+        fill_response(response, {"translation": np.array([piece.text.encode()], dtype=np.object_)})
+        response.parameters["tokens"].int64_param = tokens
+        response.parameters["triton_final_response"].bool_param = False
+        yield response
+    final = pb.ModelInferResponse(model_name=name, model_version=version, id=request.id)
+    final.parameters["tokens"].int64_param = tokens
+    final.parameters["triton_final_response"].bool_param = True
+    yield final
 
 
 def _wants_stream(request: pb.ModelInferRequest) -> bool:

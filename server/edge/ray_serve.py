@@ -37,6 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
+from transerve.languages import normalize
 from transerve.server.edge.kserve_service import InferenceService
 from transerve.server.edge.request_log import RequestInfo
 from transerve.server.edge.rpc import failure
@@ -44,6 +45,8 @@ from transerve.server.edge.task_service import ClassifierService, TranslatorServ
 from transerve.server.engine.loaded_model import Limits
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
+from transerve.server.engine.residency import parse_bytes
+from transerve.server.engine.routed_translation import RoutedTranslator
 from transerve.server.exceptions import RpcAborted
 from transerve_client._proto import inference_pb2 as ipb
 from transerve_client._proto import transerve_pb2 as tpb
@@ -54,6 +57,7 @@ R = TypeVar("R")
 REPO_ENV = "TRANSERVE_REPO"
 THREADS_ENV = "TRANSERVE_THREADS"
 PRECISION_ENV = "TRANSERVE_PRECISION"
+BUDGET_ENV = "TRANSERVE_MEMORY_BUDGET"  # each replica's own: Ray multiplexes replicas, each keeps its LRU
 REPLICA_HEADER = "x-transerve-replica"
 SERVICER_FUNCTIONS = [
     "transerve_client._proto.transerve_pb2_grpc.add_TranslatorServicer_to_server",
@@ -115,13 +119,14 @@ class TranserveReplica:
     """One transerve runtime; its methods are the RPC names Ray's proxy routes to."""
 
     async def __init__(self, repo: str, threads: int = 1, backend: str = "auto",  # type: ignore[misc]
-                       precision: str | None = None) -> None:
+                       precision: str | None = None, memory_budget: int | None = None, pivot: str = "en") -> None:
         self.metrics = Metrics()
         self.manager = ModelManager(Path(repo), backend, self.metrics, Limits(), threads,  # type: ignore[arg-type]
-                                    precision=precision)  # type: ignore[arg-type]
+                                    precision=precision, memory_budget=memory_budget)  # type: ignore[arg-type]
         self.ready = False
-        self.inference = InferenceService(self.manager, self.metrics, lambda: self.ready)
-        self.translator = TranslatorService(self.manager, self.metrics)
+        routed = RoutedTranslator.serving(self.manager, pivot)
+        self.inference = InferenceService(self.manager, self.metrics, lambda: self.ready, routed=routed)
+        self.translator = TranslatorService(self.manager, self.metrics, routed)
         self.classifier = ClassifierService(self.manager, self.metrics)
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.replica = f"{replica_id}@{socket.gethostname()}:{os.getpid()}"
@@ -163,6 +168,7 @@ class TranserveReplica:
 
     # transerve.v1.Translator / transerve.v1.Classifier
     Translate = _unary_rpc("Translate", "translator", tpb.TranslateResponse)
+    ListLanguages = _unary_rpc("ListLanguages", "translator", tpb.ListLanguagesResponse)
     Classify = _unary_rpc("Classify", "classifier", tpb.ClassifyResponse)
 
     async def TranslateStream(self, request: tpb.TranslateStreamRequest, grpc_context: RayServegRPCContext
@@ -219,7 +225,7 @@ class TranserveReplica:
 
     def _health_statuses(self) -> dict[str, Any]:
         status = health_pb2.HealthCheckResponse.SERVING if self.ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        return {name: status for name in [*HEALTH_NAMES, *self.manager.models]}
+        return {name: status for name in [*HEALTH_NAMES, *self.manager.servable()]}
 
 def app_builder(args: dict[str, str]) -> serve.Application:
     """What ``serve run deploy/ray/serve.yaml`` builds: the repository from ``args.repo`` or ``$TRANSERVE_REPO``,
@@ -232,11 +238,13 @@ def app_builder(args: dict[str, str]) -> serve.Application:
         raise ValueError(f"{REPO_ENV}: not set; run `{REPO_ENV}=/path/to/repo serve run deploy/ray/serve.yaml`")
     threads = int(args.get("threads") or os.environ.get(THREADS_ENV) or 1)
     precision = args.get("precision") or os.environ.get(PRECISION_ENV) or None
-    return build(Path(repo), threads, args.get("backend", "auto"), precision)
+    budget = args.get("memory_budget") or os.environ.get(BUDGET_ENV) or None
+    return build(Path(repo), threads, args.get("backend", "auto"), precision,
+                 parse_bytes(budget) if budget else None, args.get("pivot_language", "en"))
 
 
 def build(repo: Path, threads: int = 1, backend: str = "auto", precision: str | None = None,
-          **options: Any) -> serve.Application:
+          memory_budget: int | None = None, pivot_language: str = "en", **options: Any) -> serve.Application:
     """The application from Python (``serve.run(build(repo, num_replicas=2))``); ``options`` are Ray's
     deployment options over this module's defaults."""
     path = repo.expanduser().resolve()
@@ -246,4 +254,5 @@ def build(repo: Path, threads: int = 1, backend: str = "auto", precision: str | 
     deployment = cast(serve.Deployment, TranserveReplica)  # the decorator made it one; mypy sees the class
     if precision not in (None, "auto", "fp32", "int8", "bf16"):
         raise ValueError(f"precision {precision!r}: one of auto, fp32, int8, bf16")
-    return (deployment.options(**options) if options else deployment).bind(str(path), threads, backend, precision)
+    return (deployment.options(**options) if options else deployment).bind(str(path), threads, backend, precision,
+                                                                           memory_budget, normalize(pivot_language))

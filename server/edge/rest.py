@@ -100,6 +100,20 @@ class ErrorBody(BaseModel):
     error: str
 
 
+class LanguagePairEntry(BaseModel):
+    source: str
+    target: str
+    via: str = Field("", description="the pivot language; empty when one entry translates the pair")
+    models: list[str]
+    loaded: bool
+
+
+class LanguagesBody(BaseModel):
+    pairs: list[LanguagePairEntry]
+    pivot_language: str
+    detectable: list[str] = Field(description='what source_language "auto" chooses among')
+
+
 class RepositoryEntry(BaseModel):
     name: str
     version: str
@@ -163,7 +177,7 @@ class RestApi:
 
     async def infer(self, request: Request, name: str, version: str) -> Response:
         async def inferred(scope: RequestInfo) -> Response:
-            scope.model = self.service.manager.get(name, version).name  # an unknown model is 404 before the body
+            scope.model = self.service.known_model(name, version)  # an unknown model is 404 before the body
             header = request.headers.get(HEADER_LENGTH)
             if header is not None and not header.isdigit():
                 raise RequestError(f"header {HEADER_LENGTH}: {header!r} is not a byte count")
@@ -177,6 +191,15 @@ class RestApi:
                             headers={HEADER_LENGTH: str(header_length)})
 
         return await self.answer("ModelInfer", request, inferred)
+
+    async def languages(self, request: Request) -> Response:
+        async def listed(scope: RequestInfo) -> Response:
+            router, loaded = self.service.routed.router, self.service.manager.models
+            return JSONResponse({"pivot_language": router.pivot, "detectable": router.sources(), "pairs": [
+                {"source": r.source, "target": r.target, "via": r.via, "models": r.models,
+                 "loaded": all(m in loaded for m in r.models)} for r in router.routes()]})
+
+        return await self.answer("ListLanguages", request, listed)
 
     async def metadata(self, request: Request, name: str, version: str) -> Response:
         async def metadata(scope: RequestInfo) -> Response:
@@ -252,6 +275,12 @@ def build_app(api: RestApi) -> FastAPI:
                                  "extensions": ["model_repository", "statistics", "binary_tensor_data"]})
 
         return await api.answer("ServerMetadata", request, server_metadata)
+
+    @app.get("/v2/languages", tags=["server"], response_model=LanguagesBody, responses=ERRORS,
+             summary='The language pairs served (direct and through the pivot): send them to the model "translate" '
+             "with parameters source_language and target_language")
+    async def languages(request: Request) -> Response:
+        return await api.languages(request)
 
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         add_model_routes(app, api, prefix)

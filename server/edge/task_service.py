@@ -12,6 +12,14 @@ from transerve.server.engine.classifier import ClassifierModel
 from transerve.server.engine.glossary import GlossaryEntry
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
+from transerve.server.engine.routed_translation import (
+    CallOptions,
+    LanguagePair,
+    RoutedResult,
+    RoutedTranslator,
+    StreamRoute,
+    language_pair,
+)
 from transerve.server.engine.scoring import SentenceReport
 from transerve.server.engine.translation_types import Markup, ReportOptions, Segmentation, TranslationResult
 from transerve.server.engine.translator import TranslatorModel
@@ -24,55 +32,91 @@ DEFAULT_TOP_K = 5
 
 
 class TranslatorService(pb_grpc.TranslatorServicer):
-    def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
-        self.manager, self.metrics = manager, metrics
+    def __init__(self, manager: ModelManager, metrics: Metrics, routed: RoutedTranslator) -> None:
+        self.manager, self.metrics, self.routed = manager, metrics, routed
 
     async def Translate(self, request: pb.TranslateRequest, context: Context) -> pb.TranslateResponse:
         async def translated(scope: RequestInfo) -> Any:
-            model = self.manager.get(request.model, task="translate")
-            assert isinstance(model, TranslatorModel)
-            scope.model = model.name
-            opts = request.options
-            results = await model.translate(list(request.texts), opts.max_new_tokens or None,
-                                            deadline_of(context), field="texts",
-                                            beam_size=opts.beam_size or None, length_penalty=length_penalty(opts),
-                                            segmentation=segmentation(opts),
-                                            use_cache=opts.cache if opts.HasField("cache") else True,
-                                            report=ReportOptions(opts.scores, opts.alignments),
-                                            glossary=glossary(opts), markup=markup(opts))
+            pair = routed_pair(request.model, request.source_language, request.target_language, request.detection)
+            if pair is not None:
+                return await self._routed(request, pair, scope, deadline_of(context))
+            async with self.manager.use(request.model, task="translate", deadline=deadline_of(context)) as model:
+                assert isinstance(model, TranslatorModel)
+                scope.model = model.name
+                o = call_options(request.options)
+                results = await model.translate(list(request.texts), o.max_new_tokens, deadline_of(context), "texts",
+                                                o.beam_size, o.length_penalty, o.segmentation, o.use_cache, o.report,
+                                                o.glossary, o.markup)
             self.metrics.generated_tokens.labels(model.name).inc(sum(len(r.ids) for r in results))
             return pb.TranslateResponse(model=model.name, model_version=model.version,
                                         translations=[translation_message(r) for r in results])
 
         return await unary_call(self.metrics, "Translate", context, translated)
 
+    async def _routed(self, request: pb.TranslateRequest, pair: LanguagePair, scope: RequestInfo,
+                      deadline: float | None) -> pb.TranslateResponse:
+        results = await self.routed.translate(list(request.texts), pair, deadline, call_options(request.options))
+        used = list(dict.fromkeys(m for r in results if r.route is not None for m in r.route.models))
+        scope.model = "+".join(used) or "-"
+        for name in used:
+            tokens = sum(len(r.result.ids) for r in results if r.route is not None and r.route.models[-1] == name)
+            self.metrics.generated_tokens.labels(name).inc(tokens)
+        return pb.TranslateResponse(model=",".join(used), translations=[routed_message(r) for r in results])
+
+    async def ListLanguages(self, request: pb.ListLanguagesRequest, context: Context) -> pb.ListLanguagesResponse:
+        async def listed(scope: RequestInfo) -> Any:
+            router = self.routed.router
+            return pb.ListLanguagesResponse(
+                pivot_language=router.pivot, detectable=router.sources(),
+                pairs=[pb.LanguagePair(source=r.source, target=r.target, via=r.via, models=r.models,
+                                       loaded=all(m in self.manager.models for m in r.models))
+                       for r in router.routes()])
+
+        return await unary_call(self.metrics, "ListLanguages", context, listed)
+
     async def TranslateStream(self, request: pb.TranslateStreamRequest, context: Context
                               ) -> AsyncIterator[pb.TranslateStreamResponse]:
         """Pieces of the translation as tokens are produced: the sequence joins the model's continuous batch
         and leaves it at the next step when the client cancels."""
-        tokens = 0
+        tokens, header = 0, pb.TranslateStreamResponse()
         with RpcCall(self.metrics, "TranslateStream", RequestInfo(context)) as call:
             try:
-                model = self.manager.get(request.model, task="translate")
-                assert isinstance(model, TranslatorModel)
-                call.scope.model = model.name
                 opts = request.options
                 if opts.scores or opts.alignments:
                     raise RequestError("options.scores, options.alignments: TranslateStream sends text pieces only; "
                                        "ask Translate for sentence scores and alignments")
-                async for piece in model.stream(request.text, opts.max_new_tokens or None, deadline_of(context),
-                                                opts.beam_size or None, length_penalty(opts), segmentation(opts),
-                                                opts.cache if opts.HasField("cache") else True, glossary(opts),
-                                                markup(opts)):
+                o = call_options(opts)
+                pair = routed_pair(request.model, request.source_language, request.target_language,
+                                   pb.DETECTION_DOCUMENT)
+                if pair is not None:
+                    pieces = self.routed.stream(request.text, pair, deadline_of(context), o)
+                else:
+                    pieces = self._model_stream(request, o, deadline_of(context))
+                async for piece in pieces:
+                    if isinstance(piece, StreamRoute):
+                        header = route_header(piece)
+                        call.scope.model = piece.model
+                        continue
                     tokens = piece.tokens
                     if piece.text:
-                        yield pb.TranslateStreamResponse(piece=piece.text, tokens=tokens)
-                yield pb.TranslateStreamResponse(done=True, tokens=tokens)
+                        yield merged(header, pb.TranslateStreamResponse(piece=piece.text, tokens=tokens))
+                        header = pb.TranslateStreamResponse()
+                yield merged(header, pb.TranslateStreamResponse(done=True, tokens=tokens))
             except Exception as e:
                 await abort(call, context, e)
             finally:
                 if tokens and call.scope.model != "-":
                     self.metrics.generated_tokens.labels(call.scope.model).inc(tokens)
+
+    async def _model_stream(self, request: pb.TranslateStreamRequest, o: CallOptions, deadline: float | None
+                            ) -> AsyncIterator[Any]:
+        """The named (or default) model's pieces, after a StreamRoute saying which model it is."""
+        async with self.manager.use(request.model, task="translate", deadline=deadline) as model:
+            assert isinstance(model, TranslatorModel)
+            yield StreamRoute(model.name)
+            async for piece in model.stream(request.text, o.max_new_tokens, deadline, o.beam_size, o.length_penalty,
+                                            o.segmentation, o.use_cache, o.glossary, o.markup):
+                yield piece
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
@@ -81,11 +125,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         async def classified(scope: RequestInfo) -> Any:
-            model = self.manager.get(request.model, task="classify")
-            assert isinstance(model, ClassifierModel)
-            scope.model = model.name
-            images = await self._images(model, request)
-            logits = await model.logits(images, deadline_of(context))
+            async with self.manager.use(request.model, task="classify", deadline=deadline_of(context)) as model:
+                assert isinstance(model, ClassifierModel)
+                scope.model = model.name
+                images = await self._images(model, request)
+                logits = await model.logits(images, deadline_of(context))
             k = min(request.top_k or DEFAULT_TOP_K, logits.shape[1])  # top_k beyond the classes: all of them
             return pb.ClassifyResponse(model=model.name, model_version=model.version,
                                        results=[top_k(row, k, model.labels) for row in logits])
@@ -112,6 +156,42 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                     raise RequestError(f"images[{i}].tensor: holds {len(one)} images; send one per Image")
                 arrays[i] = one[0]
         return np.stack([a for a in arrays if a is not None])
+
+
+def routed_pair(model: str, source: str, target: str, detection: int) -> LanguagePair | None:
+    """The languages a request routes by, or None when it names a model (which wins) or no language."""
+    if model or not (source or target):
+        return None
+    if detection not in (pb.DETECTION_DOCUMENT, pb.DETECTION_SENTENCE):
+        raise RequestError(f"detection: {detection} is not a Detection value (0 document, 1 sentence)")
+    return language_pair(source, target, "sentence" if detection == pb.DETECTION_SENTENCE else "document")
+
+
+def call_options(opts: pb.TranslateOptions) -> CallOptions:
+    return CallOptions(opts.max_new_tokens or None, opts.beam_size or None, length_penalty(opts), segmentation(opts),
+                       opts.cache if opts.HasField("cache") else True, ReportOptions(opts.scores, opts.alignments),
+                       tuple(glossary(opts)), markup(opts))
+
+
+def routed_message(routed: RoutedResult) -> pb.Translation:
+    message = translation_message(routed.result)
+    message.source_language, message.language_confidence = routed.source_language, routed.confidence
+    if routed.route is not None:
+        message.via = routed.route.via
+        message.models.extend(routed.route.models)
+    message.languages.extend(pb.LanguageSpan(start=r.span[0], end=r.span[1], language=r.language,
+                                             confidence=r.confidence) for r in routed.languages)
+    return message
+
+
+def route_header(route: StreamRoute) -> pb.TranslateStreamResponse:
+    return pb.TranslateStreamResponse(source_language=route.source_language, language_confidence=route.confidence,
+                                      via=route.via, models=route.models)
+
+
+def merged(header: pb.TranslateStreamResponse, message: pb.TranslateStreamResponse) -> pb.TranslateStreamResponse:
+    header.MergeFrom(message)
+    return header
 
 
 def segmentation(options: pb.TranslateOptions) -> Segmentation:

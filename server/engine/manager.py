@@ -318,6 +318,9 @@ class ModelManager:
         """Entries that answer requests: loaded, or lazy and loadable on demand."""
         return sorted({*self.models, *(n for n, s in self.states.items() if s.state == "AVAILABLE")})
 
+    def servable_configs(self) -> list[tuple[str, ModelConfig]]:
+        return [(name, self.configs[name]) for name in self.servable() if name in self.configs]
+
     def _still_loading(self, name: str) -> bool:
         """Loading now, or waiting for the server's first load (an entry of that name is on disk)."""
         state = self.states.get(name)

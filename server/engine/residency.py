@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,20 @@ from pathlib import Path
 # an fp32 graph's weights are held about twice once loaded (ONNX Runtime pre-packs its MatMul weights); the
 # estimate only decides a first load, the measured cost replaces it
 WEIGHT_FACTOR = 2.0
+
+
+SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*")
+UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30,
+         "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``4GB`` → 4·10⁹ bytes, ``1.5GiB`` → 1.5·2³⁰, a bare number: bytes (``serve --memory-budget``, Ray's
+    ``memory_budget``)."""
+    match = SIZE.fullmatch(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a size (e.g. 4GB, 1.5GiB, 800MB)")
+    return int(float(match.group(1)) * UNITS[(match.group(2) or "").lower().removesuffix("b")])
 
 
 def process_rss() -> int:

@@ -16,10 +16,17 @@ class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FORMAT_TEXT: _ClassVar[Format]
     FORMAT_HTML: _ClassVar[Format]
+
+class Detection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DETECTION_DOCUMENT: _ClassVar[Detection]
+    DETECTION_SENTENCE: _ClassVar[Detection]
 SEGMENTATION_SENTENCES: Segmentation
 SEGMENTATION_WHOLE: Segmentation
 FORMAT_TEXT: Format
 FORMAT_HTML: Format
+DETECTION_DOCUMENT: Detection
+DETECTION_SENTENCE: Detection
 
 class TranslateOptions(_message.Message):
     __slots__ = ("beam_size", "max_new_tokens", "length_penalty", "segmentation", "cache", "scores", "alignments", "glossary", "format")
@@ -52,24 +59,52 @@ class GlossaryEntry(_message.Message):
     def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
-    __slots__ = ("model", "texts", "options")
+    __slots__ = ("model", "texts", "options", "source_language", "target_language", "detection")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     options: TranslateOptions
-    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[TranslateOptions, _Mapping]] = ...) -> None: ...
+    source_language: str
+    target_language: str
+    detection: Detection
+    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[TranslateOptions, _Mapping]] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ..., detection: _Optional[_Union[Detection, str]] = ...) -> None: ...
 
 class Translation(_message.Message):
-    __slots__ = ("text", "tokens", "sentences")
+    __slots__ = ("text", "tokens", "sentences", "source_language", "language_confidence", "via", "models", "languages")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGES_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: int
     sentences: _containers.RepeatedCompositeFieldContainer[SentenceInfo]
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., sentences: _Optional[_Iterable[_Union[SentenceInfo, _Mapping]]] = ...) -> None: ...
+    source_language: str
+    language_confidence: float
+    via: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    languages: _containers.RepeatedCompositeFieldContainer[LanguageSpan]
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., sentences: _Optional[_Iterable[_Union[SentenceInfo, _Mapping]]] = ..., source_language: _Optional[str] = ..., language_confidence: _Optional[float] = ..., via: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., languages: _Optional[_Iterable[_Union[LanguageSpan, _Mapping]]] = ...) -> None: ...
+
+class LanguageSpan(_message.Message):
+    __slots__ = ("start", "end", "language", "confidence")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    language: str
+    confidence: float
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., language: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class SentenceInfo(_message.Message):
     __slots__ = ("source_start", "source_end", "target_start", "target_end", "mean_log_prob", "min_token_prob", "alignments")
@@ -112,24 +147,64 @@ class TranslateResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., translations: _Optional[_Iterable[_Union[Translation, _Mapping]]] = ...) -> None: ...
 
 class TranslateStreamRequest(_message.Message):
-    __slots__ = ("model", "text", "options")
+    __slots__ = ("model", "text", "options", "source_language", "target_language")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     model: str
     text: str
     options: TranslateOptions
-    def __init__(self, model: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[TranslateOptions, _Mapping]] = ...) -> None: ...
+    source_language: str
+    target_language: str
+    def __init__(self, model: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[TranslateOptions, _Mapping]] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ...) -> None: ...
 
 class TranslateStreamResponse(_message.Message):
-    __slots__ = ("piece", "done", "tokens")
+    __slots__ = ("piece", "done", "tokens", "source_language", "language_confidence", "via", "models")
     PIECE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     piece: str
     done: bool
     tokens: int
-    def __init__(self, piece: _Optional[str] = ..., done: _Optional[bool] = ..., tokens: _Optional[int] = ...) -> None: ...
+    source_language: str
+    language_confidence: float
+    via: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, piece: _Optional[str] = ..., done: _Optional[bool] = ..., tokens: _Optional[int] = ..., source_language: _Optional[str] = ..., language_confidence: _Optional[float] = ..., via: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListLanguagesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LanguagePair(_message.Message):
+    __slots__ = ("source", "target", "via", "models", "loaded")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    target: str
+    via: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    loaded: bool
+    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., via: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., loaded: _Optional[bool] = ...) -> None: ...
+
+class ListLanguagesResponse(_message.Message):
+    __slots__ = ("pairs", "pivot_language", "detectable")
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    PIVOT_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    DETECTABLE_FIELD_NUMBER: _ClassVar[int]
+    pairs: _containers.RepeatedCompositeFieldContainer[LanguagePair]
+    pivot_language: str
+    detectable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pairs: _Optional[_Iterable[_Union[LanguagePair, _Mapping]]] = ..., pivot_language: _Optional[str] = ..., detectable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")

@@ -44,6 +44,11 @@ class TranslatorStub:
                 request_serializer=transerve__pb2.TranslateStreamRequest.SerializeToString,
                 response_deserializer=transerve__pb2.TranslateStreamResponse.FromString,
                 _registered_method=True)
+        self.ListLanguages = channel.unary_unary(
+                '/transerve.v1.Translator/ListLanguages',
+                request_serializer=transerve__pb2.ListLanguagesRequest.SerializeToString,
+                response_deserializer=transerve__pb2.ListLanguagesResponse.FromString,
+                _registered_method=True)
 
 
 class TranslatorServicer:
@@ -63,6 +68,13 @@ class TranslatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLanguages(self, request, context):
+        """The language pairs this server translates: by an entry of its own, or through the pivot language.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TranslatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_TranslatorServicer_to_server(servicer, server):
                     servicer.TranslateStream,
                     request_deserializer=transerve__pb2.TranslateStreamRequest.FromString,
                     response_serializer=transerve__pb2.TranslateStreamResponse.SerializeToString,
+            ),
+            'ListLanguages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLanguages,
+                    request_deserializer=transerve__pb2.ListLanguagesRequest.FromString,
+                    response_serializer=transerve__pb2.ListLanguagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class Translator:
             '/transerve.v1.Translator/TranslateStream',
             transerve__pb2.TranslateStreamRequest.SerializeToString,
             transerve__pb2.TranslateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLanguages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/transerve.v1.Translator/ListLanguages',
+            transerve__pb2.ListLanguagesRequest.SerializeToString,
+            transerve__pb2.ListLanguagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
