@@ -192,17 +192,25 @@ def entry_model(repo: Path, entry: str) -> tuple[Any, Any]:
     return model.eval(), Tokenizer.from_file(str(repo / entry / "tokenizer.json"))
 
 
-def mode_copies(source: Path, repo: Path, modes: dict[str, str], **settings: Any) -> Path:
-    """``repo`` holding a copy of the entry ``source`` per ``{name: scheduler mode}``, each named so, not the
-    default, with ``settings`` written over its ``config.yaml``; extra files for the copies go in afterwards."""
-    for name, mode in modes.items():
+def entry_copies(source: Path, repo: Path, changes: dict[str, dict[str, Any]]) -> Path:
+    """``repo`` holding a copy of the entry ``source`` per ``{name: config changes}``, each named so and not the
+    default unless its changes say, with its changes written over its ``config.yaml`` (a nested dict replaces
+    the key's value whole, except ``scheduler``, which it updates)."""
+    for name, change in changes.items():
         shutil.copytree(source, repo / name)
         path = repo / name / "config.yaml"
         config = yaml.safe_load(path.read_text())
-        config.update(name=name, default=False, **settings)
-        config["scheduler"]["mode"] = mode
+        config.update(name=name, default=False, **{k: v for k, v in change.items() if k != "scheduler"})
+        config["scheduler"].update(change.get("scheduler", {}))
         path.write_text(yaml.safe_dump(config))
     return repo
+
+
+def mode_copies(source: Path, repo: Path, modes: dict[str, str], **settings: Any) -> Path:
+    """``repo`` holding a copy of the entry ``source`` per ``{name: scheduler mode}``, each named so, not the
+    default, with ``settings`` written over its ``config.yaml``; extra files for the copies go in afterwards."""
+    return entry_copies(source, repo, {name: {**settings, "scheduler": {"mode": mode}}
+                                       for name, mode in modes.items()})
 
 
 def without_sentence_cache(entry: Path) -> None:

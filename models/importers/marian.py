@@ -28,6 +28,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transerve.generation import DecodingDefaults, GenerationRules
 from transerve.models.checkpoint import CheckpointError
+from transerve.models.importers.marian_languages import TARGET_TOKEN
 from transerve.models.importers.vit import StateDict, need, read_json, read_weights
 from transerve.models.transformer import Seq2SeqTransformer, TransformerConfig
 from transerve.models.translator import TextTranslator
@@ -70,7 +71,8 @@ def marian_tokenizer(directory: Path) -> Tokenizer:
     tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.add_special_tokens([s for s in SPECIALS if s in vocab])
+    # and the target-language tokens a multilingual model reads first (">>de<<"): one id each, as MarianTokenizer
+    tok.add_special_tokens([s for s in SPECIALS if s in vocab] + [p for p in vocab if TARGET_TOKEN.fullmatch(p)])
     return tok
 
 

@@ -40,14 +40,19 @@ def _declared(directory: Path) -> tuple[str | None, str | None]:
     return (match.group(1), match.group(2)) if match else (None, None)
 
 
-def target_tokens(directory: Path) -> list[str]:
-    """The languages of the vocabulary's ``>>xx<<`` tokens, in id order."""
+def target_tokens(directory: Path) -> dict[str, str]:
+    """Each language of the vocabulary's ``>>xx<<`` tokens and its token, in id order."""
     path = directory / "vocab.json"
     if not path.is_file():
-        return []
+        return {}
     vocab = read_json(path)
-    found = [(int(i), _code(m.group(1))) for piece, i in vocab.items() if (m := TARGET_TOKEN.fullmatch(piece))]
-    return [code for _, code in sorted(found) if code]
+    found = sorted((int(i), piece, _code(m.group(1))) for piece, i in vocab.items()
+                   if (m := TARGET_TOKEN.fullmatch(piece)))
+    out: dict[str, str] = {}
+    for _, piece, code in found:
+        if code and code not in out:
+            out[code] = piece
+    return out
 
 
 def marian_languages(directory: Path, source: str | None = None, target: str | None = None
@@ -60,12 +65,12 @@ def marian_languages(directory: Path, source: str | None = None, target: str | N
     if target:
         tgt: str | list[str] | None = _code(target)
     elif tokens:
-        tgt = tokens if len(tokens) > 1 else tokens[0]
+        tgt = list(tokens) if len(tokens) > 1 else next(iter(tokens))
     else:
         tgt = _code(said_target)
     if src is None or not tgt:
         return None
     languages: dict[str, Any] = {"source": src, "target": tgt}
     if isinstance(tgt, list):
-        languages["target_token"] = ">>{}<<"
+        languages["target_tokens"] = {code: tokens[code] for code in tgt}
     return languages

@@ -61,10 +61,13 @@ class DocumentPlanner:
     def plan(self, texts: Sequence[str], field: str, max_new_tokens: int | None) -> list[DocumentPlan]:
         return [self.plan_one(text, f"{field}[{i}]", max_new_tokens) for i, text in enumerate(texts)]
 
-    def plan_one(self, text: str, field: str, max_new_tokens: int | None) -> DocumentPlan:
+    def plan_one(self, text: str, field: str, max_new_tokens: int | None, prefix: tuple[int, ...] = ()
+                 ) -> DocumentPlan:
+        """``prefix``: ids put before every sentence (a multilingual model's target token), within its limit."""
         lim = self.limits
         check_text(text, field, lim.max_chars, "max_document_chars")
-        document, sources = self.fit(split_document(text, lim.language))
+        document, sources = self.fit(split_document(text, lim.language), len(prefix))
+        sources = [[*prefix, *s] for s in sources] if prefix else sources
         if len(document.spans) > lim.max_sentences:
             raise RequestError(f"{field}: {len(document.spans)} sentences exceed max_document_sentences "
                                f"{lim.max_sentences}")
@@ -72,29 +75,30 @@ class DocumentPlanner:
                    for s in sources]
         return DocumentPlan(document, sources, budgets)
 
-    def fit(self, document: Segmented) -> tuple[Segmented, list[list[int]]]:
-        """The document with every sentence longer than the encoder's limit cut into pieces that fit, and each
-        sentence's token ids (EOS appended): a sentence is tokenized once, only cut pieces again."""
+    def fit(self, document: Segmented, reserved: int = 0) -> tuple[Segmented, list[list[int]]]:
+        """The document with every sentence longer than the encoder's limit (less ``reserved`` ids) cut into
+        pieces that fit, and each sentence's token ids (EOS appended): tokenized once, only cut pieces again."""
         rows = [[*e.ids, self.eos_id] for e in self.tokenizer.encode_batch(document.sentences)]
-        if all(len(r) <= self.limits.max_input_tokens for r in rows):
+        limit = self.limits.max_input_tokens - reserved
+        if all(len(r) <= limit for r in rows):
             return document, rows
         spans: list[tuple[int, int]] = []
         sources: list[list[int]] = []
         for (start, end), row in zip(document.spans, rows, strict=True):
-            if len(row) <= self.limits.max_input_tokens:
+            if len(row) <= limit:
                 spans.append((start, end))
                 sources.append(row)
                 continue
-            pieces = self._cut(document.text, start, end)
+            pieces = self._cut(document.text, start, end, reserved)
             spans += pieces
             sources += [[*e.ids, self.eos_id]
                         for e in self.tokenizer.encode_batch([document.text[a:b] for a, b in pieces])]
         return Segmented(document.text, tuple(spans)), sources
 
-    def _cut(self, text: str, start: int, end: int) -> list[tuple[int, int]]:
+    def _cut(self, text: str, start: int, end: int, reserved: int = 0) -> list[tuple[int, int]]:
         """Pieces of ``text[start:end]`` that each fit: the longest prefix that fits, ended at its strongest
         boundary in its second half, then the rest the same way."""
-        fits = self.limits.max_input_tokens - 1  # tokens besides EOS
+        fits = self.limits.max_input_tokens - 1 - reserved  # tokens besides EOS (and the prefix)
         pieces: list[tuple[int, int]] = []
         while start < end:
             window_end = min(end, start + 64 * fits)  # a token is rarely longer than 64 characters

@@ -86,6 +86,11 @@ class Languages(BaseModel):
     source: str
     target: list[str] = Field(min_length=1)
     target_token: str = ">>{}<<"
+    target_tokens: dict[str, str] = Field(default_factory=dict)  # a target's own token, where it is not the format's
+
+    def token_for(self, target: str) -> str | None:
+        """The token naming ``target`` (multilingual entries only)."""
+        return self.target_tokens.get(target) or self.target_token.format(target) if self.multilingual else None
 
     @field_validator("target", mode="before")
     @classmethod
@@ -102,6 +107,11 @@ class Languages(BaseModel):
     def _targets(cls, value: list[str]) -> list[str]:
         codes = [_code(v) for v in value]
         return sorted(set(codes), key=codes.index)
+
+    @field_validator("target_tokens")
+    @classmethod
+    def _token_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        return {_code(k): v for k, v in value.items()}
 
     @property
     def multilingual(self) -> bool:

@@ -153,7 +153,7 @@ class RoutedTranslator:
                               tuple(route.models))
             async for piece in model.stream(source, options.max_new_tokens, deadline, options.beam_size,
                                             options.length_penalty, options.segmentation, options.use_cache,
-                                            glossary, options.markup):
+                                            glossary, options.markup, last.target_token):
                 yield piece
 
     def _pieces(self, texts: list[str], pair: LanguagePair, field: str
@@ -210,7 +210,8 @@ class RoutedTranslator:
                 assert isinstance(model, TranslatorModel)
                 results = await model.translate(
                     current, options.max_new_tokens, deadline, field, options.beam_size, options.length_penalty,
-                    options.segmentation, options.use_cache, options.report, glossary, options.markup)
+                    options.segmentation, options.use_cache, options.report, glossary, options.markup,
+                    leg.target_token)
             if reports is not None:
                 results = [replace(r, sentences=compose_reports(before, r.sentences or []))
                            for r, before in zip(results, reports, strict=True)]

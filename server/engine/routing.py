@@ -56,7 +56,7 @@ class LanguageRouter:
             for target in languages.target:
                 if target == languages.source:
                     continue
-                token = languages.target_token.format(target) if languages.multilingual else None
+                token = languages.token_for(target)
                 rank = (languages.multilingual, not config.default, name)
                 pair = (languages.source, target)
                 if pair not in best or rank < best[pair][0]:

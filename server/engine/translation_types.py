@@ -49,6 +49,7 @@ class DecodeOptions:
     beam_size: int
     length_penalty: float
     glossary: Glossary | None = field(default=None, compare=False)  # the model's merged with the request's
+    prefix: tuple[int, ...] = ()  # before every source sentence: a multilingual model's target-language token
 
     def constraints(self, sentences: list[str], field: str) -> list[Constraints]:
         """Each sentence's glossary terms (none without a glossary)."""

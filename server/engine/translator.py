@@ -132,13 +132,13 @@ class TranslatorModel(LoadedModel):
             await self.scheduler.aclose(grace)
         await super().aclose(grace)
 
-    def encode(self, texts: list[str], field: str) -> list[list[int]]:
+    def encode(self, texts: list[str], field: str, prefix: tuple[int, ...] = ()) -> list[list[int]]:
         """``segmentation: whole``: each text one model input, refused when longer than the encoder takes."""
         self._check_count(texts, field)
         for i, text in enumerate(texts):
             check_text(text, f"{field}[{i}]", self.limits.max_text_chars, "the limit of")
         eos = self.layout.eos_id
-        rows = [[*e.ids, eos] for e in self.tokenizer.encode_batch(texts)]
+        rows = [[*prefix, *e.ids, eos] for e in self.tokenizer.encode_batch(texts)]
         for i, row in enumerate(rows):
             if len(row) > self.config.max_input_tokens:
                 raise RequestError(f"{field}[{i}]: {len(row)} tokens exceed max_input_tokens "
@@ -153,7 +153,7 @@ class TranslatorModel(LoadedModel):
         return run_jobs(self.seq2seq, payloads)
 
     def _options(self, max_new_tokens: int | None, beam_size: int | None, length_penalty: float | None,
-                 glossary: Sequence[GlossaryEntry] = ()) -> DecodeOptions:
+                 glossary: Sequence[GlossaryEntry] = (), target_token: str | None = None) -> DecodeOptions:
         if max_new_tokens is not None and max_new_tokens > token_limit(self.config):
             raise RequestError(f"max_new_tokens: {max_new_tokens} exceeds the model's limit of "
                                f"{token_limit(self.config)} (max_new_tokens_limit)")
@@ -163,19 +163,23 @@ class TranslatorModel(LoadedModel):
         penalty = self.config.generation.length_penalty if length_penalty is None else float(length_penalty)
         if not 0.0 <= penalty <= MAX_LENGTH_PENALTY:
             raise RequestError(f"length_penalty: {penalty} is outside 0 to {MAX_LENGTH_PENALTY}")
-        return DecodeOptions(max_new_tokens or None, beam, penalty, self.glossaries.for_request(glossary))
+        token = None if target_token is None else self.tokenizer.token_to_id(target_token)
+        if target_token is not None and token is None:
+            raise RequestError(f"target_language: model {self.name!r} has no token {target_token!r} in its vocabulary")
+        return DecodeOptions(max_new_tokens or None, beam, penalty, self.glossaries.for_request(glossary),
+                             () if token is None else (token,))
 
     async def translate(self, texts: list[str], max_new_tokens: int | None, deadline: float | None,
                         field: str = "texts", beam_size: int | None = None, length_penalty: float | None = None,
                         segmentation: Segmentation = "sentences", use_cache: bool = True,
                         report: ReportOptions = NO_REPORT, glossary: Sequence[GlossaryEntry] = (),
-                        markup: Markup = "text") -> list[TranslationResult]:
+                        markup: Markup = "text", target_token: str | None = None) -> list[TranslationResult]:
         """Each text translated: as a document (its sentences decoded together with every other sentence in
         flight, then put back with the text's own whitespace) or, with ``segmentation="whole"``, as one input.
         ``report``: each result's sentences scored and aligned (:mod:`scoring`); ``glossary``: terms the
         translations must use, beside the model's own (:mod:`glossary`); ``markup="html"``: each text an HTML
-        page (:mod:`html_translate`)."""
-        o = self._options(max_new_tokens, beam_size, length_penalty, glossary)
+        page (:mod:`html_translate`); ``target_token``: a multilingual model's token for the target language."""
+        o = self._options(max_new_tokens, beam_size, length_penalty, glossary, target_token)
         self._check_report(report, segmentation, markup)
         if segmentation == "whole":
             return await self._translate_whole(texts, field, o, deadline, report)
@@ -201,7 +205,7 @@ class TranslatorModel(LoadedModel):
 
     async def _documents(self, texts: list[str], fields: list[str], o: DecodeOptions, deadline: float | None,
                          use_cache: bool, report: ReportOptions) -> list[TranslationResult]:
-        plans = [self.planner.plan_one(t, f, o.max_new_tokens) for t, f in zip(texts, fields, strict=True)]
+        plans = [self.planner.plan_one(t, f, o.max_new_tokens, o.prefix) for t, f in zip(texts, fields, strict=True)]
         sentences = [s for p in plans for s in p.document.sentences]
         done = await self._sentences(sentences, [s for p in plans for s in p.sources],
                                      [b for p in plans for b in p.budgets], o, deadline, use_cache,
@@ -214,7 +218,7 @@ class TranslatorModel(LoadedModel):
 
     async def _translate_whole(self, texts: list[str], field: str, o: DecodeOptions, deadline: float | None,
                                report: ReportOptions) -> list[TranslationResult]:
-        sources = self.encode(texts, field)
+        sources = self.encode(texts, field, o.prefix)
         ids = await self._decode(sources, [o.max_new_tokens or self.config.max_new_tokens] * len(sources), o,
                                  deadline, o.constraints(texts, field))
         outputs = [TranslationResult(r, t) for r, t in zip(ids, self.tokenizer.decode_batch(ids), strict=True)]
@@ -284,7 +288,8 @@ class TranslatorModel(LoadedModel):
     async def stream(self, text: str, max_new_tokens: int | None, deadline: float | None,
                      beam_size: int | None = None, length_penalty: float | None = None,
                      segmentation: Segmentation = "sentences", use_cache: bool = True,
-                     glossary: Sequence[GlossaryEntry] = (), markup: Markup = "text") -> AsyncIterator[StreamPiece]:
+                     glossary: Sequence[GlossaryEntry] = (), markup: Markup = "text", target_token: str | None = None
+                     ) -> AsyncIterator[StreamPiece]:
         """Text pieces as tokens are made, the last one with the final count (its piece may be empty); closing
         the iterator (a cancelled client) takes the sequences out of the batch at the next step. Beam search
         streams its result when it is final (a beam's tokens are not settled before). No piece ever splits a
@@ -293,17 +298,17 @@ class TranslatorModel(LoadedModel):
         unary translation, whitespace included. An HTML page streams whole, when it is rendered."""
         if markup == "html":
             [page] = await self.translate([text], max_new_tokens, deadline, "text", beam_size, length_penalty,
-                                          segmentation, use_cache, NO_REPORT, glossary, markup)
+                                          segmentation, use_cache, NO_REPORT, glossary, markup, target_token)
             yield StreamPiece(page.text, len(page.ids))
             return
-        o = self._options(max_new_tokens, beam_size, length_penalty, glossary)
+        o = self._options(max_new_tokens, beam_size, length_penalty, glossary, target_token)
         if segmentation == "whole":
-            source = self.encode([text], "text")[0]
+            source = self.encode([text], "text", o.prefix)[0]
             async for piece in self._stream_tokens(source, o.max_new_tokens or self.config.max_new_tokens, o,
                                                    deadline, o.constraints([text], "text")[0]):
                 yield piece
             return
-        plan = self.planner.plan_one(text, "text", o.max_new_tokens)
+        plan = self.planner.plan_one(text, "text", o.max_new_tokens, o.prefix)
         document, made = plan.document, 0
         constraints = o.constraints(document.sentences, "text")
         if len(plan.sources) > 1:
