@@ -14,11 +14,11 @@ import grpc
 import pytest
 from helpers import ServerProcess, entry_copies, running_server
 from transerve_client import TranserveClient
-from transerve_client._requests import infer_outputs
 from transerve_client._proto import inference_pb2 as pb
 from transerve_client._proto import inference_pb2_grpc as pb_grpc
 from transerve_client._proto import transerve_pb2 as tpb
 from transerve_client._proto import transerve_pb2_grpc as tpb_grpc
+from transerve_client._requests import infer_outputs
 
 PAIRS = {"en-de": ("en", "de"), "de-en": ("de", "en"), "en-fr": ("en", "fr")}
 GERMAN = "Das ist ein sehr schöner Tag heute, und wir gehen in den Park."
