@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 
 # A repository entry is a directory name, never a path: no separators, no "..", no NUL, no percent-escapes.
+ROOM_WAIT_S = 30.0  # a load waits at most this long for models in use to free the memory it needs
 IMAGE_DECODE_THREADS = 2  # JPEG/PNG decoding and resizing; libjpeg and PIL release the GIL
 ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -64,8 +66,8 @@ def check_entry_name(name: str) -> None:
 
 class ModelManager:
     def __init__(self, repo: Path, backend: BackendName, metrics: Metrics, limits: Limits, threads: int = 2,
-                 spinning: bool = False, precision: PrecisionName | None = None, memory_budget: int | None = None
-                 ) -> None:
+                 spinning: bool = False, precision: PrecisionName | None = None, memory_budget: int | None = None,
+                 rss: Callable[[], int] = process_rss) -> None:
         self.repo, self.backend, self.metrics, self.limits, self.threads = repo, backend, metrics, limits, threads
         self.spinning = spinning
         self.precision = precision  # `serve --precision`: overrides every entry's config.yaml
@@ -78,6 +80,8 @@ class ModelManager:
         self._loads: dict[str, asyncio.Task[EntryState]] = {}  # lazy loads under way: one per entry
         self._waiting: dict[str, int] = {}  # requests waiting for each of them
         self._load_lock = asyncio.Lock()  # one load at a time: its RSS growth is its own
+        self._rss = rss  # what a load's cost is measured with (tests count instead)
+        self.too_large: set[str] = set()  # entries refused at start: larger than the whole budget
         metrics.memory_budget_bytes.set(memory_budget or 0)
         metrics.resident_models.set_function(lambda: len(self.models))
         metrics.resident_bytes.set_function(lambda: self.residency.resident_bytes)
@@ -129,6 +133,7 @@ class ModelManager:
             self._failed(name, str(e))
             return None
         if self.residency.too_large(cost):
+            self.too_large.add(name)
             self._failed(name, f"needs about {cost / 2**20:.0f} MB, more than the whole memory budget "
                                f"({self.residency.budget / 2**20:.0f} MB, --memory-budget)")  # type: ignore[operator]
             return None
@@ -145,14 +150,30 @@ class ModelManager:
                 self.metrics.model_loads.labels(name, "failed").inc()
                 raise QueueFull(f"model {name!r} cannot load now: {e}") from None
             self.states[name] = EntryState(name, state="LOADING")
-            before, start = process_rss(), time.perf_counter()
+            before, start = self._rss(), time.perf_counter()
             state = await self._load_now(name, entry, warm)
             self.metrics.model_loads.labels(name, "failed" if state.failed else "ok").inc()
             if not state.failed:
                 self.metrics.model_load_seconds.labels(name).observe(time.perf_counter() - start)
                 lazy = self.configs.get(name) is not None and self.configs[name].load == "lazy"
-                self.residency.add(name, max(process_rss() - before, 0), evictable=lazy)
+                self.residency.add(name, max(self._rss() - before, 0), evictable=lazy)
+                await self._evict(self._over_budget(name), name)  # it cost more than expected
             return state
+
+    def _over_budget(self, name: str) -> list[str]:
+        """What to unload now that ``name`` is in and cost what it did (nothing when that fits)."""
+        try:
+            return self.residency.victims(0, keep=name)
+        except NoRoom as e:  # the busy ones will be idle later; the next load makes room again
+            log.warning("model %s: over the memory budget until models in use are idle (%s)", name, e)
+            return []
+
+    async def _evict(self, victims: list[str], name: str) -> None:
+        for victim in victims:
+            log.info("model %s unloaded to make room for %s (memory budget)", victim, name)
+            self.metrics.model_evictions.labels(victim).inc()
+            await self.unload(victim, grace=0, reason="unloaded to make room (memory budget); loads on its next "
+                                                      "request")
 
     async def _make_room(self, name: str, entry: Path, deadline: float | None) -> None:
         """Unload least recently used idle lazy entries until ``name``'s expected cost fits the budget, waiting
@@ -162,19 +183,16 @@ class ModelManager:
         config = self.configs.get(name) or load_model_config(entry)
         vdir = entry / str(config.version) if config.version else latest_version(entry)
         need = self.residency.expected_cost(name, vdir)
+        deadline = min(deadline or math.inf, time.monotonic() + ROOM_WAIT_S)
         while True:
             try:
                 victims = self.residency.victims(need)
                 break
             except NoRoom:
-                left = None if deadline is None else deadline - time.monotonic()
-                if (left is not None and left <= 0) or not await self.residency.changed(left):
+                left = deadline - time.monotonic()
+                if left <= 0 or not await self.residency.changed(left):
                     raise
-        for victim in victims:
-            log.info("model %s unloaded to make room for %s (memory budget)", victim, name)
-            self.metrics.model_evictions.labels(victim).inc()
-            await self.unload(victim, grace=0, reason="unloaded to make room (memory budget); loads on its next "
-                                                      "request")
+        await self._evict(victims, name)
 
     async def _load_now(self, name: str, entry: Path, warm: bool) -> EntryState:
         state = self.states[name]
@@ -264,7 +282,8 @@ class ModelManager:
 
     def _lazy(self, name: str) -> bool:
         config = self.configs.get(name)
-        return config is not None and config.load == "lazy" and ENTRY_NAME.fullmatch(name) is not None
+        return (config is not None and config.load == "lazy" and name not in self.too_large
+                and ENTRY_NAME.fullmatch(name) is not None)
 
     async def _wait_for_load(self, name: str, deadline: float | None) -> None:
         """Join the entry's load under way, or start it; at most the entry's ``max_queue_size`` requests wait."""
@@ -273,7 +292,9 @@ class ModelManager:
             raise QueueFull(f"model {name!r} is loading and {limit} requests already wait for it (max_queue_size)")
         task = self._loads.get(name)
         if task is None:
-            task = self._loads[name] = asyncio.create_task(self.load(name, warm=False, deadline=deadline))
+            # the load is every waiter's, not the first one's: it waits for room up to ROOM_WAIT_S, each waiter
+            # up to its own deadline
+            task = self._loads[name] = asyncio.create_task(self.load(name, warm=False))
             task.add_done_callback(lambda _: self._loads.pop(name, None))
         self._waiting[name] = self._waiting.get(name, 0) + 1
         try:

@@ -119,9 +119,9 @@ class Residency:
             if resident.users == 0:
                 self._changed.set()
 
-    def victims(self, need: int) -> list[str]:
-        """Entries to unload, least recently used first, so that ``need`` more bytes fit; :class:`NoRoom` when
-        the idle ones are not enough."""
+    def victims(self, need: int, keep: str = "") -> list[str]:
+        """Entries to unload (never ``keep``), least recently used first, so that ``need`` more bytes fit;
+        :class:`NoRoom` when the idle ones are not enough."""
         if self.budget is None:
             return []
         excess = self.resident_bytes + need - self.budget
@@ -129,7 +129,7 @@ class Residency:
         for r in sorted(self.resident.values(), key=lambda r: r.last_used):
             if excess <= 0:
                 break
-            if r.evictable and r.users == 0:
+            if r.evictable and r.users == 0 and r.name != keep:
                 chosen.append(r.name)
                 excess -= r.cost
         if excess > 0:
