@@ -160,7 +160,7 @@ def test_a_broken_entry_fails_alone_and_the_accounting_stays_right(lazy_repo: Pa
         (repo / "broken" / "1" / "encoder.onnx").write_bytes(b"not a graph")  # broken while unloaded
         good = await translated(m, "good")
         for _ in range(2):  # and again: each request retries the load, each fails with the reason
-            with pytest.raises(ModelNotFound, match="broken.*not available"):
+            with pytest.raises(ModelNotFound, match=r"broken.*not available"):
                 await translated(m, "broken")
         assert loads(m, "broken", "failed") == 2 and m.states["broken"].failed
         assert m.residency.resident_bytes == 100 * MB and list(m.residency.resident) == ["good"]
