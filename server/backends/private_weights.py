@@ -16,23 +16,40 @@ canonical form and refuses one that leaves the model's folder, which ``/proc/sel
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".bin", ".data")  # external-data files (weights.bin, the ONNX convention's *.data)
+EXPORTED_WEIGHTS = re.compile(r"weights(?:\.([\w-]+))?\.bin")  # export's weights_filename(): one per precision
+
+
+def unused_weights(vdir: Path, graphs: Iterable[str] | None) -> set[str]:
+    """Exported weights files that none of ``graphs`` reads: ``X.onnx`` reads ``weights.bin``, ``X.int8.onnx``
+    reads ``weights.int8.bin``. Files named otherwise are always copied (what they feed is not known)."""
+    if graphs is None:
+        return set()
+    wanted = {".".join(Path(g).name.split(".")[1:-1]) for g in graphs}
+    return {p.name for p in vdir.iterdir() if (m := EXPORTED_WEIGHTS.fullmatch(p.name)) and (m.group(1) or "")
+            not in wanted}
 
 
 @contextlib.contextmanager
-def private_weights(vdir: Path) -> Iterator[Path]:
+def private_weights(vdir: Path, graphs: Iterable[str] | None = None) -> Iterator[Path]:
     """A folder with ``vdir``'s files, copied when it has external weights; valid until the context ends (load
-    the sessions inside it). A folder without external weights is used as it is: its graphs are read whole."""
+    the sessions inside it). A folder without external weights is used as it is: its graphs are read whole.
+    ``graphs``: the graph files that will load — a precision's weights file no graph of theirs reads
+    (``weights.int8.bin`` beside fp32 graphs, by the exporter's naming) is not copied."""
     if not any(p.is_file() and p.suffix in WEIGHT_SUFFIXES for p in vdir.iterdir()):
         yield vdir
         return
+    unused = unused_weights(vdir, graphs)
     with tempfile.TemporaryDirectory(prefix="transerve-load-") as tmp:
         for path in vdir.iterdir():
+            if path.name in unused:
+                continue
             if path.is_file():
                 shutil.copyfile(path, Path(tmp) / path.name)
             else:

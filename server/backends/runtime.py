@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from transerve.server.backends.lazy_runner import LazyRunner
 from transerve.server.backends.openvino_runner import OpenVinoRunner
 from transerve.server.backends.precision import PrecisionName, choose, read_variants
 from transerve.server.backends.private_weights import private_weights
@@ -102,25 +103,25 @@ def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], thread
         if not (vdir / filename).is_file():
             raise BackendError(f"{vdir / filename}: missing")
     log.info("%s: precision %s on %s: %s", vdir, choice.precision, choice.runtime, choice.reason)
-    with private_weights(vdir) as folder:  # weights copied: files changing on disk cannot reach a served model
+    with private_weights(vdir, choice.files.values()) as folder:  # copied: files changing on disk cannot reach it
         if choice.runtime == "openvino":
             runners: dict[str, GraphRunner] = {g: OpenVinoRunner(folder / f, threads, "bf16")
                                                for g, f in choice.files.items()}
-            runners.update(_aux_runners(folder, aux, threads, private=False))
-            return Runtime("openvino", runners, choice.precision, choice.reason)
+            return Runtime("openvino", {**runners, **_aux_runners(vdir, aux, threads)}, choice.precision,
+                           choice.reason)
         providers, why = ort_providers()
         log.info("%s: backend onnxruntime (%s)", vdir, why)
         runners = {g: OrtRunner(folder / f, threads, providers, spinning, small_batches)
                    for g, f in choice.files.items()}
-        runners.update(_aux_runners(folder, aux, threads, private=False))
-        return Runtime("onnxruntime", runners, choice.precision, choice.reason)
+    return Runtime("onnxruntime", {**runners, **_aux_runners(vdir, aux, threads)}, choice.precision, choice.reason)
 
 
-def _aux_runners(vdir: Path, aux: dict[str, str], threads: int, private: bool = True) -> dict[str, GraphRunner]:
-    """``aux``'s graphs on ONNX Runtime's CPU provider, from a private copy of ``vdir`` unless it is one."""
-    if not aux:
-        return {}
-    if not private:
-        return {g: OrtRunner(vdir / f, threads, ["CPUExecutionProvider"]) for g, f in aux.items()}
-    with private_weights(vdir) as folder:
-        return {g: OrtRunner(folder / f, threads, ["CPUExecutionProvider"]) for g, f in aux.items()}
+def _aux_runners(vdir: Path, aux: dict[str, str], threads: int) -> dict[str, GraphRunner]:
+    """``aux``'s graphs on ONNX Runtime's CPU provider, each made on its first use (:mod:`lazy_runner`) from a
+    private copy of what it reads."""
+    def make(filename: str) -> GraphRunner:
+        with private_weights(vdir, [filename]) as folder:
+            return OrtRunner(folder / filename, threads, ["CPUExecutionProvider"])
+
+    return {g: LazyRunner(lambda f=f: make(f), [vdir / f, vdir / "weights.bin"])  # type: ignore[misc]
+            for g, f in aux.items()}

@@ -63,8 +63,18 @@ class SentenceScorer:
                  alignment_layer: int, align_graph: GraphRunner | None = None) -> None:
         self.encoder, self.graph, self.layout, self.tokenizer = encoder, graph, layout, tokenizer
         self.alignment_layer = alignment_layer
-        exported_for = sum(n.startswith("cross_k_") for n in _input_names(align_graph)) - 1
-        self.align_graph = align_graph if exported_for == alignment_layer else None
+        self._align_candidate, self._align_checked = align_graph, False
+
+    @property
+    def align_graph(self) -> GraphRunner | None:
+        """``decoder_align`` when it was exported for this ``alignment_layer`` (checked on first use: reading
+        its inputs makes its session)."""
+        if not self._align_checked:
+            exported_for = sum(n.startswith("cross_k_") for n in _input_names(self._align_candidate)) - 1
+            if exported_for != self.alignment_layer:
+                self._align_candidate = None
+            self._align_checked = True
+        return self._align_candidate
 
     def score(self, sentences: Sequence[ScoredSentence], align: bool, scores: bool = True) -> list[SentenceScore]:
         """Each sentence's scores (zero when not ``scores``) and, when ``align``, its word alignments."""
