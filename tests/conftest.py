@@ -24,7 +24,7 @@ from helpers import (
 
 
 def export_random_translator(repo: Path, name: str, *, max_new_tokens: int, max_len: int = 48, d_model: int = 16,
-                             torch_checkpoint: bool = True) -> None:
+                             torch_checkpoint: bool = True, languages: dict[str, str] | None = None) -> None:
     """A randomly initialised translator (one layer each side) over the numbers tokenizer, exported as entry
     ``name`` of ``repo``; seed torch before calling for fixed weights."""
     from transerve.export.exporter import ExportOptions, export_translator_entry
@@ -38,8 +38,8 @@ def export_random_translator(repo: Path, name: str, *, max_new_tokens: int, max_
     mt = Seq2SeqTransformer(TransformerConfig(vocab_size=tokenizer.get_vocab_size(), d_model=d_model, num_heads=2,
                                               num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, dropout=0.0,
                                               max_len=max_len)).eval()
-    export_translator_entry(mt, tokenizer, ExportOptions(repo, name, default=True, torch_checkpoint=torch_checkpoint),
-                            max_new_tokens=max_new_tokens)
+    export_translator_entry(mt, tokenizer, ExportOptions(repo, name, default=True, torch_checkpoint=torch_checkpoint,
+                                                         languages=languages), max_new_tokens=max_new_tokens)
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_vit_entry(vit, ExportOptions(repo, "tiny-vit", default=True, torch_checkpoint=True),
                      labels=[f"class-{i}" for i in range(10)],
                      preprocessing={"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "resample": "bilinear"})
-    export_random_translator(repo, "tiny-mt", max_new_tokens=16)
+    export_random_translator(repo, "tiny-mt", max_new_tokens=16, languages={"source": "en", "target": "de"})
     return repo
 
 

@@ -205,6 +205,16 @@ BAD_TRANSLATE = {
         "target the vocabulary cannot write": [("seven", "七")],
         "257 entries": [(f"w{i}", "sieben") for i in range(257)],
         "newline in a term": [("seven\nhundred", "sieben")]}.items()},
+    # routing by language (tiny-mt declares en → de)
+    **{f"languages: {name}": tpb.TranslateRequest(texts=[text], source_language=source, target_language=target,
+                                                  detection=detection) for name, (text, source, target, detection) in {
+        "unknown source code": ("seven", "xx", "de", 0), "malformed target code": ("seven", "en", "d e!", 0),
+        "source without target": ("seven", "en", "", 0), "auto on empty text": ("", "auto", "de", 0),
+        "auto on emoji only": ("😀🎉🚀", "auto", "de", 0), "auto on digits only": ("12 345 678", "auto", "de", 0),
+        "auto on a language no entry reads": ("これは日本語の文です。東京は大きい都市です。", "auto", "de", 0),
+        "auto per sentence, no letters": ("12. 34. 56.", "auto", "de", 1),
+        "pair neither direct nor pivotable": ("seven", "de", "fr", 0),
+        "unknown detection": ("seven", "auto", "de", 7)}.items()},
 }
 # documents that look hostile but are fine: answered, each with its whitespace kept
 ODD_GOOD_DOCUMENTS = {
@@ -297,11 +307,13 @@ def test_bad_translations_are_refused_by_field(channel: grpc.Channel, healthy: C
     translator = tpb_grpc.TranslatorStub(channel)
     _, message = client_error(lambda: translator.Translate(BAD_TRANSLATE[case], timeout=30))
     assert any(w in message for w in ("texts", "beam_size", "max_new_tokens", "length_penalty", "model",
-                                      "segmentation", "format", "glossary")), message
-    if BAD_TRANSLATE[case].texts:
-        stream = tpb.TranslateStreamRequest(text=BAD_TRANSLATE[case].texts[0], model=BAD_TRANSLATE[case].model,
-                                            options=BAD_TRANSLATE[case].options)
-        if case != "too many texts":
+                                      "segmentation", "format", "glossary", "language", "detection")), message
+    request = BAD_TRANSLATE[case]
+    if request.texts:
+        stream = tpb.TranslateStreamRequest(text=request.texts[0], model=request.model, options=request.options,
+                                            source_language=request.source_language,
+                                            target_language=request.target_language)
+        if case not in ("too many texts", "languages: unknown detection", "languages: auto per sentence, no letters"):
             client_error(lambda: list(translator.TranslateStream(stream, timeout=30)))
     healthy()
 

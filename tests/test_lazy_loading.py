@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -64,14 +64,15 @@ def lazy_repo(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 class CountedRss:
-    """A process whose every load adds exactly ``cost`` bytes: RSS read before and after each load."""
+    """A process of no baseline whose every load adds exactly ``cost`` bytes: RSS read once at start (the
+    baseline), then before and after each load."""
 
     def __init__(self, cost: int) -> None:
         self.cost, self.reads = cost, 0
 
     def __call__(self) -> int:
         self.reads += 1
-        return self.cost * (self.reads // 2)
+        return 0 if self.reads == 1 else self.cost * ((self.reads - 1) // 2)
 
 
 def manager(repo: Path, budget: int | None, rss: object = None) -> ModelManager:
@@ -83,6 +84,11 @@ async def translated(m: ModelManager, name: str, deadline: float | None = None) 
     async with m.use(name, task="translate", deadline=deadline) as model:
         assert isinstance(model, TranslatorModel)
         return (await model.translate(["one hundred"], 4, None))[0].text
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
 
 
 def loads(m: ModelManager, name: str, result: str = "ok") -> float:
@@ -135,6 +141,43 @@ def test_an_entry_in_use_is_never_unloaded(lazy_repo: Path, monkeypatch: pytest.
             monkeypatch.setattr(manager_module, "ROOM_WAIT_S", 0.2)
             with pytest.raises(QueueFull, match=r"model 'c' cannot load now.*in use or eager \(b\)"):
                 await translated(m, "c")
+        await m.aclose(1)
+
+    asyncio.run(run())
+
+
+def test_eviction_racing_a_new_request_spares_the_entry_it_picked(lazy_repo: Path, tmp_path: Path) -> None:
+    """A load needing two entries gone chooses both; while the first unloads, a request picks up the second:
+    the second must stay until that request ends (then go), and both requests succeed."""
+    repo = entry_copies(lazy_repo / "a", tmp_path, {n: LAZY for n in "abc"})
+
+    async def run() -> None:
+        m = manager(repo, 250 * MB, CountedRss(100 * MB))
+        await m.load_all()
+        await translated(m, "a")
+        await translated(m, "b")
+        m.residency.budget = 150 * MB  # c needs both a and b gone
+        close = m.models["a"].aclose
+
+        async def slow_close(grace: float) -> None:
+            await asyncio.sleep(0.2)
+            await close(grace)
+
+        m.models["a"].aclose = slow_close  # type: ignore[method-assign]
+
+        async def holds_b() -> str:
+            async with m.use("b", task="translate") as model:
+                await asyncio.sleep(0.5)
+                assert isinstance(model, TranslatorModel)
+                return (await model.translate(["seven"], 4, None))[0].text
+
+        loading = asyncio.create_task(translated(m, "c", deadline=asyncio.get_running_loop().time() + 30))
+        await asyncio.sleep(0.05)  # a is being unloaded now; b was chosen too
+        await asyncio.gather(loading, holds_b())
+        # c cost more than its first-load estimate while b was busy; once b is idle the least recently used of
+        # the two goes, in the background: c (its request ended before b's)
+        await asyncio.wait_for(wait_until(lambda: sorted(m.models) == ["b"]), 10)
+        assert m.residency.resident_bytes <= 150 * MB
         await m.aclose(1)
 
     asyncio.run(run())
@@ -233,3 +276,14 @@ def test_hundreds_of_first_requests_to_one_lazy_entry_load_it_once(lazy_server: 
     assert total(samples, "transerve_resident_models") >= 1
     with contextlib.suppress(Exception):
         pass
+
+
+def test_the_budget_counts_the_process_baseline() -> None:
+    r = Residency(300 * MB)
+    r.baseline = 100 * MB  # what the process held before any model: the models have 200 MB
+    assert r.too_large(250 * MB) and not r.too_large(200 * MB)
+    r.add("a", 150 * MB, evictable=True)
+    assert r.victims(40 * MB) == [] and r.victims(60 * MB) == ["a"]
+    assert not r.over_budget
+    r.add("b", 60 * MB, evictable=True)
+    assert r.over_budget

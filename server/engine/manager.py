@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import re
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 # A repository entry is a directory name, never a path: no separators, no "..", no NUL, no percent-escapes.
+LOAD_ATTEMPTS = 3
 ROOM_WAIT_S = 30.0  # a load waits at most this long for models in use to free the memory it needs
 IMAGE_DECODE_THREADS = 2  # JPEG/PNG decoding and resizing; libjpeg and PIL release the GIL
 ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -82,6 +84,7 @@ class ModelManager:
         self._load_lock = asyncio.Lock()  # one load at a time: its RSS growth is its own
         self._rss = rss  # what a load's cost is measured with (tests count instead)
         self.too_large: set[str] = set()  # entries refused at start: larger than the whole budget
+        self._shrinking: asyncio.Task[None] | None = None
         metrics.memory_budget_bytes.set(memory_budget or 0)
         metrics.resident_models.set_function(lambda: len(self.models))
         metrics.resident_bytes.set_function(lambda: self.residency.resident_bytes)
@@ -110,6 +113,7 @@ class ModelManager:
 
     async def load_all(self) -> None:
         """Read every entry's config; load the eager ones (in name order), mark the lazy ones AVAILABLE."""
+        self.residency.baseline = self._rss() if self.residency.budget is not None else 0
         try:
             for name in self.entry_names():
                 if self._read_config(name) is None:
@@ -134,8 +138,9 @@ class ModelManager:
             return None
         if self.residency.too_large(cost):
             self.too_large.add(name)
-            self._failed(name, f"needs about {cost / 2**20:.0f} MB, more than the whole memory budget "
-                               f"({self.residency.budget / 2**20:.0f} MB, --memory-budget)")  # type: ignore[operator]
+            self._failed(name, f"needs about {cost / 2**20:.0f} MB, more than the whole memory budget leaves "
+                               f"models ({self.residency.for_models / 2**20:.0f} MB of --memory-budget "  # type: ignore[operator]
+                               f"{self.residency.budget / 2**20:.0f} MB, the rest the process's baseline)")  # type: ignore[operator]
             return None
         return config
 
@@ -157,18 +162,24 @@ class ModelManager:
                 self.metrics.model_load_seconds.labels(name).observe(time.perf_counter() - start)
                 lazy = self.configs.get(name) is not None and self.configs[name].load == "lazy"
                 self.residency.add(name, max(self._rss() - before, 0), evictable=lazy)
-                await self._evict(self._over_budget(name), name)  # it cost more than expected
+                await self._over_budget(name)  # it cost more than expected
             return state
 
-    def _over_budget(self, name: str) -> list[str]:
-        """What to unload now that ``name`` is in and cost what it did (nothing when that fits)."""
-        try:
-            return self.residency.victims(0, keep=name)
-        except NoRoom as e:  # the busy ones will be idle later; the next load makes room again
-            log.warning("model %s: over the memory budget until models in use are idle (%s)", name, e)
-            return []
+    async def _over_budget(self, name: str) -> None:
+        """Unload idle entries, one at a time, until ``name`` — in, and costing what it did — fits."""
+        while True:
+            try:
+                victims = self.residency.victims(0, keep=name)
+            except NoRoom as e:  # the busy ones will be idle later; the next load makes room again
+                log.warning("model %s: over the memory budget until models in use are idle (%s)", name, e)
+                return
+            if not victims:
+                return
+            await self._evict(victims[:1], name)
 
     async def _evict(self, victims: list[str], name: str) -> None:
+        """Unload ``victims``, chosen idle just before: no await between the choice and the first one's
+        removal, so no request can have picked it up meanwhile."""
         for victim in victims:
             log.info("model %s unloaded to make room for %s (memory budget)", victim, name)
             self.metrics.model_evictions.labels(victim).inc()
@@ -184,15 +195,17 @@ class ModelManager:
         vdir = entry / str(config.version) if config.version else latest_version(entry)
         need = self.residency.expected_cost(name, vdir)
         deadline = min(deadline or math.inf, time.monotonic() + ROOM_WAIT_S)
-        while True:
+        while True:  # one entry at a time: the choice is made again after each await (users come and go)
             try:
                 victims = self.residency.victims(need)
-                break
             except NoRoom:
                 left = deadline - time.monotonic()
                 if left <= 0 or not await self.residency.changed(left):
                     raise
-        await self._evict(victims, name)
+                continue
+            if not victims:
+                return
+            await self._evict(victims[:1], name)
 
     async def _load_now(self, name: str, entry: Path, warm: bool) -> EntryState:
         state = self.states[name]
@@ -264,6 +277,7 @@ class ModelManager:
         self.residency.remove(name)
         await model.aclose(grace)
         del model
+        gc.collect()  # a model's objects refer to each other: freed by the collector, not by reference counts
         return_freed_memory()
 
     @contextlib.asynccontextmanager
@@ -271,7 +285,9 @@ class ModelManager:
                   ) -> AsyncIterator[LoadedModel]:
         """The model for a request, loaded first if it is a lazy entry not loaded now, and kept loaded (never
         evicted) until the request ends."""
-        if name and name not in self.models and self._lazy(name):
+        for _ in range(LOAD_ATTEMPTS):  # loaded, then unloaded again before this request could pin it: rare
+            if not name or name in self.models or not self._lazy(name):
+                break
             await self._wait_for_load(name, deadline)
         model = self.get(name, version, task)
         self.residency.pin(model.name)
@@ -279,6 +295,17 @@ class ModelManager:
             yield model
         finally:
             self.residency.unpin(model.name)
+            if self.residency.over_budget and not self._shrinking:
+                self._shrinking = asyncio.create_task(self._shrink())
+
+    async def _shrink(self) -> None:
+        """Over the budget (a load cost more than expected while the others were busy): unload idle entries
+        now that one became idle."""
+        try:
+            async with self._load_lock:
+                await self._over_budget("")
+        finally:
+            self._shrinking = None
 
     def _lazy(self, name: str) -> bool:
         config = self.configs.get(name)
@@ -336,8 +363,9 @@ class ModelManager:
                             f"{sorted(m.name for m in candidates)}")
 
     def servable(self) -> list[str]:
-        """Entries that answer requests: loaded, or lazy and loadable on demand."""
-        return sorted({*self.models, *(n for n, s in self.states.items() if s.state == "AVAILABLE")})
+        """Entries that answer requests: loaded, or lazy (loaded on demand — also while a load is under way, and
+        after one failed: the next request tries again)."""
+        return sorted({*self.models, *(n for n in self.configs if self._lazy(n))})
 
     def servable_configs(self) -> list[tuple[str, ModelConfig]]:
         return [(name, self.configs[name]) for name in self.servable() if name in self.configs]

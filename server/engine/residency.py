@@ -1,6 +1,8 @@
 """Which models are resident, what each costs, and which to unload when a load would not fit the budget.
 
-``serve --memory-budget`` bounds what the loaded models cost together. A model's cost is what its load really
+``serve --memory-budget`` bounds the process's memory: what it held before its first load (the runtime,
+libraries, the RPC stack: the *baseline*) plus what the loaded models cost together. A model's cost is what
+its load really
 added to the process — resident memory measured before and after (weights, their runtime copies and
 pre-packing, memory-mapped pages touched), not its file sizes — so the accounting holds for any runtime and
 precision. Before an entry's first load its cost is estimated from its files (:func:`estimate_bytes`); after,
@@ -82,6 +84,7 @@ class NoRoom(RuntimeError):
 class Residency:
     def __init__(self, budget: int | None) -> None:
         self.budget = budget
+        self.baseline = 0  # the process's RSS before its first load (set by the manager)
         self.resident: dict[str, Resident] = {}
         self.measured: dict[str, int] = {}  # the last measured cost of each entry ever loaded
         self._changed = asyncio.Event()  # a user left, or an entry went: room may have appeared
@@ -90,11 +93,22 @@ class Residency:
     def resident_bytes(self) -> int:
         return sum(r.cost for r in self.resident.values())
 
+    @property
+    def for_models(self) -> int | None:
+        """What the budget leaves the models, the baseline taken."""
+        return None if self.budget is None else self.budget - self.baseline
+
+    @property
+    def over_budget(self) -> bool:
+        room = self.for_models
+        return room is not None and self.resident_bytes > room
+
     def expected_cost(self, name: str, vdir: Path) -> int:
         return self.measured.get(name) or estimate_bytes(vdir)
 
     def too_large(self, cost: int) -> bool:
-        return self.budget is not None and cost > self.budget
+        room = self.for_models
+        return room is not None and cost > room
 
     def add(self, name: str, cost: int, evictable: bool) -> None:
         users = self.resident[name].users if name in self.resident else 0  # a reload keeps its users
@@ -122,9 +136,10 @@ class Residency:
     def victims(self, need: int, keep: str = "") -> list[str]:
         """Entries to unload (never ``keep``), least recently used first, so that ``need`` more bytes fit;
         :class:`NoRoom` when the idle ones are not enough."""
-        if self.budget is None:
+        room = self.for_models
+        if room is None:
             return []
-        excess = self.resident_bytes + need - self.budget
+        excess = self.resident_bytes + need - room
         chosen: list[str] = []
         for r in sorted(self.resident.values(), key=lambda r: r.last_used):
             if excess <= 0:
@@ -134,8 +149,9 @@ class Residency:
                 excess -= r.cost
         if excess > 0:
             busy = sorted(r.name for r in self.resident.values() if r.users or not r.evictable)
-            raise NoRoom(f"the memory budget ({self.budget / 2**20:.0f} MB) is held by models in use or eager "
-                         f"({', '.join(busy) or 'none'}); {need / 2**20:.0f} MB more needed")
+            raise NoRoom(f"the memory budget ({room / 2**20:.0f} MB for models, {self.baseline / 2**20:.0f} MB "
+                         f"baseline) is held by models in use or eager ({', '.join(busy) or 'none'}); "
+                         f"{need / 2**20:.0f} MB more needed")
         return chosen
 
     async def changed(self, timeout: float | None) -> bool:

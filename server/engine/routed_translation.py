@@ -173,19 +173,16 @@ class RoutedTranslator:
         return out, runs
 
     def _language_runs(self, text: str, candidates: list[str], field: str) -> list[LanguageRun]:
-        """Consecutive sentences of one detected language, as runs (a sentence with no letters joins the run
-        before it, or after it at the start)."""
-        document = split_document(text)
+        """Consecutive sentences of one detected language, as runs covering the text (a sentence with no
+        letters joins the run before it, or the first run); the text's own error when no sentence has any."""
+        spans = split_document(text).spans
         runs: list[LanguageRun] = []
-        for start, end in document.spans or ((0, len(text)),):
+        for start, end in spans:
             try:
                 found = self.detector.detect(text[start:end], candidates, field)
             except RequestError:
-                if not runs and len(document.spans) > 1:
-                    continue  # no letters: joins the next run, which then starts here
-                if not runs:
-                    raise
-                runs[-1].span = (runs[-1].span[0], end)
+                if runs:
+                    runs[-1].span = (runs[-1].span[0], end)
                 continue
             if runs and runs[-1].language == found.language:
                 runs[-1].span = (runs[-1].span[0], end)
@@ -193,8 +190,10 @@ class RoutedTranslator:
             else:
                 runs.append(LanguageRun((runs[-1].span[1] if runs else start, end), found.language,
                                         found.confidence))
-        if document.spans and runs:
-            runs[0].span = (document.spans[0][0], runs[0].span[1])
+        if not runs:
+            found = self.detector.detect(text, candidates, field)  # raises: nothing to tell the language by
+            return [LanguageRun((0, len(text)), found.language, found.confidence)]
+        runs[0].span = (spans[0][0], runs[0].span[1])
         return runs
 
     async def _run(self, route: Route | None, texts: list[str], deadline: float | None, options: CallOptions,

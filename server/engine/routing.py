@@ -82,7 +82,8 @@ class LanguageRouter:
             if (r.source, r.target) == (source, target):
                 return r
         there = ", ".join(f"{r.source}→{r.target}" + (f" (via {r.via})" if r.via else "") for r in routes)
-        raise ModelNotFound(f"no translation from {source} to {target}: no entry for the pair and no pivot "
+        raise ModelNotFound(f"source_language, target_language: no translation from {source} to {target}: no "
+                            f"entry for the pair and no pivot "
                             f"through {self.pivot} (pairs served: {there or 'none — no entry declares languages'})")
 
     def sources(self) -> list[str]:
