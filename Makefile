@@ -70,7 +70,9 @@ BENCHMARKS := \
 	"image_bench.py --repeats 5 --seconds 3" \
 	"sentence_splitters.py --repeats 5" \
 	"document_bench.py --work $(BENCH_WORK) --repeats 3" \
-	"glossary_bench.py --repo $(REPO) --work $(BENCH_WORK) --repeats 3"
+	"glossary_bench.py --repo $(REPO) --work $(BENCH_WORK) --repeats 3" \
+	"language_detection_bench.py --repeats 3" \
+	"language_routing_bench.py --work $(BENCH_WORK) --seconds 120"
 bench: zoo
 	@start=$$(date +%s); for b in $(BENCHMARKS); do \
 		t=$$(date +%s); echo "== bench/$$b"; $(BIN)/python bench/$$b || exit 1; \

@@ -44,6 +44,9 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
     "document_bench.py": (["--work", "{work}", "--repeats", "1", "--budget", "4"], "## Document translation"),
     "glossary_bench.py": (["--repo", "{repo}", "--work", "{work}", "--repeats", "1", "--budget", "4"],
                           "## Glossaries, scores and alignments"),
+    "language_detection_bench.py": (["--sentences", "3", "--repeats", "1"], "## Language detection candidates"),
+    "language_routing_bench.py": (["--work", "{work}", "--seconds", "1", "--clients", "2", "--cold-starts", "1",
+                                   "--repeats", "1"], "## Language routing and lazy loading"),
 }
 
 

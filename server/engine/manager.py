@@ -160,6 +160,7 @@ class ModelManager:
             self.metrics.model_loads.labels(name, "failed" if state.failed else "ok").inc()
             if not state.failed:
                 self.metrics.model_load_seconds.labels(name).observe(time.perf_counter() - start)
+                self.metrics.model_evictions.labels(name)  # exported at 0 from its first load on
                 lazy = self.configs.get(name) is not None and self.configs[name].load == "lazy"
                 self.residency.add(name, max(self._rss() - before, 0), evictable=lazy)
                 await self._over_budget(name)  # it cost more than expected
