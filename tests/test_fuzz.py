@@ -156,16 +156,24 @@ def translate_options(draw: st.DrawFn) -> tpb.TranslateOptions:
     return options
 
 
+# language codes: valid, aliased, auto, unknown, malformed, absurd (tiny-mt declares en → de)
+language_codes = st.sampled_from(["", "", "en", "de", "deu", "de-AT", "auto", "fr", "xx", "und", "!!", "a" * 60]) \
+    | st.text(max_size=8)
+
+
 @st.composite
 def translate_requests(draw: st.DrawFn) -> tpb.TranslateRequest:
     listed = draw(st.lists(texts, min_size=draw(st.integers(0, 1)), max_size=4))
-    return tpb.TranslateRequest(model=draw(names("tiny-mt", "")), texts=listed, options=draw(translate_options()))
+    return tpb.TranslateRequest(model=draw(names("tiny-mt", "")), texts=listed, options=draw(translate_options()),
+                                source_language=draw(language_codes), target_language=draw(language_codes),
+                                detection=draw(st.sampled_from([0, 0, 1, 2, 1 << 20])))
 
 
 @st.composite
 def stream_requests(draw: st.DrawFn) -> tpb.TranslateStreamRequest:
     return tpb.TranslateStreamRequest(model=draw(names("tiny-mt", "")), text=draw(texts),
-                                      options=draw(translate_options()))
+                                      options=draw(translate_options()), source_language=draw(language_codes),
+                                      target_language=draw(language_codes))
 
 
 @pytest.fixture(scope="module")

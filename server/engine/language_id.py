@@ -10,6 +10,7 @@ nearest one: both errors name the languages there are.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from dataclasses import dataclass
@@ -65,7 +66,9 @@ class LanguageDetector:
         return Detected(best, mine[best] / total if total > 0 else 1.0 / len(mine))
 
 
+@functools.lru_cache(maxsize=512)
 def _code(label: str) -> str:
+    """py3langid's label as a routing key (cached: parsing a tag costs more than classifying a sentence)."""
     try:
         return normalize(label)
     except LanguageCodeError:
