@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 from transerve.server.backends.precision import PrecisionName
+from transerve.server.backends.prepared_graphs import PreparedGraphs
 from transerve.server.backends.runtime import BackendName
 from transerve.server.edge.active_calls import ActiveCalls
 from transerve.server.edge.auth import BearerTokenInterceptor, server_credentials
@@ -75,6 +76,7 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
     memory_budget: int | None = None  # bytes the loaded models may cost together; lazy entries make room (LRU)
     pivot_language: str = "en"  # A→B with no direct entry goes A→pivot→B
+    prepared_graphs: str = "temp"  # optimised, prepacked graph copies for reloads: temp, off, or a folder
 
 
 def pending_call_options(max_concurrent_rpcs: int) -> list[tuple[str, int]]:
@@ -93,7 +95,8 @@ class TranserveServer:
         self.options = options
         self.metrics = Metrics()
         self.manager = ModelManager(options.repo, options.backend, self.metrics, options.limits, options.threads,
-                                    options.ort_spinning, options.precision, options.memory_budget)
+                                    options.ort_spinning, options.precision, options.memory_budget,
+                                    prepared=PreparedGraphs.from_setting(options.prepared_graphs))
         self.routed = RoutedTranslator.serving(self.manager, options.pivot_language)
         self.health = health.aio.HealthServicer()
         self.ready = False
@@ -188,6 +191,7 @@ class TranserveServer:
                                                       registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         await self.manager.load_all()
+        self.manager.freeze_startup_objects()
         if not self.manager.servable():
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             log.error("no model of %s loaded: health stays NOT_SERVING (%s)", self.options.repo,

@@ -29,15 +29,25 @@ class LazyRunner:
         self._make, self._files, self._stamps = make, list(files), stamps(files)
         self._runner: GraphRunner | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     def _get(self) -> GraphRunner:
         with self._lock:
             if self._runner is None:
+                if self._closed:
+                    raise BackendError(f"{self._files[0]}: the model was unloaded")
                 if stamps(self._files) != self._stamps:
                     raise BackendError(f"{self._files[0]}: changed on disk since the model loaded; reload the "
                                        "model to use it")
                 self._runner = self._make()
             return self._runner
+
+    def close(self) -> None:
+        with self._lock:
+            close = getattr(self._runner, "close", None)
+            if close is not None:
+                close()
+            self._runner, self._closed = None, True
 
     @property
     def made(self) -> bool:

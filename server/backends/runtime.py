@@ -31,6 +31,7 @@ from typing import Literal
 from transerve.server.backends.lazy_runner import LazyRunner
 from transerve.server.backends.openvino_runner import OpenVinoRunner
 from transerve.server.backends.precision import PrecisionName, choose, read_variants
+from transerve.server.backends.prepared_graphs import PreparedGraphs
 from transerve.server.backends.private_weights import private_weights
 from transerve.server.backends.runner import GraphRunner
 from transerve.server.backends.sessions import OrtRunner, ort_providers
@@ -68,13 +69,14 @@ class Runtime:
 
 def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], threads: int = 2,
                  spinning: bool = False, precision: PrecisionName = "auto", small_batches: int = 0,
-                 aux: dict[str, str] | None = None) -> Runtime:
+                 aux: dict[str, str] | None = None, prepared: PreparedGraphs | None = None) -> Runtime:
     """The runtime for an entry's version folder: TensorRT engines where they and a GPU exist (``auto``), the
     torch reference when asked for, else the precision variant :func:`transerve.server.backends.precision.choose`
     picks (ONNX Runtime, or OpenVINO for bf16). ``small_batches``: the batch limit of a model whose graphs
     take a one-thread session for small batches where that measures faster (0: none). ``aux``: graphs that run
     on ONNX Runtime's CPU provider in fp32 whatever serves the rest (a translator's scoring graph), added to the
-    runners under their names."""
+    runners under their names. ``prepared``: where ONNX Runtime CPU sessions keep and find their optimised,
+    prepacked copies (:mod:`transerve.server.backends.prepared_graphs`)."""
     aux = aux or {}
     for filename in aux.values():
         if not (vdir / filename).is_file():
@@ -103,17 +105,37 @@ def load_runners(backend: BackendName, vdir: Path, files: dict[str, str], thread
         if not (vdir / filename).is_file():
             raise BackendError(f"{vdir / filename}: missing")
     log.info("%s: precision %s on %s: %s", vdir, choice.precision, choice.runtime, choice.reason)
-    with private_weights(vdir, choice.files.values()) as folder:  # copied: files changing on disk cannot reach it
-        if choice.runtime == "openvino":
+    if choice.runtime == "openvino":
+        with private_weights(vdir, choice.files.values()) as folder:  # copied: files changing cannot reach it
             runners: dict[str, GraphRunner] = {g: OpenVinoRunner(folder / f, threads, "bf16")
                                                for g, f in choice.files.items()}
-            return Runtime("openvino", {**runners, **_aux_runners(vdir, aux, threads)}, choice.precision,
-                           choice.reason)
-        providers, why = ort_providers()
-        log.info("%s: backend onnxruntime (%s)", vdir, why)
-        runners = {g: OrtRunner(folder / f, threads, providers, spinning, small_batches)
-                   for g, f in choice.files.items()}
+        return Runtime("openvino", {**runners, **_aux_runners(vdir, aux, threads)}, choice.precision,
+                       choice.reason)
+    providers, why = ort_providers()
+    log.info("%s: backend onnxruntime (%s)", vdir, why)
+    cpu_only = providers == ["CPUExecutionProvider"]
+    runners = _ort_runners(vdir, choice.files, threads, providers, spinning, small_batches,
+                           prepared if cpu_only else None)
     return Runtime("onnxruntime", {**runners, **_aux_runners(vdir, aux, threads)}, choice.precision, choice.reason)
+
+
+def _ort_runners(vdir: Path, files: dict[str, str], threads: int, providers: list[str], spinning: bool,
+                 small_batches: int, prepared: PreparedGraphs | None) -> dict[str, GraphRunner]:
+    """Sessions from the prepared copies of ``files`` where every one has one, else from a private copy of
+    the folder (saving prepared copies on a graph's second load)."""
+    found = {g: prepared.ready(vdir, f) for g, f in files.items()} if prepared is not None else {}
+    copies = {g: path for g, path in found.items() if path is not None}
+    if files and len(copies) == len(files):
+        log.info("%s: sessions from prepared graphs", vdir)
+        return {g: OrtRunner(path, threads, providers, spinning, small_batches, prepared=True)
+                for g, path in copies.items()}
+    with private_weights(vdir, files.values()) as folder:  # copied: files changing on disk cannot reach it
+        saves = {g: prepared.wanted(vdir, f) if prepared is not None else None for g, f in files.items()}
+        runners: dict[str, GraphRunner] = {g: OrtRunner(folder / f, threads, providers, spinning, small_batches,
+                                                        save_to=saves[g]) for g, f in files.items()}
+    if prepared is not None:
+        prepared.commit(p for p in saves.values() if p is not None)
+    return runners
 
 
 def _aux_runners(vdir: Path, aux: dict[str, str], threads: int) -> dict[str, GraphRunner]:

@@ -47,13 +47,26 @@ class OrtRunner:
     batch sizes where it measures faster (:mod:`transerve.server.backends.small_batches`)."""
 
     def __init__(self, path: Path, threads: int, providers: list[str], spinning: bool = False,
-                 small_batches: int = 0) -> None:
+                 small_batches: int = 0, prepared: bool = False, save_to: Path | None = None) -> None:
+        """``prepared``: ``path`` is a copy already optimised and prepacked for this CPU
+        (:mod:`transerve.server.backends.prepared_graphs`), loaded as it is; ``save_to``: where the first
+        session saves such a copy of itself."""
         import onnxruntime as ort
 
-        def make_session(count: int) -> Any:
-            return ort.InferenceSession(str(path), session_options(count, spinning=spinning), providers=providers)
+        def make_session(count: int, save: Path | None = None) -> Any:
+            opts = session_options(count, spinning=spinning)
+            if prepared:
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            if save is not None:
+                from transerve.server.backends.prepared_graphs import save_options
 
-        self.session = make_session(threads)
+                opts.optimized_model_filepath = str(save)
+                for key, value in save_options(save).items():
+                    opts.add_session_config_entry(key, value)
+            return ort.InferenceSession(str(path), opts, providers=providers)
+
+        self.path, self.prepared = path, prepared
+        self.session = make_session(threads, save_to)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.single: Any = None
@@ -68,3 +81,8 @@ class OrtRunner:
         if self.single is not None and len(feeds[self.input_names[0]]) <= self.single_up_to:
             return list(self.single.run(names, feeds))
         return list(self.session.run(names, feeds))
+
+    def close(self) -> None:
+        """Drop the sessions now (an unloaded model's weights are freed at once, not when the collector finds
+        the model's reference cycles); a run after this fails."""
+        self.session = self.single = None

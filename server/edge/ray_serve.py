@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from transerve.languages import normalize
+from transerve.server.backends.prepared_graphs import PreparedGraphs
 from transerve.server.edge.kserve_service import InferenceService
 from transerve.server.edge.request_log import RequestInfo
 from transerve.server.edge.rpc import failure
@@ -122,7 +123,8 @@ class TranserveReplica:
                        precision: str | None = None, memory_budget: int | None = None, pivot: str = "en") -> None:
         self.metrics = Metrics()
         self.manager = ModelManager(Path(repo), backend, self.metrics, Limits(), threads,  # type: ignore[arg-type]
-                                    precision=precision, memory_budget=memory_budget)  # type: ignore[arg-type]
+                                    precision=precision, memory_budget=memory_budget,  # type: ignore[arg-type]
+                                    prepared=PreparedGraphs.create(None))  # removed by __del__'s aclose
         self.ready = False
         routed = RoutedTranslator.serving(self.manager, pivot)
         self.inference = InferenceService(self.manager, self.metrics, lambda: self.ready, routed=routed)
@@ -131,6 +133,7 @@ class TranserveReplica:
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.replica = f"{replica_id}@{socket.gethostname()}:{os.getpid()}"
         await self.manager.load_all()  # Ray routes to this replica only after the constructor returns
+        self.manager.freeze_startup_objects()
         self.ready = True
         log.info("transerve replica %s serving %s", self.replica, sorted(self.manager.models))
 

@@ -113,8 +113,9 @@ class Glossaries:
 
     def __init__(self, own: Sequence[GlossaryEntry], tokenizer: Tokenizer, english: bool) -> None:
         self.tokenizer, self.english = tokenizer, english
-        vocab = tokenizer.get_vocab()
-        self.unk_id = next((vocab[t] for t in ("<unk>", "[UNK]", "<UNK>") if t in vocab), None)
+        # token_to_id, not get_vocab(): building the vocabulary's dict cost 46 ms of an opus-mt-sized load
+        found = (tokenizer.token_to_id(t) for t in ("<unk>", "[UNK]", "<UNK>"))
+        self.unk_id = next((i for i in found if i is not None), None)
         self.own = tuple(own)
         try:
             self.model = Glossary(self.own, tokenizer, self.unk_id, english, "glossary file")

@@ -68,6 +68,14 @@ class LoadedModel(ABC):
     async def aclose(self, grace: float) -> None:
         await self.batcher.aclose(grace)
 
+    def release(self) -> None:
+        """After :meth:`aclose`, on unload: drop the graphs' sessions at once. A model's objects refer to each
+        other, so without this its weights would stay until the collector's next full pass."""
+        for runner in self.runners.values():
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
+
 
 def deadline_from(time_remaining: float | None) -> float | None:
     """gRPC's remaining time → a monotonic deadline for the batcher."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transerve.server.backends.precision import PrecisionName
+from transerve.server.backends.prepared_graphs import PreparedGraphs
 from transerve.server.backends.runtime import BackendName, load_runners
 from transerve.server.engine.classifier import ClassifierModel
 from transerve.server.engine.loaded_model import Limits, LoadedModel
@@ -60,6 +61,16 @@ class EntryState:
     failed: bool = False  # the last load attempt failed (a reload that failed leaves the old version READY)
 
 
+def collect_garbage(unfreeze: bool) -> None:
+    """A model's objects refer to each other: freed by the collector. ``unfreeze``: the model was loaded
+    before :func:`gc.freeze`, its objects are in the frozen generation — thawed for one full pass."""
+    if unfreeze:
+        gc.unfreeze()
+    gc.collect()
+    if unfreeze:
+        gc.freeze()
+
+
 def check_entry_name(name: str) -> None:
     if not ENTRY_NAME.fullmatch(name):
         raise RequestError(f"model_name: {name!r} is not a repository entry name (1 to 128 letters, digits, "
@@ -69,7 +80,7 @@ def check_entry_name(name: str) -> None:
 class ModelManager:
     def __init__(self, repo: Path, backend: BackendName, metrics: Metrics, limits: Limits, threads: int = 2,
                  spinning: bool = False, precision: PrecisionName | None = None, memory_budget: int | None = None,
-                 rss: Callable[[], int] = process_rss) -> None:
+                 rss: Callable[[], int] = process_rss, prepared: PreparedGraphs | None = None) -> None:
         self.repo, self.backend, self.metrics, self.limits, self.threads = repo, backend, metrics, limits, threads
         self.spinning = spinning
         self.precision = precision  # `serve --precision`: overrides every entry's config.yaml
@@ -83,8 +94,10 @@ class ModelManager:
         self._waiting: dict[str, int] = {}  # requests waiting for each of them
         self._load_lock = asyncio.Lock()  # one load at a time: its RSS growth is its own
         self._rss = rss  # what a load's cost is measured with (tests count instead)
+        self.prepared = prepared  # optimised, prepacked copies of graphs that load again (evicted lazy entries)
         self.too_large: set[str] = set()  # entries refused at start: larger than the whole budget
         self._shrinking: asyncio.Task[None] | None = None
+        self._frozen: set[str] = set()  # models loaded at start, whose objects gc.freeze() put out of reach
         metrics.memory_budget_bytes.set(memory_budget or 0)
         metrics.resident_models.set_function(lambda: len(self.models))
         metrics.resident_bytes.set_function(lambda: self.residency.resident_bytes)
@@ -124,6 +137,15 @@ class ModelManager:
                     await self.load(name)
         finally:
             self.starting = False
+
+    def freeze_startup_objects(self) -> None:
+        """For the process that owns the server, after :meth:`load_all`: what is alive now lives as long as the
+        server, so it is moved out of the collector's passes (:func:`gc.freeze`) and the full collection after
+        each unload scans only what came later — 0.17 s with the event loop stopped, before, in a process
+        serving opus-mt-sized entries."""
+        gc.collect()  # garbage of the start itself is not kept for ever
+        gc.freeze()
+        self._frozen = set(self.models)
 
     def _read_config(self, name: str) -> ModelConfig | None:
         """The entry's config (kept in ``configs``), or None with the entry UNAVAILABLE: unreadable, or larger
@@ -253,7 +275,8 @@ class ModelManager:
         if config.scoring is not None and config.scoring.align_file:
             aux = {**(aux or {}), "decoder_align": config.scoring.align_file}
         runtime = load_runners(backend, vdir, config.files, self.threads,  # type: ignore[arg-type]
-                               self.spinning, self.precision or config.precision, small_batches, aux)
+                               self.spinning, self.precision or config.precision, small_batches, aux,
+                               self.prepared)
         model: LoadedModel
         if config.task == "tensor":
             from transerve.server.engine.tensor_model import TensorModel
@@ -277,8 +300,10 @@ class ModelManager:
         self.states[name] = EntryState(name, model.version, "AVAILABLE" if lazy else "UNAVAILABLE", reason)
         self.residency.remove(name)
         await model.aclose(grace)
+        model.release()  # the sessions go now, whatever still refers to the model
         del model
-        gc.collect()  # a model's objects refer to each other: freed by the collector, not by reference counts
+        collect_garbage(unfreeze=name in self._frozen)
+        self._frozen.discard(name)
         return_freed_memory()
 
     @contextlib.asynccontextmanager
@@ -381,3 +406,5 @@ class ModelManager:
     async def aclose(self, grace: float) -> None:
         await asyncio.gather(*(m.aclose(grace) for m in self.models.values()))
         self.image_pool.shutdown(wait=True)
+        if self.prepared is not None:
+            self.prepared.close()

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -55,9 +56,14 @@ def process_rss() -> int:
 def return_freed_memory() -> None:
     """Hand memory freed by an unload back to the system (glibc keeps freed heap otherwise, and the RSS the
     budget is checked against would not fall)."""
-    name = ctypes.util.find_library("c")
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name or "libc.so.6").malloc_trim(0)
+        libc().malloc_trim(0)
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library, found once: ``find_library`` runs ``ldconfig`` in a subprocess (14 ms a call)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def estimate_bytes(vdir: Path) -> int:
@@ -112,7 +118,11 @@ class Residency:
         return room is not None and cost > room
 
     def add(self, name: str, cost: int, evictable: bool) -> None:
+        """``cost``: what this load added to the RSS; counted as at least the entry's last measured cost. A
+        load from prepared graphs (:mod:`transerve.server.backends.prepared_graphs`) maps its weights, whose
+        pages join the RSS only as requests touch them: its own growth under-states what it will hold."""
         users = self.resident[name].users if name in self.resident else 0  # a reload keeps its users
+        cost = max(cost, self.measured.get(name, 0))
         self.resident[name] = Resident(name, cost, evictable, users=users)
         self.measured[name] = cost
 
