@@ -146,7 +146,8 @@ def traffic(server: Server, seconds: float, clients: int, weights: list[float] |
     loads, evictions = server.metric("transerve_model_loads_total"), server.metric("transerve_model_evictions_total")
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    latencies = asyncio.run(closed_loop(server.address, seconds, clients, weights, seed))
+    errors: list[str] = []
+    latencies = asyncio.run(closed_loop(server.address, seconds, clients, weights, seed, errors))
     stop.set()
     sampler.join()
     minutes = seconds / 60
@@ -155,11 +156,13 @@ def traffic(server: Server, seconds: float, clients: int, weights: list[float] |
             "p99 ms": sorted(latencies)[int(0.99 * (len(latencies) - 1))] * 1e3 if latencies else float("nan"),
             "loads/min": (server.metric("transerve_model_loads_total") - loads) / minutes,
             "evictions/min": (server.metric("transerve_model_evictions_total") - evictions) / minutes,
-            "max RSS MB": max(samples, default=server.rss()) / MB}
+            "max RSS MB": max(samples, default=server.rss()) / MB,
+            "errors": ", ".join(f"{errors.count(c)} {c}" for c in sorted(set(errors))) or "0"}
 
 
-async def closed_loop(address: str, seconds: float, clients: int, weights: list[float] | None, seed: int
-                      ) -> list[float]:
+async def closed_loop(address: str, seconds: float, clients: int, weights: list[float] | None, seed: int,
+                      errors: list[str]) -> list[float]:
+    """Latencies of the requests answered; ``errors`` gets the status code of each one that failed."""
     rng = random.Random(seed)
     order = list(PAIRS)
     rng.shuffle(order)  # which directions are the popular ones under Zipf
@@ -173,9 +176,13 @@ async def closed_loop(address: str, seconds: float, clients: int, weights: list[
             while time.monotonic() < end:
                 src, tgt = local.choices(order, weights)[0] if weights else local.choice(order)
                 start = time.perf_counter()
-                await stub.Translate(tpb.TranslateRequest(
-                    texts=[sentence(local)], source_language=src, target_language=tgt,
-                    options=tpb.TranslateOptions(max_new_tokens=MAX_NEW_TOKENS, cache=False)), timeout=300)
+                try:
+                    await stub.Translate(tpb.TranslateRequest(
+                        texts=[sentence(local)], source_language=src, target_language=tgt,
+                        options=tpb.TranslateOptions(max_new_tokens=MAX_NEW_TOKENS, cache=False)), timeout=300)
+                except grpc.aio.AioRpcError as e:
+                    errors.append(e.code().name)
+                    continue
                 latencies.append(time.perf_counter() - start)
 
         await asyncio.gather(*(client(k) for k in range(clients)))

@@ -52,6 +52,18 @@ def test_victims_are_idle_lazy_entries_least_recently_used_first() -> None:
     assert Residency(None).victims(10**12) == []
 
 
+def test_a_loaded_entry_whose_requests_have_not_pinned_it_yet_is_no_victim() -> None:
+    r = Residency(130 * MB)
+    r.wait("new")  # a request waits for its load
+    for name in ("old", "new"):
+        r.add(name, 60 * MB, evictable=True)
+    r.pin("old")  # the other entry is busy: the new one would be the only idle one
+    with pytest.raises(NoRoom, match=r"\(new, old\)"):
+        r.victims(60 * MB)
+    r.done_waiting("new")  # its request pinned it and left, or gave up
+    assert r.victims(60 * MB) == ["new"]
+
+
 def test_first_load_estimate_counts_the_largest_weights_and_the_graphs(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"\0" * 1000)
     (tmp_path / "weights.int8.bin").write_bytes(b"\0" * 300)

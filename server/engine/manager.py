@@ -91,7 +91,6 @@ class ModelManager:
         self.configs: dict[str, ModelConfig] = {}  # every entry's config.yaml, read at start (routing, lazy)
         self.residency = Residency(memory_budget)
         self._loads: dict[str, asyncio.Task[EntryState]] = {}  # lazy loads under way: one per entry
-        self._waiting: dict[str, int] = {}  # requests waiting for each of them
         self._load_lock = asyncio.Lock()  # one load at a time: its RSS growth is its own
         self._rss = rss  # what a load's cost is measured with (tests count instead)
         self.prepared = prepared  # optimised, prepacked copies of graphs that load again (evicted lazy entries)
@@ -341,7 +340,7 @@ class ModelManager:
     async def _wait_for_load(self, name: str, deadline: float | None) -> None:
         """Join the entry's load under way, or start it; at most the entry's ``max_queue_size`` requests wait."""
         limit = self.configs[name].batching.max_queue_size
-        if self._waiting.get(name, 0) >= limit:
+        if self.residency.waiting.get(name, 0) >= limit:
             raise QueueFull(f"model {name!r} is loading and {limit} requests already wait for it (max_queue_size)")
         task = self._loads.get(name)
         if task is None:
@@ -349,14 +348,14 @@ class ModelManager:
             # up to its own deadline
             task = self._loads[name] = asyncio.create_task(self.load(name, warm=False))
             task.add_done_callback(lambda _: self._loads.pop(name, None))
-        self._waiting[name] = self._waiting.get(name, 0) + 1
+        self.residency.wait(name)  # until it pins the model: a loaded entry with waiters is never a victim
         try:
             left = None if deadline is None else max(deadline - time.monotonic(), 0)
             state = await asyncio.wait_for(asyncio.shield(task), left)
         except TimeoutError:
             raise DeadlineExceeded(f"deadline passed while model {name!r} loaded") from None
         finally:
-            self._waiting[name] -= 1
+            self.residency.done_waiting(name)
         if state.failed:
             raise ModelNotFound(f"model {name!r} is not available ({state.reason})")
 

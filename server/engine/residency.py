@@ -94,6 +94,9 @@ class Residency:
         self.baseline = 0  # the process's RSS before its first load (set by the manager)
         self.resident: dict[str, Resident] = {}
         self.measured: dict[str, int] = {}  # the last measured cost of each entry ever loaded
+        # requests waiting for each entry's load: once it is in, busy until they pin it (another load must not
+        # take it back before they could: under skewed traffic the new entry is often the only idle one)
+        self.waiting: dict[str, int] = {}
         self._changed = asyncio.Event()  # a user left, or an entry went: room may have appeared
 
     @property
@@ -136,6 +139,18 @@ class Residency:
             resident.users += 1
             resident.last_used = time.monotonic()
 
+    def wait(self, name: str) -> None:
+        self.waiting[name] = self.waiting.get(name, 0) + 1
+
+    def done_waiting(self, name: str) -> None:
+        self.waiting[name] -= 1
+        if not self.waiting[name]:
+            del self.waiting[name]
+            self._changed.set()
+
+    def idle(self, r: Resident) -> bool:
+        return r.users == 0 and r.name not in self.waiting
+
     def unpin(self, name: str) -> None:
         resident = self.resident.get(name)
         if resident is not None:
@@ -155,11 +170,11 @@ class Residency:
         for r in sorted(self.resident.values(), key=lambda r: r.last_used):
             if excess <= 0:
                 break
-            if r.evictable and r.users == 0 and r.name != keep:
+            if r.evictable and self.idle(r) and r.name != keep:
                 chosen.append(r.name)
                 excess -= r.cost
         if excess > 0:
-            busy = sorted(r.name for r in self.resident.values() if r.users or not r.evictable)
+            busy = sorted(r.name for r in self.resident.values() if not self.idle(r) or not r.evictable)
             raise NoRoom(f"the memory budget ({room / 2**20:.0f} MB for models, {self.baseline / 2**20:.0f} MB "
                          f"baseline) is held by models in use or eager ({', '.join(busy) or 'none'}); "
                          f"{need / 2**20:.0f} MB more needed")
