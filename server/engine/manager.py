@@ -25,7 +25,7 @@ from transerve.server.engine.loaded_model import Limits, LoadedModel
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.model_config import ModelConfig, latest_version, load_model_config
 from transerve.server.engine.pools import started_pool
-from transerve.server.engine.residency import NoRoom, Residency, process_rss, return_freed_memory
+from transerve.server.engine.residency import NoRoom, Residency, collect_garbage, process_rss, return_freed_memory
 from transerve.server.engine.translator import TranslatorModel
 from transerve.server.exceptions import (
     BackendError,
@@ -59,16 +59,6 @@ class EntryState:
     state: str = "UNAVAILABLE"  # READY | UNAVAILABLE | LOADING | AVAILABLE (lazy: loads on its first request)
     reason: str = ""
     failed: bool = False  # the last load attempt failed (a reload that failed leaves the old version READY)
-
-
-def collect_garbage(unfreeze: bool) -> None:
-    """A model's objects refer to each other: freed by the collector. ``unfreeze``: the model was loaded
-    before :func:`gc.freeze`, its objects are in the frozen generation — thawed for one full pass."""
-    if unfreeze:
-        gc.unfreeze()
-    gc.collect()
-    if unfreeze:
-        gc.freeze()
 
 
 def check_entry_name(name: str) -> None:

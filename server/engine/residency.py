@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import gc
 import re
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,16 @@ def process_rss() -> int:
         status = Path("/proc/self/status").read_text()
         return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
     return 0
+
+
+def collect_garbage(unfreeze: bool) -> None:
+    """A model's objects refer to each other: freed by the collector. ``unfreeze``: the model was loaded
+    before :func:`gc.freeze`, its objects are in the frozen generation — thawed for one full pass."""
+    if unfreeze:
+        gc.unfreeze()
+    gc.collect()
+    if unfreeze:
+        gc.freeze()
 
 
 def return_freed_memory() -> None:
