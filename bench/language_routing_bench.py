@@ -11,7 +11,8 @@ into each entry — every entry loads and holds its own copy, as distinct checkp
    traffic over the 8 directions, its prepared graphs (``--prepared-graphs``) saved in ``WORK/prepared``;
 3. the same budget, Zipf (s = 1.1) traffic, a fresh server (each entry's first reload prepares its graphs) —
    target: throughput ≥ 0.7 × run 1's; 4. as 3, with run 2's prepared graphs: a server whose entries have all
-   been reloaded once (or restarted with ``--prepared-graphs DIR``).
+   been reloaded once (or restarted with ``--prepared-graphs DIR``); 5. as 4 with ``--eviction frequency``
+   (the default is ``lru``), the candidates compared.
 Each run: ``--clients`` closed-loop clients for ``--seconds``, one sentence per request (``max_new_tokens``
 16); requests/s, p50/p99 latency, loads and evictions per minute (the server's metrics), and the server's RSS
 sampled every 0.25 s against the budget — target: ≤ budget + 200 MB at every sample.
@@ -273,7 +274,9 @@ def main() -> None:
     zipf = zipf_weights(len(PAIRS), 1.1)
     for label, weights, extra in (("lazy, uniform", None, ("--prepared-graphs", str(kept))),
                                   ("lazy, Zipf s=1.1", zipf, ()),
-                                  ("lazy, Zipf s=1.1, prepared graphs kept", zipf, ("--prepared-graphs", str(kept)))):
+                                  ("lazy, Zipf s=1.1, prepared graphs kept", zipf, ("--prepared-graphs", str(kept))),
+                                  ("lazy, Zipf s=1.1, prepared graphs kept, --eviction frequency", zipf,
+                                   ("--prepared-graphs", str(kept), "--eviction", "frequency"))):
         with serving(lazy, "--memory-budget", str(budget), *extra) as server:
             rows.append({"run": label, "budget MB": f"{budget / MB:.0f}",
                          **traffic(server, args.seconds, args.clients, weights)})
@@ -288,7 +291,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, object]], per_entry: f
     for row in rows:
         for key in ("requests/s", "p50 ms", "p99 ms", "loads/min", "evictions/min", "max RSS MB"):
             row[key] = f"{row[key]:.1f}"
-    reference, zipf, steady = (float(str(rows[i]["requests/s"])) for i in (0, 2, 3))
+    reference, zipf, steady, frequency = (float(str(rows[i]["requests/s"])) for i in (0, 2, 3, 4))
     worst = max(float(str(r["max RSS MB"])) for r in rows[1:])
     cold = statistics.median(colds)
     request_s = float(str(rows[0]["p50 ms"])) / 1e3
@@ -299,6 +302,9 @@ def report(args: argparse.Namespace, rows: list[dict[str, object]], per_entry: f
         f"- Zipf under the budget vs all loaded, the prepared graphs of the uniform run kept "
         f"(`--prepared-graphs DIR`, {kept_mb:.0f} MB on disk): {steady:.1f} / {reference:.1f} requests/s = "
         f"{steady / reference:.2f}× — {verdict('target ≥ 0.7×', steady / reference >= 0.7)}",
+        f"- Eviction policy, same traffic and prepared graphs: lru (default) {steady:.1f} requests/s, "
+        f"{rows[3]['loads/min']} loads/min, p50 {rows[3]['p50 ms']} ms; frequency {frequency:.1f} requests/s, "
+        f"{rows[4]['loads/min']} loads/min, p50 {rows[4]['p50 ms']} ms ({frequency / reference:.2f}× all loaded)",
         f"- RSS under the budget: at most {worst:.0f} MB against {budget / MB:.0f} MB + 200 MB — "
         f"{verdict('target ≤ budget + 200 MB', worst <= budget / MB + 200)}",
         f"- Cold start (request to answer, fresh server, {len(colds)} entries): median {cold:.2f} s "

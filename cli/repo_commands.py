@@ -37,7 +37,7 @@ def add_command(
     """Serve any ONNX model through KServe ModelInfer (gRPC and REST): inputs, outputs and their shapes are
     read from the graph, requests are validated against them, and batched when the first axis is dynamic."""
     from transerve.export.repository import write_entry
-    from transerve.server.engine.manager import check_entry_name
+    from transerve.server.engine.entry_names import check_entry_name
     from transerve.server.engine.tensor_model import batches_on_first_axis, describe_graph
 
     if not model.is_file():

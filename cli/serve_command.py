@@ -37,6 +37,11 @@ class BackendChoice(StrEnum):
     torch = "torch"
 
 
+class EvictionChoice(StrEnum):
+    lru = "lru"
+    frequency = "frequency"
+
+
 class PrecisionChoice(StrEnum):
     auto = "auto"
     fp32 = "fp32"
@@ -113,9 +118,13 @@ def serve_command(
                                                       "the backend chosen and why, failed requests.")]
     = LogLevelChoice.info,
     memory_budget: Annotated[str | None, typer.Option(
-        help="What the loaded models may cost together (e.g. 4GB, 1.5GiB, 800MB): entries with `load: lazy` "
-        "load on their first request and the least recently used idle one is unloaded when a load would not "
-        "fit. Cost = the resident memory a load added, measured. Default: no budget.")] = None,
+        help="What the process may hold (e.g. 4GB, 1.5GiB, 800MB): entries with `load: lazy` load on their "
+        "first request and an idle one is unloaded (--eviction) when a load would not fit. Cost = the resident "
+        "memory a load added, measured; the process's RSS is checked too. Default: no budget.")] = None,
+    eviction: Annotated[EvictionChoice, typer.Option(
+        help="Which idle lazy entry is unloaded for a load: lru — the least recently used; frequency — the one "
+        "asked for least often lately (30 s half-life; ties: least recently used). bench/RESULTS.md compares "
+        "them.")] = EvictionChoice.lru,
     pivot_language: Annotated[str, typer.Option(
         help="Requests naming languages A→B with no entry for the pair go A→PIVOT→B when both legs exist.")]
     = "en",
@@ -152,7 +161,7 @@ def serve_command(
                            max_message_mb=max_message_mb, max_connection_age=max_connection_age,
                            max_concurrent_rpcs=max_concurrent_rpcs,
                            health_port=health_port, memory_budget=budget, pivot_language=pivot,
-                           prepared_graphs=prepared_graphs,
+                           prepared_graphs=prepared_graphs, eviction=eviction.value,  # type: ignore[arg-type]
                            grace_seconds=grace, drain_delay=drain_delay, threads=threads,
                            ort_spinning=ort_spinning, precision=precision.value if precision else None)
     configure_logging(log_format.value, access_log, log_level.value)  # type: ignore[arg-type]

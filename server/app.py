@@ -40,6 +40,7 @@ from transerve.server.engine.loaded_model import Limits
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.pools import default_workers, started_pool
+from transerve.server.engine.residency import EvictionPolicy
 from transerve.server.engine.routed_translation import RoutedTranslator
 from transerve_client._proto import inference_pb2, inference_pb2_grpc, transerve_pb2, transerve_pb2_grpc
 
@@ -74,7 +75,8 @@ class ServeOptions:
     ort_spinning: bool = False  # keep ORT threads spinning between runs: lower latency, less CPU for gRPC
     precision: PrecisionName | None = None  # overrides every entry's config.yaml `precision`
     limits: Limits = field(default_factory=Limits)
-    memory_budget: int | None = None  # bytes the loaded models may cost together; lazy entries make room (LRU)
+    memory_budget: int | None = None  # bytes the loaded models may cost together; lazy entries make room
+    eviction: EvictionPolicy = "lru"  # which idle lazy entry makes room: least recently used, or least asked for
     pivot_language: str = "en"  # A→B with no direct entry goes A→pivot→B
     prepared_graphs: str = "temp"  # optimised, prepacked graph copies for reloads: temp, off, or a folder
 
@@ -96,7 +98,8 @@ class TranserveServer:
         self.metrics = Metrics()
         self.manager = ModelManager(options.repo, options.backend, self.metrics, options.limits, options.threads,
                                     options.ort_spinning, options.precision, options.memory_budget,
-                                    prepared=PreparedGraphs.from_setting(options.prepared_graphs))
+                                    prepared=PreparedGraphs.from_setting(options.prepared_graphs),
+                                    eviction=options.eviction)
         self.routed = RoutedTranslator.serving(self.manager, options.pivot_language)
         self.health = health.aio.HealthServicer()
         self.ready = False

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from helpers import ServerProcess, entry_copies, running_server, scrape, total
 from transerve.server.engine import manager as manager_module
+from transerve.server.engine import residency as residency_module
 from transerve.server.engine.loaded_model import Limits
 from transerve.server.engine.manager import ModelManager
 from transerve.server.engine.metrics import Metrics
@@ -77,20 +78,22 @@ def lazy_repo(small_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 class CountedRss:
-    """A process of no baseline whose every load adds exactly ``cost`` bytes: RSS read once at start (the
-    baseline), then before and after each load."""
+    """A process of no baseline in which every loaded model holds exactly ``cost`` bytes."""
 
     def __init__(self, cost: int) -> None:
-        self.cost, self.reads = cost, 0
+        self.cost = cost
+        self.manager: ModelManager | None = None
 
     def __call__(self) -> int:
-        self.reads += 1
-        return 0 if self.reads == 1 else self.cost * ((self.reads - 1) // 2)
+        return 0 if self.manager is None else self.cost * len(self.manager.models)
 
 
-def manager(repo: Path, budget: int | None, rss: object = None) -> ModelManager:
-    return ModelManager(repo, "onnxruntime", Metrics(), Limits(), 1, memory_budget=budget,
-                        **({"rss": rss} if rss is not None else {}))
+def manager(repo: Path, budget: int | None, rss: CountedRss | None = None) -> ModelManager:
+    m = ModelManager(repo, "onnxruntime", Metrics(), Limits(), 1, memory_budget=budget,
+                     **({"rss": rss} if rss is not None else {}))
+    if rss is not None:
+        rss.manager = m
+    return m
 
 
 async def translated(m: ModelManager, name: str, deadline: float | None = None) -> str:
@@ -310,3 +313,61 @@ def test_the_budget_counts_the_process_baseline() -> None:
     assert not r.over_budget
     r.add("b", 60 * MB, evictable=True)
     assert r.over_budget
+
+
+def test_frequency_policy_keeps_the_entry_asked_for_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under skewed traffic the popular entry is idle between its requests as often as a rare one: plain LRU
+    takes whichever was idle longest; the frequency policy takes the one asked for least (30 s half-life)."""
+    clock = [1000.0]
+    monkeypatch.setattr(residency_module.time, "monotonic", lambda: clock[0])
+    policies = {p: Residency(130 * MB, policy=p) for p in ("frequency", "lru")}  # type: ignore[arg-type]
+    for r in policies.values():
+        for _ in range(5):  # "hot" asked five times, long ago (one half-life), "cold" once, just now
+            r.asked("hot")
+        r.add("hot", 60 * MB, evictable=True)
+        clock[0] += residency_module.HEAT_HALF_LIFE_S
+        r.asked("cold")
+        r.add("cold", 60 * MB, evictable=True)
+        clock[0] -= residency_module.HEAT_HALF_LIFE_S
+    clock[0] += residency_module.HEAT_HALF_LIFE_S
+    assert policies["lru"].victims(60 * MB) == ["hot"]  # idle longer
+    assert policies["frequency"].victims(60 * MB) == ["cold"]  # 5 × 0.5 = 2.5 requests against 1
+    assert policies["frequency"].warmth("hot", clock[0]) == pytest.approx(2.5)  # the formula, exactly
+    clock[0] += 3 * residency_module.HEAT_HALF_LIFE_S  # traffic moved on: hot 0.3125, cold 0.125
+    assert policies["frequency"].warmth("hot", clock[0]) == pytest.approx(5 * 0.5**4)
+
+
+def test_frequency_ties_go_least_recently_used_first() -> None:
+    r = Residency(130 * MB, policy="frequency")
+    for name in ("a", "b"):
+        r.add(name, 60 * MB, evictable=True)  # loaded, never asked for: the same heat, 0
+    r.pin("a")
+    r.unpin("a")  # a used after b
+    assert r.victims(60 * MB) == ["b"]
+
+
+def test_the_budget_is_checked_against_the_rss_when_it_says_more() -> None:
+    """Memory the measured costs miss (a model's runs grew its buffers; an unloaded model's not yet returned)
+    still counts: the victims cover what the RSS says."""
+    rss = [400 * MB]
+    r = Residency(500 * MB, rss=lambda: rss[0])
+    r.baseline = 100 * MB
+    for name in ("a", "b"):
+        r.add(name, 100 * MB, evictable=True)  # measured 200 MB together; the RSS says 300 MB beyond the baseline
+    assert r.held == 300 * MB and not r.over_budget
+    assert r.victims(100 * MB) == [] and r.victims(150 * MB) == ["a"]
+    rss[0] = 250 * MB  # below the measured costs: those count
+    assert r.held == 200 * MB
+    rss[0] = 650 * MB
+    assert r.over_budget and r.victims(0) == ["a", "b"]
+
+
+
+def test_an_unload_teaches_the_entry_s_real_cost() -> None:
+    r = Residency(500 * MB)
+    r.add("a", 40 * MB, evictable=True)  # a load that mapped its weights: little growth at first
+    r.remove("a")
+    r.freed("a", 300 * MB)  # what its unload gave back: the pages its requests touched too
+    assert r.expected_cost("a", Path("/nonexistent")) == 300 * MB
+    r.freed("a", 100 * MB)  # a smaller figure (other threads allocating meanwhile) does not lower it
+    assert r.measured["a"] == 300 * MB

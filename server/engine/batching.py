@@ -342,7 +342,8 @@ class DynamicBatcher(Generic[P, R]):
         """Stop taking requests, finish what is queued and running (up to ``grace`` s), then stop."""
         self._closing = True
         try:
-            await asyncio.wait_for(self._idle.wait(), grace)
+            if not self._idle.is_set():  # wait_for with no time left times out even on a set event
+                await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
             log.warning("%s: %d requests still queued after %.0f s grace", self.name, len(self._queue), grace)
         with self._cond:

@@ -11,7 +11,6 @@ import contextlib
 import gc
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,11 +20,12 @@ from transerve.server.backends.precision import PrecisionName
 from transerve.server.backends.prepared_graphs import PreparedGraphs
 from transerve.server.backends.runtime import BackendName, load_runners
 from transerve.server.engine.classifier import ClassifierModel
+from transerve.server.engine.entry_names import ENTRY_NAME, check_entry_name, inside
 from transerve.server.engine.loaded_model import Limits, LoadedModel
 from transerve.server.engine.metrics import Metrics
 from transerve.server.engine.model_config import ModelConfig, latest_version, load_model_config
 from transerve.server.engine.pools import started_pool
-from transerve.server.engine.residency import NoRoom, Residency, collect_garbage, process_rss, return_freed_memory
+from transerve.server.engine.residency import EvictionPolicy, NoRoom, Residency, process_rss, release_memory
 from transerve.server.engine.translator import TranslatorModel
 from transerve.server.exceptions import (
     BackendError,
@@ -34,24 +34,14 @@ from transerve.server.exceptions import (
     ModelLoading,
     ModelNotFound,
     QueueFull,
-    RequestError,
 )
 
 log = logging.getLogger(__name__)
 
 
-# A repository entry is a directory name, never a path: no separators, no "..", no NUL, no percent-escapes.
 LOAD_ATTEMPTS = 3
 ROOM_WAIT_S = 30.0  # a load waits at most this long for models in use to free the memory it needs
 IMAGE_DECODE_THREADS = 2  # JPEG/PNG decoding and resizing; libjpeg and PIL release the GIL
-ENTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` still lies under ``root`` once every symlink is followed."""
-    return path.resolve().is_relative_to(root.resolve())
-
-
 @dataclass
 class EntryState:
     name: str
@@ -61,16 +51,11 @@ class EntryState:
     failed: bool = False  # the last load attempt failed (a reload that failed leaves the old version READY)
 
 
-def check_entry_name(name: str) -> None:
-    if not ENTRY_NAME.fullmatch(name):
-        raise RequestError(f"model_name: {name!r} is not a repository entry name (1 to 128 letters, digits, "
-                           "'.', '_' or '-', starting with a letter or digit; no path)")
-
-
 class ModelManager:
     def __init__(self, repo: Path, backend: BackendName, metrics: Metrics, limits: Limits, threads: int = 2,
                  spinning: bool = False, precision: PrecisionName | None = None, memory_budget: int | None = None,
-                 rss: Callable[[], int] = process_rss, prepared: PreparedGraphs | None = None) -> None:
+                 rss: Callable[[], int] = process_rss, prepared: PreparedGraphs | None = None,
+                 eviction: EvictionPolicy = "lru") -> None:
         self.repo, self.backend, self.metrics, self.limits, self.threads = repo, backend, metrics, limits, threads
         self.spinning = spinning
         self.precision = precision  # `serve --precision`: overrides every entry's config.yaml
@@ -79,7 +64,7 @@ class ModelManager:
         self.starting = True  # until the first load_all ends: an absent model may be one still to load
         self.image_pool = started_pool(IMAGE_DECODE_THREADS, "image-decode")
         self.configs: dict[str, ModelConfig] = {}  # every entry's config.yaml, read at start (routing, lazy)
-        self.residency = Residency(memory_budget)
+        self.residency = Residency(memory_budget, eviction, rss)
         self._loads: dict[str, asyncio.Task[EntryState]] = {}  # lazy loads under way: one per entry
         self._load_lock = asyncio.Lock()  # one load at a time: its RSS growth is its own
         self._rss = rss  # what a load's cost is measured with (tests count instead)
@@ -199,8 +184,8 @@ class ModelManager:
                                                       "request")
 
     async def _make_room(self, name: str, entry: Path, deadline: float | None) -> None:
-        """Unload least recently used idle lazy entries until ``name``'s expected cost fits the budget, waiting
-        (until ``deadline``) while every candidate has users."""
+        """Unload idle lazy entries (the eviction policy's choice) until ``name``'s expected cost fits the
+        budget, waiting (until ``deadline``) while every candidate has users."""
         if name in self.models or self.residency.budget is None:
             return  # a reload: the new version replaces the old one's cost
         config = self.configs.get(name) or load_model_config(entry)
@@ -289,17 +274,19 @@ class ModelManager:
         self.states[name] = EntryState(name, model.version, "AVAILABLE" if lazy else "UNAVAILABLE", reason)
         self.residency.remove(name)
         await model.aclose(grace)
+        before = self._rss()
         model.release()  # the sessions go now, whatever still refers to the model
         del model
-        collect_garbage(unfreeze=name in self._frozen)
+        release_memory(unfreeze=name in self._frozen)
         self._frozen.discard(name)
-        return_freed_memory()
+        self.residency.freed(name, before - self._rss())
 
     @contextlib.asynccontextmanager
     async def use(self, name: str, version: str = "", task: str | None = None, deadline: float | None = None
                   ) -> AsyncIterator[LoadedModel]:
         """The model for a request, loaded first if it is a lazy entry not loaded now, and kept loaded (never
         evicted) until the request ends."""
+        self.residency.asked(name)
         for _ in range(LOAD_ATTEMPTS):  # loaded, then unloaded again before this request could pin it: rare
             if not name or name in self.models or not self._lazy(name):
                 break
