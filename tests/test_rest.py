@@ -137,6 +137,10 @@ BAD_BODIES: dict[str, tuple[bytes, dict[str, str], int, str]] = {
     "bytes after binary": (json.dumps(image_doc()).encode() + b"tail", {"Inference-Header-Content-Length":
                            str(len(json.dumps(image_doc())))}, 400, "body: 4 bytes after the last binary input"),
     "over the size limit": (b"{" + b" " * (1 << 20) + b"}", {}, 400, "body: 1048578 bytes exceed the limit of 1048576"),
+    # the JSON parser recurses once a level: 200 000 levels were a 500 from its RecursionError
+    "nested 200 000 deep": (b"[" * 200_000 + b"]" * 200_000, {}, 400, "body: JSON nested deeper than"),
+    "nested deep in data": (b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": ' +
+                            b"[" * 100_000 + b"]" * 100_000 + b"}]}", {}, 400, "body: JSON nested deeper than"),
 }
 
 
@@ -157,6 +161,21 @@ def test_unknown_models_and_routes_get_404(rest: ServerProcess) -> None:
         status, _, body = call(rest, method, path, b"{}" if method == "POST" else None)
         message = json.loads(body)["error"]
         assert status == 404 and ("'nope'" in message or "version" in message), body
+
+
+@pytest.mark.parametrize(("method", "path", "expected"), [
+    ("GET", "/v2/nothing/here", 404), ("DELETE", "/v2/models/tiny-vit/infer", 405),
+    ("POST", "/v2/repository/models/..%2F..%2Fetc/load", 404), ("PUT", "/v2/health/live", 405)])
+def test_unknown_routes_and_methods_answer_in_the_kserve_error_format(rest: ServerProcess, method: str, path: str,
+                                                                      expected: int) -> None:
+    """Not FastAPI's {"detail": ...}: the same {"error": ...} and x-request-id as every other error."""
+    status, headers, body = call(rest, method, path, b"{}" if method in ("POST", "PUT") else None,
+                                 {"x-request-id": "route-check-1"})
+    reply = json.loads(body)
+    assert status == expected and list(reply) == ["error"], body
+    assert reply["error"].startswith(f"{method} ") and headers["x-request-id"] == "route-check-1"
+    if expected == 405:
+        assert method not in headers["allow"] and headers["allow"], headers
 
 
 def test_repository_control_is_refused_without_admin_tokens(rest: ServerProcess) -> None:

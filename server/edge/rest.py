@@ -19,13 +19,21 @@ from typing import Any, cast
 import grpc
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from transerve import __version__
 from transerve.server.edge.auth import matches
 from transerve.server.edge.kserve_service import InferenceService, model_metadata, repository_index
 from transerve.server.edge.request_log import REQUEST_ID_HEADER, RequestInfo
-from transerve.server.edge.rest_codec import HEADER_LENGTH, infer_response, parameter_values, parse_infer
+from transerve.server.edge.rest_codec import (
+    HEADER_LENGTH,
+    NESTED_TOO_DEEP,
+    infer_response,
+    parameter_values,
+    parse_infer,
+)
 from transerve.server.edge.rpc import RpcCall
 from transerve.server.exceptions import RequestError, Unauthenticated
 
@@ -242,6 +250,8 @@ class RestApi:
             doc = json.loads(raw)
         except ValueError:
             raise RequestError("body: not JSON") from None
+        except RecursionError:
+            raise RequestError(NESTED_TOO_DEEP) from None
         return doc.get(key, default) if isinstance(doc, dict) else default
 
 
@@ -249,14 +259,36 @@ def tensor_json(t: Any) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": [int(d) for d in t.shape]}
 
 
-def error(status: int, message: str, scope: RequestInfo) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers={REQUEST_ID_HEADER: scope.request_id})
+def error(status: int, message: str, scope: RequestInfo, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status,
+                        headers={**(headers or {}), REQUEST_ID_HEADER: scope.request_id})
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """What the routes do not answer themselves — an unknown route (404), a method a route does not take
+    (405, with ``Allow``), parameters FastAPI refuses (400) — in the same ``{"error": ...}`` body and with the
+    same ``x-request-id`` as every other error, not FastAPI's ``{"detail": ...}``."""
+    def scope_of(request: Request) -> RequestInfo:
+        return RequestInfo(request_id=request.headers.get(REQUEST_ID_HEADER, ""))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        what = {404: "no such route", 405: "method not allowed here"}.get(e.status_code, str(e.detail))
+        return error(e.status_code, f"{request.method} {request.url.path}: {what}", scope_of(request),
+                     dict(e.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> Response:
+        problems = "; ".join(f"{'.'.join(str(p) for p in x.get('loc', ()))}: {x.get('msg', '')}"
+                             for x in e.errors()[:5])
+        return error(400, problems or "invalid request", scope_of(request))
 
 
 def build_app(api: RestApi) -> FastAPI:
     """The FastAPI application: KServe v2's REST routes (with and without ``/versions/{version}``)."""
     app = FastAPI(title="transerve — KServe v2 inference protocol (REST)", version=__version__,
                   openapi_url="/v2/openapi.json", docs_url=None, redoc_url=None)
+    add_error_handlers(app)
 
     @app.get("/v2/health/live", tags=["health"], summary="The server is live (200) — no token needed")
     async def live() -> dict[str, bool]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ from transerve_client._proto import inference_pb2 as pb
 from transerve_client.codec import DTYPES, encode_bytes, tensors_to_numpy
 
 HEADER_LENGTH = "inference-header-content-length"  # Triton's binary-data extension
+NESTED_TOO_DEEP = (f"body: JSON nested deeper than the parser's limit (about {sys.getrecursionlimit()} levels; a "
+                   "KServe body needs a handful)")
 TRANSPORT_PARAMETERS = frozenset({"binary_data_output", "binary_data_size", "binary_data"})
 
 
@@ -168,6 +171,8 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"body: not a JSON object ({e})") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise RequestError(NESTED_TOO_DEEP) from None
     return _object(doc, "body")
 
 
