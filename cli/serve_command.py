@@ -87,7 +87,15 @@ def serve_command(
         envvar="TRANSERVE_ADMIN_TOKEN_FILE",
         help="File of admin tokens (or TRANSERVE_ADMIN_TOKEN): the only tokens that allow RepositoryModelLoad/"
         "Unload. Without admin tokens those RPCs are disabled (UNIMPLEMENTED).")] = None,
-    max_message_mb: Annotated[int, typer.Option(min=1, max=2047, help="Largest gRPC message, MiB.")] = 64,
+    max_message_mb: Annotated[int, typer.Option(min=1, max=2047, help="Largest gRPC message, MiB (and REST "
+                                                "body).")] = 64,
+    http_max_head_kb: Annotated[int, typer.Option(min=1, max=1024, help="REST: largest request head (request "
+                                                  "line and headers), KiB; more is 431.")] = 64,
+    http_max_headers: Annotated[int, typer.Option(min=1, max=10000, help="REST: most header fields in a request; "
+                                                  "more is 431.")] = 100,
+    http_head_timeout: Annotated[float, typer.Option(min=0.1, help="REST: seconds a client may take to send a "
+                                                     "request head; slower is 408 (idle keep-alive "
+                                                     "connections close after 5 s).")] = 10.0,
     max_concurrent_rpcs: Annotated[int, typer.Option(
         min=1, help="RPCs in progress at once, streams included; beyond it new RPCs are refused at once with "
         "RESOURCE_EXHAUSTED. The last bound on memory under overload (each model's queue sheds first).")] = 4096,
@@ -137,6 +145,7 @@ def serve_command(
     """Serve every model of REPO over gRPC: KServe v2 (Triton-compatible), transerve.v1 Translator and
     Classifier, grpc.health.v1 and reflection; Prometheus metrics on --metrics-port. SIGTERM drains."""
     from transerve.server.app import ServeOptions, serve
+    from transerve.server.edge.http_limits import HttpLimits
     from transerve.server.edge.request_log import configure_logging
 
     if (tls_cert is None) != (tls_key is None):
@@ -159,6 +168,8 @@ def serve_command(
                            auth_tokens=tokens_from(auth_token_file, "TRANSERVE_AUTH_TOKEN"),
                            admin_tokens=tokens_from(admin_token_file, "TRANSERVE_ADMIN_TOKEN"),
                            max_message_mb=max_message_mb, max_connection_age=max_connection_age,
+                           http_limits=HttpLimits(http_max_head_kb << 10, http_max_headers,
+                                                  head_timeout_s=http_head_timeout),
                            max_concurrent_rpcs=max_concurrent_rpcs,
                            health_port=health_port, memory_budget=budget, pivot_language=pivot,
                            prepared_graphs=prepared_graphs, eviction=eviction.value,  # type: ignore[arg-type]

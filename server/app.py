@@ -33,6 +33,7 @@ from transerve.server.backends.prepared_graphs import PreparedGraphs
 from transerve.server.backends.runtime import BackendName
 from transerve.server.edge.active_calls import ActiveCalls
 from transerve.server.edge.auth import BearerTokenInterceptor, server_credentials
+from transerve.server.edge.http_limits import HttpLimits
 from transerve.server.edge.kserve_service import InferenceService
 from transerve.server.edge.malformed import MalformedRequestInterceptor
 from transerve.server.edge.task_service import ClassifierService, TranslatorService
@@ -66,6 +67,7 @@ class ServeOptions:
     auth_tokens: tuple[str, ...] = ()  # bearer tokens for every RPC but health (empty: no auth)
     admin_tokens: tuple[str, ...] = ()  # for repository load/unload (empty: those RPCs are disabled)
     max_message_mb: int = 64
+    http_limits: HttpLimits = field(default_factory=HttpLimits)  # the REST port's request heads: size, fields, time
     max_connection_age: float | None = None  # seconds; then GOAWAY, so clients reconnect (and rebalance)
     max_concurrent_rpcs: int = 4096  # beyond it gRPC refuses new RPCs with RESOURCE_EXHAUSTED (memory bound)
     health_port: int | None = None  # also grpc.health.v1 alone, plaintext and without auth (Kubernetes probes)
@@ -242,7 +244,7 @@ def http_server(service: InferenceService, o: ServeOptions) -> tuple[Any, socket
         tls = {"ssl_certfile": str(o.tls_cert), "ssl_keyfile": str(o.tls_key)}
         if o.tls_client_ca:
             tls.update(ssl_ca_certs=str(o.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
-    server = EmbeddedUvicorn(build_app(api), limit_concurrency=o.max_concurrent_rpcs,
+    server = EmbeddedUvicorn(build_app(api), o.http_limits, limit_concurrency=o.max_concurrent_rpcs,
                              timeout_graceful_shutdown=o.grace_seconds, **tls)
     family = socket.AF_INET6 if ":" in o.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -25,6 +25,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transerve import __version__
 from transerve.server.edge.auth import matches
+from transerve.server.edge.bounded_http import bounded_protocol
+from transerve.server.edge.http_limits import HttpLimits
 from transerve.server.edge.kserve_service import InferenceService, model_metadata, repository_index
 from transerve.server.edge.request_log import REQUEST_ID_HEADER, RequestInfo
 from transerve.server.edge.rest_codec import (
@@ -383,8 +385,9 @@ class EmbeddedUvicorn(uvicorn.Server):
     """uvicorn inside the gRPC server's event loop: the process's signal handlers stay ours (SIGTERM drains
     both protocols, server/app.py), and ``should_exit`` stops it."""
 
-    def __init__(self, app: FastAPI, **options: Any) -> None:
-        super().__init__(uvicorn.Config(app, http="httptools", log_level="warning", access_log=False,
+    def __init__(self, app: FastAPI, limits: HttpLimits | None = None, **options: Any) -> None:
+        super().__init__(uvicorn.Config(app, http=bounded_protocol(limits or HttpLimits()), log_level="warning",
+                                        access_log=False,
                                         lifespan="off", server_header=False, **options))
 
     @contextlib.contextmanager
