@@ -136,7 +136,7 @@ BAD_BODIES: dict[str, tuple[bytes, dict[str, str], int, str]] = {
                              "header inference-header-content-length: 99 is outside"),
     "bytes after binary": (json.dumps(image_doc()).encode() + b"tail", {"Inference-Header-Content-Length":
                            str(len(json.dumps(image_doc())))}, 400, "body: 4 bytes after the last binary input"),
-    "over the size limit": (b"{" + b" " * (1 << 20) + b"}", {}, 400, "body: 1048578 bytes exceed the limit of 1048576"),
+    "over the size limit": (b"{" + b" " * (1 << 20) + b"}", {}, 413, "body: 1048578 bytes exceed the limit of 1048576"),
     # the JSON parser recurses once a level: 200 000 levels were a 500 from its RecursionError
     "nested 200 000 deep": (b"[" * 200_000 + b"]" * 200_000, {}, 400, "body: JSON nested deeper than"),
     "nested deep in data": (b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": ' +

@@ -1,8 +1,8 @@
 """The REST port's bounds on request heads, against a real server over raw sockets: a head too large (431), too
 many header fields (431), a request target too long (414), a head sent too slowly (408) — each answered in
 KServe's {"error": ...} with an x-request-id, readable by a client that is still writing, and the next request
-answered as before. Limits: the server's defaults (64 KiB of head, 100 fields, 8 KiB of target) with
-``--http-head-timeout 1``.
+answered as before; a body past the limit (413) likewise. Limits: the server's defaults (64 KiB of head, 100
+fields, 8 KiB of target) with ``--http-head-timeout 1`` and ``--max-message-mb 1``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ HEAD_TIMEOUT_S = 1.0
 
 @pytest.fixture(scope="module")
 def edge(small_repo: Path) -> Iterator[ServerProcess]:
-    with running_server(small_repo, "--http-head-timeout", str(HEAD_TIMEOUT_S)) as proc:
+    with running_server(small_repo, "--http-head-timeout", str(HEAD_TIMEOUT_S), "--max-message-mb", "1") as proc:
         assert proc.http_port is not None, "".join(proc.output)
         yield proc
 
@@ -88,3 +88,25 @@ def test_a_connection_that_sends_nothing_is_closed(edge: ServerProcess) -> None:
         start = time.monotonic()
         assert sock.recv(1) == b""  # closed by the server, nothing to answer
         assert time.monotonic() - start < HEAD_TIMEOUT_S + 5
+
+
+def chunked(body: bytes, size: int = 65536) -> bytes:
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+BODY = b"{" + b" " * (2 << 20) + b"}"  # 2 MiB: twice --max-message-mb
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_body_past_the_limit_is_413_and_the_client_still_writing_reads_it(edge: ServerProcess,
+                                                                           framing: str) -> None:
+    head = b"POST /v2/models/tiny-vit/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    if framing == "chunked":
+        request, expected = head + b"transfer-encoding: chunked\r\n\r\n" + chunked(BODY), "more than the limit"
+    else:
+        request, expected = head + b"content-length: %d\r\n\r\n" % len(BODY) + BODY, f"{len(BODY)} bytes exceed"
+    status, headers, body = exchange(edge, request)
+    assert status == 413 and f"{expected}" in body["error"] and "1048576" in body["error"], body
+    assert headers.get("x-request-id") and headers.get("connection") == "close"
+    assert still_serves(edge)

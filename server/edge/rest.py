@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transerve import __version__
 from transerve.server.edge.auth import matches
-from transerve.server.edge.bounded_http import bounded_protocol
+from transerve.server.edge.bounded_http import DISCARD_BYTES, bounded_protocol
 from transerve.server.edge.http_limits import HttpLimits
 from transerve.server.edge.kserve_service import InferenceService, model_metadata, repository_index
 from transerve.server.edge.request_log import REQUEST_ID_HEADER, RequestInfo
@@ -168,20 +168,28 @@ class RestApi:
             except Unauthenticated as e:
                 call.refused("UNAUTHENTICATED" if e.status == 401 else "PERMISSION_DENIED")
                 return error(e.status, str(e), scope)
+            except BodyTooLarge as e:
+                status, message = call.failed(e)
+                return error(413, message, scope, {"connection": "close"})
             except Exception as e:
                 status, message = call.failed(e)
                 return error(HTTP_STATUS.get(status, 500), message, scope)
 
     async def body(self, request: Request) -> bytes:
-        """The request body, refused once it passes the message limit (gRPC's --max-message-mb)."""
+        """The request body, refused (413) once it passes the message limit (gRPC's --max-message-mb). What the
+        client still sends is read and dropped first, up to :data:`DISCARD_BYTES` past the limit: answered
+        while it still writes, a client sees a reset, not the 413."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise RequestError(f"body: {declared} bytes exceed the limit of {self.max_body_bytes} (--max-message-mb)")
+            if int(declared) <= self.max_body_bytes + DISCARD_BYTES:
+                await drain(request, self.max_body_bytes + DISCARD_BYTES)
+            raise BodyTooLarge(f"body: {declared} bytes exceed the limit of {self.max_body_bytes} (--max-message-mb)")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise RequestError(f"body: more than the limit of {self.max_body_bytes} bytes (--max-message-mb)")
+                await drain(request, self.max_body_bytes + DISCARD_BYTES - size)
+                raise BodyTooLarge(f"body: more than the limit of {self.max_body_bytes} bytes (--max-message-mb)")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -259,6 +267,18 @@ class RestApi:
 
 def tensor_json(t: Any) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": [int(d) for d in t.shape]}
+
+
+class BodyTooLarge(RequestError):
+    """A body past ``--max-message-mb``: 413 over REST (INVALID_ARGUMENT in the metrics, as over gRPC)."""
+
+
+async def drain(request: Request, bound: int) -> None:
+    """Read and drop what is left of the body, at most ``bound`` bytes."""
+    async for chunk in request.stream():
+        bound -= len(chunk)
+        if bound < 0:
+            return
 
 
 def error(status: int, message: str, scope: RequestInfo, headers: dict[str, str] | None = None) -> JSONResponse:
