@@ -371,3 +371,18 @@ def test_an_unload_teaches_the_entry_s_real_cost() -> None:
     assert r.expected_cost("a", Path("/nonexistent")) == 300 * MB
     r.freed("a", 100 * MB)  # a smaller figure (other threads allocating meanwhile) does not lower it
     assert r.measured["a"] == 300 * MB
+
+
+def test_names_clients_make_up_leave_no_trace_in_the_request_counts(lazy_repo: Path) -> None:
+    async def run() -> None:
+        m = manager(lazy_repo, 250 * MB, CountedRss(100 * MB))
+        await m.load_all()
+        for i in range(50):
+            with pytest.raises(ModelNotFound):
+                async with m.use(f"made-up-{i}", task="translate"):
+                    pass
+        await translated(m, "a")
+        assert list(m.residency.heat) == ["a"]
+        await m.aclose(1)
+
+    asyncio.run(run())

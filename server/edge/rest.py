@@ -19,10 +19,8 @@ from typing import Any, cast
 import grpc
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from transerve import __version__
 from transerve.server.edge.auth import matches
 from transerve.server.edge.bounded_http import DISCARD_BYTES, bounded_protocol
@@ -36,6 +34,7 @@ from transerve.server.edge.rest_codec import (
     parameter_values,
     parse_infer,
 )
+from transerve.server.edge.rest_errors import BodyTooLarge, add_error_handlers, drain, error
 from transerve.server.edge.rpc import RpcCall
 from transerve.server.exceptions import RequestError, Unauthenticated
 
@@ -267,43 +266,6 @@ class RestApi:
 
 def tensor_json(t: Any) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": [int(d) for d in t.shape]}
-
-
-class BodyTooLarge(RequestError):
-    """A body past ``--max-message-mb``: 413 over REST (INVALID_ARGUMENT in the metrics, as over gRPC)."""
-
-
-async def drain(request: Request, bound: int) -> None:
-    """Read and drop what is left of the body, at most ``bound`` bytes."""
-    async for chunk in request.stream():
-        bound -= len(chunk)
-        if bound < 0:
-            return
-
-
-def error(status: int, message: str, scope: RequestInfo, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status,
-                        headers={**(headers or {}), REQUEST_ID_HEADER: scope.request_id})
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    """What the routes do not answer themselves — an unknown route (404), a method a route does not take
-    (405, with ``Allow``), parameters FastAPI refuses (400) — in the same ``{"error": ...}`` body and with the
-    same ``x-request-id`` as every other error, not FastAPI's ``{"detail": ...}``."""
-    def scope_of(request: Request) -> RequestInfo:
-        return RequestInfo(request_id=request.headers.get(REQUEST_ID_HEADER, ""))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
-        what = {404: "no such route", 405: "method not allowed here"}.get(e.status_code, str(e.detail))
-        return error(e.status_code, f"{request.method} {request.url.path}: {what}", scope_of(request),
-                     dict(e.headers or {}))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError) -> Response:
-        problems = "; ".join(f"{'.'.join(str(p) for p in x.get('loc', ()))}: {x.get('msg', '')}"
-                             for x in e.errors()[:5])
-        return error(400, problems or "invalid request", scope_of(request))
 
 
 def build_app(api: RestApi) -> FastAPI:

@@ -286,7 +286,8 @@ class ModelManager:
                   ) -> AsyncIterator[LoadedModel]:
         """The model for a request, loaded first if it is a lazy entry not loaded now, and kept loaded (never
         evicted) until the request ends."""
-        self.residency.asked(name)
+        if name in self.configs:  # entries only: names clients make up must not grow the table
+            self.residency.asked(name)
         for _ in range(LOAD_ATTEMPTS):  # loaded, then unloaded again before this request could pin it: rare
             if not name or name in self.models or not self._lazy(name):
                 break
